@@ -1,0 +1,113 @@
+"""Every Parquet schema of a dataset, and the dataset.json model.
+
+This module is the single source of truth for column names and types: writers
+build tables with these schemas and the audit checks files against them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import pyarrow as pa
+from pydantic import BaseModel, Field
+
+EMBEDDING_DIM = 512
+EXPRESSION_DIM = 55
+KEYPOINT_VALUES = 10  # 5 points x (x, y)
+
+REJECT_REASONS = ("no_face", "multiple_faces", "low_detection_score", "low_similarity")
+
+
+def _vector(size: int) -> pa.DataType:
+    return pa.list_(pa.float32(), size)
+
+
+IDENTITIES_SCHEMA = pa.schema(
+    [
+        pa.field("identity_id", pa.string(), nullable=False),
+        pa.field("label", pa.int32(), nullable=False),
+        pa.field("embedding", _vector(EMBEDDING_DIM), nullable=False),
+        pa.field("source", pa.string(), nullable=False),
+        pa.field("provenance", pa.string(), nullable=False),
+    ],
+    metadata={"arc2face_synth.table": "identities"},
+)
+
+MANIFEST_SCHEMA = pa.schema(
+    [
+        pa.field("image_id", pa.string(), nullable=False),
+        pa.field("identity_id", pa.string(), nullable=False),
+        pa.field("label", pa.int32(), nullable=False),
+        pa.field("shard", pa.int32(), nullable=False),
+        pa.field("variant", pa.int32(), nullable=False),
+        pa.field("attempt", pa.int32(), nullable=False),
+        pa.field("seed", pa.int64(), nullable=False),
+        # file
+        pa.field("path", pa.string()),
+        pa.field("sha256", pa.string()),
+        pa.field("size_bytes", pa.int64()),
+        pa.field("width", pa.int32(), nullable=False),
+        pa.field("height", pa.int32(), nullable=False),
+        # requested controls
+        pa.field("pose_name", pa.string()),
+        pa.field("pose_yaw", pa.float32()),
+        pa.field("pose_pitch", pa.float32()),
+        pa.field("pose_roll", pa.float32()),
+        pa.field("expression_name", pa.string()),
+        pa.field("expression", _vector(EXPRESSION_DIM)),
+        # generation settings
+        pa.field("scheduler", pa.string(), nullable=False),
+        pa.field("steps", pa.int32(), nullable=False),
+        pa.field("guidance", pa.float32(), nullable=False),
+        pa.field("controlnet_scale", pa.float32(), nullable=False),
+        pa.field("expression_scale", pa.float32(), nullable=False),
+        # face analysis of the generated image
+        pa.field("face_count", pa.int32(), nullable=False),
+        pa.field("det_score", pa.float32()),
+        pa.field("bbox", _vector(4)),
+        pa.field("keypoints", _vector(KEYPOINT_VALUES)),
+        pa.field("measured_yaw", pa.float32()),
+        pa.field("measured_pitch", pa.float32()),
+        pa.field("measured_roll", pa.float32()),
+        pa.field("face_embedding", _vector(EMBEDDING_DIM)),
+        pa.field("similarity", pa.float32()),
+        # verdict
+        pa.field("accepted", pa.bool_(), nullable=False),
+        pa.field("reject_reason", pa.string()),
+    ],
+    metadata={"arc2face_synth.table": "manifest"},
+)
+
+TABLE_SCHEMAS: dict[str, pa.Schema] = {
+    "identities": IDENTITIES_SCHEMA,
+    "manifest": MANIFEST_SCHEMA,
+}
+
+
+class DatasetCounts(BaseModel):
+    identities: int = 0
+    shards: int = 0
+    committed_shards: int = 0
+    images: int = 0
+    accepted: int = 0
+    rejected: int = 0
+    reject_reasons: dict[str, int] = Field(default_factory=dict)
+
+
+class DatasetInfo(BaseModel):
+    """The content of dataset.json."""
+
+    format_version: int = 1
+    name: str
+    status: Literal["in_progress", "complete"]
+    spec: dict[str, Any]
+    spec_hash: str
+    versions: dict[str, str] = Field(default_factory=dict)
+    model_hashes: dict[str, str] = Field(default_factory=dict)
+    counts: DatasetCounts = Field(default_factory=DatasetCounts)
+    created_at: str
+    finished_at: str | None = None
+
+
+def empty_table(schema: pa.Schema) -> pa.Table:
+    return schema.empty_table()
