@@ -1,10 +1,15 @@
-"""Shared fixtures: one tiny models directory per test session."""
+"""Shared fixtures: one tiny models directory and one Prefect server per test session."""
 
 from __future__ import annotations
 
+import logging
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+pytest_plugins = ["tests.s3_fixture"]
 
 
 @pytest.fixture(scope="session")
@@ -13,3 +18,16 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from arc2face_engine.tiny import write_tiny_models
 
     return write_tiny_models(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="session")
+def prefect_harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """One temporary Prefect server (SQLite in a temp PREFECT_HOME) for the session."""
+    os.environ["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect-home"))
+    os.environ["PREFECT_LOGGING_LEVEL"] = "WARNING"
+    os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    from prefect.testing.utilities import prefect_test_harness
+
+    logging.getLogger("distributed").setLevel(logging.WARNING)
+    with prefect_test_harness(server_startup_timeout=120):
+        yield

@@ -1,0 +1,134 @@
+"""The dataset card: README.md at the dataset root, with one plot."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from arc2face_engine.dataset.reader import DatasetReader  # noqa: E402
+from arc2face_engine.dataset.writer import DatasetWriter  # noqa: E402
+from schemas.tables import DatasetInfo  # noqa: E402
+
+SIMILARITY_PLOT = "card/similarity.png"
+
+LIMITATIONS = """\
+- Every image is synthetic: Arc2Face (Stable Diffusion 1.5 conditioned on an ArcFace
+  embedding). Identities are points in ArcFace space, not real people, but a sampled
+  point can fall close to a real person: run `arc2face-synth audit --gallery` against
+  a gallery of real embeddings before release.
+- Arc2Face generates one person per image, in the frontal hemisphere of poses.
+- Acceptance uses the same ArcFace family that conditioned generation, so accepted
+  images are biased towards what that model recognises; the model and its training
+  data (WebFace42M, FFHQ, CelebA-HQ) carry demographic biases.
+- Images generated with tiny random test models (the `demo` command) are noise and
+  carry no identity signal.
+"""
+
+
+def _similarities(reader: DatasetReader) -> tuple[np.ndarray, np.ndarray]:
+    values, accepted = [], []
+    for batch in reader.iter_manifest(columns=["similarity", "accepted"]):
+        values.append(batch.column("similarity").to_numpy(zero_copy_only=False))
+        accepted.append(batch.column("accepted").to_numpy(zero_copy_only=False))
+    if not values:
+        return np.zeros(0), np.zeros(0, dtype=bool)
+    return np.concatenate(values).astype(float), np.concatenate(accepted).astype(bool)
+
+
+def _similarity_png(similarity: np.ndarray, accepted: np.ndarray, threshold: float) -> bytes:
+    figure, axis = plt.subplots(figsize=(6, 3.2), dpi=100)
+    bins = np.linspace(-1, 1, 81)
+    finite = ~np.isnan(similarity)
+    axis.hist(similarity[finite & accepted], bins=bins, alpha=0.7, label="accepted")
+    axis.hist(similarity[finite & ~accepted], bins=bins, alpha=0.7, label="rejected")
+    axis.axvline(threshold, color="black", linestyle="--", linewidth=1, label="threshold")
+    axis.set_xlabel("cosine similarity to the identity")
+    axis.set_ylabel("images")
+    axis.legend()
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+def render_card(info: DatasetInfo, has_plot: bool) -> str:
+    spec = info.spec
+    counts = info.counts
+    generation = spec["generation"]
+    filters = spec["filter"]
+    variations = spec["variations"]
+    accept_rate = counts.accepted / counts.images if counts.images else 0.0
+    reasons = "\n".join(
+        f"| {reason} | {count} |" for reason, count in sorted(counts.reject_reasons.items())
+    )
+    lines = [
+        f"# {info.name}",
+        "",
+        "A synthetic face-recognition dataset made by arc2face-synth with Arc2Face.",
+        "",
+        f"Status: **{info.status}**. Spec hash: `{info.spec_hash}`.",
+        "",
+        "## How it was made",
+        "",
+        f"- identities: {spec['identities']['source']}, {counts.identities} kept",
+        f"- images per identity: {variations['images_per_identity']}; poses: "
+        f"{variations['poses']['kind']}; expressions: {variations['expressions']['kind']}",
+        f"- generation: {generation['scheduler']}, {generation['steps']} steps, guidance "
+        f"{generation['guidance']}, {generation['width']}x{generation['height']}",
+        f"- filter: ArcFace re-verification, similarity >= {filters['min_similarity']}, "
+        f"detection score >= {filters['min_det_score']}, exactly one face: "
+        f"{filters['require_single_face']}, up to {filters['max_attempts']} attempts per image",
+        "",
+        "## Counts",
+        "",
+        "| what | count |",
+        "|---|---|",
+        f"| identities | {counts.identities} |",
+        f"| shards committed | {counts.committed_shards} / {counts.shards} |",
+        f"| images generated | {counts.images} |",
+        f"| accepted | {counts.accepted} ({accept_rate:.1%}) |",
+        f"| rejected | {counts.rejected} |",
+        "",
+        "| reject reason | images |",
+        "|---|---|",
+        reasons or "| (none) | 0 |",
+        "",
+    ]
+    if has_plot:
+        lines += [f"![similarity histogram]({SIMILARITY_PLOT})", ""]
+    lines += [
+        "## Files",
+        "",
+        "- `dataset.json`: spec, versions, model file hashes, counts",
+        "- `identities.parquet`: one row per identity (embedding, label, provenance)",
+        "- `manifest/part-*.parquet`: one row per generated image, accepted or rejected",
+        "- `images/<shard>/`: the image files",
+        "",
+        "## Limitations",
+        "",
+        LIMITATIONS,
+        "## Versions",
+        "",
+        "```json",
+        json.dumps(info.versions, indent=2, sort_keys=True),
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_dataset_card(writer: DatasetWriter, info: DatasetInfo) -> None:
+    reader = DatasetReader(writer.uri, writer.storage_options)
+    similarity, accepted = _similarities(reader)
+    has_plot = len(similarity) > 0
+    if has_plot:
+        threshold = info.spec["filter"]["min_similarity"]
+        writer.write_bytes(SIMILARITY_PLOT, _similarity_png(similarity, accepted, threshold))
+    writer.write_bytes("README.md", render_card(info, has_plot).encode())

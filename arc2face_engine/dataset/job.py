@@ -1,0 +1,275 @@
+"""A generation job in plain Python: the pieces the Prefect flow orchestrates.
+
+`run_job_directly` runs the same work with no orchestrator at all; the flow
+overhead benchmark compares the two.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from importlib import metadata
+
+import numpy as np
+import pyarrow as pa
+
+from arc2face_engine import store
+from arc2face_engine.dataset.card import write_dataset_card
+from arc2face_engine.dataset.plan import iter_shards
+from arc2face_engine.dataset.reader import DatasetReader
+from arc2face_engine.dataset.shard import (
+    ShardJob,
+    ShardResult,
+    run_shard,
+    settings_from_spec,
+    shard_identities,
+)
+from arc2face_engine.dataset.writer import DatasetWriter
+from arc2face_engine.expressions import ExpressionBank, load_expression_bank
+from arc2face_engine.poses import PoseBank, load_pose_bank
+from schemas.job import JobSpec, recorded_spec, spec_hash
+from schemas.tables import DatasetCounts, DatasetInfo
+
+PACKAGES = ("arc2face-synth", "torch", "diffusers", "transformers", "insightface", "onnxruntime")
+
+
+@dataclass
+class Worker:
+    """Models and banks of one worker process (one device), loaded once."""
+
+    engine: object
+    analyzer: object
+    poses: PoseBank | None
+    expressions: ExpressionBank | None
+    lock: threading.Lock
+
+
+_WORKERS: dict[tuple, Worker] = {}
+_WORKERS_LOCK = threading.Lock()
+
+
+def worker_for(spec: JobSpec, device: str = "auto") -> Worker:
+    """The process-wide worker for (models, device, controls); built on first use."""
+    from arc2face_engine.face_analysis import FaceAnalyzer
+    from arc2face_engine.generation import Arc2FaceEngine
+
+    poses_spec = spec.variations.poses
+    expressions_spec = spec.variations.expressions
+    key = (
+        str(spec.models.dir),
+        device,
+        spec.models.precision,
+        spec.generation.scheduler,
+        poses_spec.model_dump_json(),
+        expressions_spec.model_dump_json(),
+        spec.seed,
+        spec.generation.height,
+        spec.filter.min_det_score,
+    )
+    with _WORKERS_LOCK:
+        if key not in _WORKERS:
+            poses = load_pose_bank(poses_spec, size=spec.generation.height)
+            expressions = load_expression_bank(
+                expressions_spec, seed=spec.seed, models_dir=spec.models.dir
+            )
+            engine = Arc2FaceEngine.from_pretrained(
+                spec.models.dir,
+                device=device,
+                precision=spec.models.precision,
+                controlnet=poses is not None,
+                expression=expressions is not None,
+                lcm=spec.generation.scheduler == "lcm",
+            )
+            analyzer = FaceAnalyzer.from_models_dir(
+                spec.models.dir,
+                det_size=_detection_size(spec),
+                det_thresh=detector_threshold(spec.filter.min_det_score),
+            )
+            _WORKERS[key] = Worker(engine, analyzer, poses, expressions, threading.Lock())
+        return _WORKERS[key]
+
+
+def detector_threshold(min_det_score: float) -> float:
+    """Detect below the acceptance score, so weak faces are recorded as
+    low_detection_score (and counted as faces) instead of silently missing."""
+    return max(0.05, 0.6 * min_det_score)
+
+
+def _detection_size(spec: JobSpec) -> int:
+    # SCRFD is run at 640 for 512px images in the Arc2Face demos; smaller images
+    # (the tiny demo) are detected at their own size rather than upsampled.
+    largest = max(spec.generation.height, spec.generation.width)
+    return min(640, -(-largest // 32) * 32)  # SCRFD input sides are multiples of 32
+
+
+def open_writer(spec: JobSpec) -> DatasetWriter:
+    return DatasetWriter(spec.output.uri, spec.output.storage_options)
+
+
+def prepare_dataset(spec: JobSpec) -> DatasetWriter:
+    """Refuse an output made from another spec; mark the dataset in progress."""
+    writer = open_writer(spec)
+    digest = spec_hash(spec)
+    if writer.check_compatible(digest) is None:
+        writer.write_dataset_json(
+            DatasetInfo(
+                name=spec.name,
+                status="in_progress",
+                spec=recorded_spec(spec),
+                spec_hash=digest,
+                versions=package_versions(),
+                model_hashes=store.file_hashes(spec.models.dir),
+                created_at=_now(),
+            )
+        )
+    return writer
+
+
+def build_identities(spec: JobSpec, writer: DatasetWriter) -> pa.Table:
+    """Read identities.parquet if a previous run wrote it, else make and write it."""
+    reader = DatasetReader(spec.output.uri, spec.output.storage_options)
+    if reader.has_identities():
+        return reader.identities()
+    from arc2face_engine import identities
+
+    source = spec.identities
+    if source.source == "random":
+        project = _manifold_projector(spec) if source.project_to_manifold else None
+        table = identities.sample_random(
+            source.count, source.separation, spec.seed, project=project
+        )
+    elif source.source == "file":
+        table = identities.load_embedding_file(
+            source.path, spec.output.storage_options, limit=source.count
+        )
+    else:
+        analyzer = worker_for(spec).analyzer
+        table, skipped = identities.embed_image_folder(
+            source.path, analyzer, spec.output.storage_options, limit=source.count
+        )
+        for path, reason in skipped:
+            print(f"skipped {path}: {reason}")
+    writer.write_identities(table)
+    return table
+
+
+def _manifold_projector(spec: JobSpec) -> Callable[[np.ndarray], np.ndarray | None]:
+    """Generate a probe image for a candidate and keep its ArcFace re-embedding."""
+    from arc2face_engine.generation import ImageRequest
+
+    worker = worker_for(spec)
+    settings = settings_from_spec(spec.generation)
+    counter = iter(range(1 << 62))
+
+    def project(candidate: np.ndarray) -> np.ndarray | None:
+        request = ImageRequest(embedding=candidate, seed=spec.seed * 1_000_003 + next(counter))
+        image = worker.engine.generate([request], settings)
+        record = worker.analyzer.analyze(image)[0]
+        return record.embedding
+
+    return project
+
+
+def shard_jobs(spec: JobSpec, identities_table: pa.Table) -> Iterator[ShardJob]:
+    settings = settings_from_spec(spec.generation)
+    for plan in iter_shards(
+        len(identities_table), spec.variations.images_per_identity, spec.output.shard_size
+    ):
+        yield ShardJob(
+            plan=plan,
+            identities=shard_identities(
+                identities_table, plan.identity_start, plan.identity_stop
+            ),
+            job_seed=spec.seed,
+            images_per_identity=spec.variations.images_per_identity,
+            settings=settings,
+            batch_size=spec.generation.batch_size,
+            min_similarity=spec.filter.min_similarity,
+            min_det_score=spec.filter.min_det_score,
+            require_single_face=spec.filter.require_single_face,
+            max_attempts=spec.filter.max_attempts,
+            image_format=spec.output.image_format,
+            quality=spec.output.quality,
+            keep_rejected_images=spec.output.keep_rejected_images,
+        )
+
+
+def generate_shard(
+    spec: JobSpec,
+    job: ShardJob,
+    device: str = "auto",
+    on_batch: Callable[[int, int], None] | None = None,
+) -> ShardResult:
+    """Run one shard on this process's worker for `device`."""
+    worker = worker_for(spec, device)
+    with worker.lock:  # one generation at a time per device
+        return run_shard(
+            job,
+            open_writer(spec),
+            worker.engine,
+            worker.analyzer,
+            worker.poses,
+            worker.expressions,
+            on_batch=on_batch,
+        )
+
+
+def finalize_dataset(spec: JobSpec) -> DatasetInfo:
+    """Count the committed manifest, write dataset.json (complete) and the card."""
+    writer = open_writer(spec)
+    reader = DatasetReader(spec.output.uri, spec.output.storage_options)
+    counts = count_manifest(reader)
+    counts.identities = reader.identities().num_rows
+    counts.shards = sum(
+        1
+        for _ in iter_shards(
+            counts.identities, spec.variations.images_per_identity, spec.output.shard_size
+        )
+    )
+    info = writer.read_dataset_json()
+    info.counts = counts
+    complete = counts.committed_shards == counts.shards
+    info.status = "complete" if complete else "in_progress"
+    info.finished_at = _now() if complete else None
+    writer.write_dataset_json(info)
+    write_dataset_card(writer, info)
+    return info
+
+
+def count_manifest(reader: DatasetReader) -> DatasetCounts:
+    counts = DatasetCounts(committed_shards=len(reader.manifest_parts()))
+    for batch in reader.iter_manifest(columns=["accepted", "reject_reason"]):
+        accepted = batch.column("accepted").to_numpy(zero_copy_only=False)
+        counts.images += len(accepted)
+        counts.accepted += int(accepted.sum())
+        for reason in batch.column("reject_reason").drop_null().to_pylist():
+            counts.reject_reasons[reason] = counts.reject_reasons.get(reason, 0) + 1
+    counts.rejected = counts.images - counts.accepted
+    return counts
+
+
+def run_job_directly(spec: JobSpec) -> DatasetInfo:
+    """The whole job with no orchestrator: same functions, a plain loop."""
+    writer = prepare_dataset(spec)
+    table = build_identities(spec, writer)
+    committed = writer.committed_shards()
+    for job in shard_jobs(spec, table):
+        if job.plan.shard not in committed:
+            generate_shard(spec, job)
+    return finalize_dataset(spec)
+
+
+def package_versions() -> dict[str, str]:
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")

@@ -1,0 +1,83 @@
+"""Where each file of a dataset lives, relative to the dataset root.
+
+```
+dataset.json
+identities.parquet
+manifest/part-00000.parquet   one per committed shard (its presence is the commit)
+images/00000/<image_id>.jpg
+README.md
+audit/report.json, audit/report.html
+```
+
+Paths here are POSIX and relative; `join` anchors them under the root that
+`open_dataset_fs` returns, for local folders and object stores alike.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import fsspec
+from fsspec import AbstractFileSystem
+
+DATASET_JSON = "dataset.json"
+IDENTITIES = "identities.parquet"
+README = "README.md"
+MANIFEST_DIR = "manifest"
+IMAGES_DIR = "images"
+AUDIT_DIR = "audit"
+AUDIT_REPORT_JSON = f"{AUDIT_DIR}/report.json"
+AUDIT_REPORT_HTML = f"{AUDIT_DIR}/report.html"
+
+_PART_NAME = re.compile(r"^part-(\d{5,})\.parquet$")
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def shard_name(shard: int) -> str:
+    if shard < 0:
+        raise ValueError(f"shard must be >= 0, got {shard}")
+    return f"{shard:05d}"
+
+
+def manifest_part(shard: int) -> str:
+    return f"{MANIFEST_DIR}/part-{shard_name(shard)}.parquet"
+
+
+def shard_of_part(name: str) -> int | None:
+    """The shard of a committed part's file name (or path); None for anything else."""
+    match = _PART_NAME.match(name.rsplit("/", 1)[-1])
+    return int(match.group(1)) if match else None
+
+
+def image_dir(shard: int) -> str:
+    return f"{IMAGES_DIR}/{shard_name(shard)}"
+
+
+def image_path(shard: int, image_id: str, ext: str) -> str:
+    ext = ext.lstrip(".")
+    if not _SAFE_NAME.match(image_id) or not _SAFE_NAME.match(ext):
+        raise ValueError(f"unsafe image file name {image_id!r}.{ext!r}")
+    return f"{image_dir(shard)}/{image_id}.{ext}"
+
+
+def join(root: str, relative: str) -> str:
+    """`root/relative`, refusing paths that would escape the dataset root."""
+    parts = relative.split("/")
+    if relative.startswith("/") or ".." in parts or "" in parts:
+        raise ValueError(f"not a relative dataset path: {relative!r}")
+    return f"{root.rstrip('/')}/{relative}" if root else relative
+
+
+def open_dataset_fs(
+    uri: str, storage_options: dict[str, Any] | None = None
+) -> tuple[AbstractFileSystem, str]:
+    """(filesystem, root path without protocol) for a local folder or fsspec URI."""
+    fs, root = fsspec.core.url_to_fs(str(uri), **(storage_options or {}))
+    return fs, root.rstrip("/")
+
+
+def is_local(fs: AbstractFileSystem) -> bool:
+    """Local disks need temp-file + rename for atomic writes; object-store PUTs are atomic."""
+    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
+    return "file" in protocols or "local" in protocols

@@ -1,0 +1,283 @@
+"""Run one shard: generate -> verify -> top up -> encode -> write -> commit.
+
+Plain Python (no Prefect): the generate task calls `run_shard` with an engine
+and an analyzer that it keeps alive for the whole worker process. The shard's
+manifest part is written last, so a crash anywhere before it leaves the shard
+uncommitted and a re-run redoes it from scratch with the same seeds.
+"""
+
+from __future__ import annotations
+
+import io
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+from PIL import Image
+
+from arc2face_engine.dataset.plan import ShardPlan, variant_for
+from arc2face_engine.dataset.writer import DatasetWriter
+from arc2face_engine.expressions import ExpressionBank
+from arc2face_engine.generation import GenerationSettings, ImageRequest
+from arc2face_engine.poses import PoseBank
+from arc2face_engine.seeding import image_seed
+from schemas.tables import MANIFEST_SCHEMA
+
+IMAGE_EXTENSIONS = {"jpeg": "jpg", "png": "png", "webp": "webp"}
+
+
+@dataclass(frozen=True)
+class ShardIdentities:
+    """The identities of one shard: global indices, ids, labels and embeddings."""
+
+    indices: list[int]
+    identity_ids: list[str]
+    labels: list[int]
+    embeddings: np.ndarray  # (n, 512) float32, L2-normalised
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    """Everything about a shard that does not depend on the worker's models."""
+
+    plan: ShardPlan
+    identities: ShardIdentities
+    job_seed: int
+    images_per_identity: int
+    settings: GenerationSettings
+    batch_size: int
+    min_similarity: float
+    min_det_score: float
+    require_single_face: bool
+    max_attempts: int
+    image_format: str = "jpeg"
+    quality: int = 95
+    keep_rejected_images: bool = True
+
+
+@dataclass
+class ShardResult:
+    shard: int
+    images: int = 0
+    accepted: int = 0
+    rejected: int = 0
+    reject_reasons: dict[str, int] = field(default_factory=dict)
+    generate_seconds: float = 0.0
+
+    def add(self, accepted: bool, reason: str | None) -> None:
+        self.images += 1
+        if accepted:
+            self.accepted += 1
+        else:
+            self.rejected += 1
+            key = reason or "unknown"
+            self.reject_reasons[key] = self.reject_reasons.get(key, 0) + 1
+
+
+@dataclass(frozen=True)
+class _Item:
+    """One image to make: which identity (position in the shard), variant and attempt."""
+
+    position: int
+    variant: int
+    attempt: int
+
+
+def image_id(identity_id: str, variant: int, attempt: int) -> str:
+    return f"{identity_id}-v{variant:04d}-a{attempt:02d}"
+
+
+def encode_image(pixels: np.ndarray, image_format: str, quality: int) -> bytes:
+    """Encode an RGB uint8 image; deterministic bytes for the same pixels and settings."""
+    buffer = io.BytesIO()
+    options = {"quality": quality} if image_format in ("jpeg", "webp") else {}
+    Image.fromarray(pixels).save(buffer, format=image_format.upper(), **options)
+    return buffer.getvalue()
+
+
+def _batches(queue: deque[_Item], size: int) -> Iterator[list[_Item]]:
+    """Drain `queue` in batches; items appended while draining (top-ups) are included."""
+    while queue:
+        yield [queue.popleft() for _ in range(min(size, len(queue)))]
+
+
+def run_shard(
+    job: ShardJob,
+    writer: DatasetWriter,
+    engine,
+    analyzer,
+    poses: PoseBank | None = None,
+    expressions: ExpressionBank | None = None,
+    on_batch: Callable[[int, int], None] | None = None,
+) -> ShardResult:
+    """Generate, verify, write and commit one shard. Returns its counts.
+
+    `on_batch(images, accepted)` is called after every verified batch (progress).
+    """
+    shard = job.plan.shard
+    writer.clear_uncommitted(shard)
+    result = ShardResult(shard=shard)
+    queue = deque(
+        _Item(position, variant, 0)
+        for position in range(len(job.identities.indices))
+        for variant in range(job.images_per_identity)
+    )
+    rows: list[dict] = []
+    pending_writes: list[Future] = []
+    # Encoding and uploading run on CPU threads while the next batch generates.
+    with ThreadPoolExecutor(max_workers=4, thread_name_prefix=f"shard{shard}-io") as io_pool:
+        for batch in _batches(queue, job.batch_size):
+            requests = [_request(job, item, poses, expressions) for item in batch]
+            images = engine.generate(requests, job.settings)
+            embeddings = job.identities.embeddings[[item.position for item in batch]]
+            verdicts = analyzer.verify(
+                images,
+                embeddings,
+                min_similarity=job.min_similarity,
+                min_det_score=job.min_det_score,
+                require_single_face=job.require_single_face,
+            )
+            batch_accepted = 0
+            for item, request, pixels, verdict in zip(batch, requests, images, verdicts):
+                result.add(verdict.accepted, verdict.reason)
+                batch_accepted += int(verdict.accepted)
+                if not verdict.accepted and item.attempt + 1 < job.max_attempts:
+                    queue.append(_Item(item.position, item.variant, item.attempt + 1))
+                row = _row(job, item, request, pixels, verdict, poses, expressions)
+                rows.append(row)
+                if verdict.accepted or job.keep_rejected_images:
+                    pending_writes.append(io_pool.submit(_write_image, writer, job, row, pixels))
+            if on_batch is not None:
+                on_batch(len(batch), batch_accepted)
+        for future in pending_writes:
+            future.result()  # re-raise any IO error before committing
+    rows.sort(key=lambda row: row["image_id"])
+    writer.commit_shard(shard, pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA))
+    return result
+
+
+def _request(
+    job: ShardJob, item: _Item, poses: PoseBank | None, expressions: ExpressionBank | None
+) -> ImageRequest:
+    identity_index = job.identities.indices[item.position]
+    variant = variant_for(
+        identity_index,
+        item.variant,
+        len(poses) if poses else 0,
+        len(expressions) if expressions else 0,
+    )
+    return ImageRequest(
+        embedding=job.identities.embeddings[item.position],
+        seed=image_seed(job.job_seed, identity_index, item.variant, item.attempt),
+        pose_image=poses[variant.pose_index].image if variant.pose_index is not None else None,
+        expression=(
+            expressions[variant.expression_index].values
+            if variant.expression_index is not None
+            else None
+        ),
+    )
+
+
+def _optional_list(values: np.ndarray | None) -> list[float] | None:
+    return None if values is None else np.asarray(values, dtype=np.float32).ravel().tolist()
+
+
+def _row(job, item, request, pixels, verdict, poses, expressions) -> dict:
+    identity_index = job.identities.indices[item.position]
+    variant = variant_for(
+        identity_index,
+        item.variant,
+        len(poses) if poses else 0,
+        len(expressions) if expressions else 0,
+    )
+    pose = poses[variant.pose_index] if variant.pose_index is not None else None
+    expression = expressions[variant.expression_index] if variant.expression_index is not None else None
+    record = verdict.record
+    measured = record.pose if record.pose is not None else (None, None, None)
+    similarity = None if np.isnan(verdict.similarity) else float(verdict.similarity)
+    identity_id = job.identities.identity_ids[item.position]
+    return {
+        "image_id": image_id(identity_id, item.variant, item.attempt),
+        "identity_id": identity_id,
+        "label": job.identities.labels[item.position],
+        "shard": job.plan.shard,
+        "variant": item.variant,
+        "attempt": item.attempt,
+        "seed": request.seed,
+        "path": None,
+        "sha256": None,
+        "size_bytes": None,
+        "width": int(pixels.shape[1]),
+        "height": int(pixels.shape[0]),
+        "pose_name": pose.name if pose else None,
+        "pose_yaw": pose.yaw if pose else None,
+        "pose_pitch": pose.pitch if pose else None,
+        "pose_roll": pose.roll if pose else None,
+        "expression_name": expression.name if expression else None,
+        "expression": _optional_list(expression.values) if expression else None,
+        "scheduler": job.settings.scheduler,
+        "steps": job.settings.num_inference_steps,
+        "guidance": job.settings.guidance_scale,
+        "controlnet_scale": job.settings.controlnet_scale,
+        "expression_scale": job.settings.expression_scale,
+        "face_count": record.face_count,
+        "det_score": None if record.face_count == 0 else float(record.det_score),
+        "bbox": _optional_list(record.bbox),
+        "keypoints": _optional_list(record.keypoints),
+        "measured_yaw": measured[0],
+        "measured_pitch": measured[1],
+        "measured_roll": measured[2],
+        "face_embedding": _optional_list(record.embedding),
+        "similarity": similarity,
+        "accepted": bool(verdict.accepted),
+        "reject_reason": verdict.reason,
+    }
+
+
+def _write_image(writer: DatasetWriter, job: ShardJob, row: dict, pixels: np.ndarray) -> None:
+    data = encode_image(pixels, job.image_format, job.quality)
+    ext = IMAGE_EXTENSIONS[job.image_format]
+    path, sha256, size = writer.write_image(job.plan.shard, row["image_id"], data, ext)
+    row.update(path=path, sha256=sha256, size_bytes=size)
+
+
+def shard_identities(table: pa.Table, start: int, stop: int) -> ShardIdentities:
+    """Slice the identities table (rows [start, stop)) into what a shard needs."""
+    part = table.slice(start, stop - start)
+    embeddings = np.asarray(
+        part.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False),
+        dtype=np.float32,
+    ).reshape(len(part), -1)
+    return ShardIdentities(
+        indices=list(range(start, stop)),
+        identity_ids=part.column("identity_id").to_pylist(),
+        labels=part.column("label").to_pylist(),
+        embeddings=embeddings,
+    )
+
+
+def settings_from_spec(generation) -> GenerationSettings:
+    """GenerationSettings from the spec's generation section."""
+    return GenerationSettings(
+        scheduler=generation.scheduler,
+        num_inference_steps=generation.steps,
+        guidance_scale=generation.guidance,
+        height=generation.height,
+        width=generation.width,
+        controlnet_scale=generation.controlnet_scale,
+        expression_scale=generation.expression_scale,
+    )
+
+
+def total(results: Sequence[ShardResult]) -> ShardResult:
+    combined = ShardResult(shard=-1)
+    for result in results:
+        combined.images += result.images
+        combined.accepted += result.accepted
+        combined.rejected += result.rejected
+        for reason, count in result.reject_reasons.items():
+            combined.reject_reasons[reason] = combined.reject_reasons.get(reason, 0) + count
+    return combined

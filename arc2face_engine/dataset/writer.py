@@ -1,0 +1,203 @@
+"""Write a dataset through fsspec, committing one shard at a time.
+
+Resumability follows datatrove's completion markers: a shard's manifest part is
+written last and as one indivisible step, so "the part exists" means "every
+image the part points at was written before it". Local disks get a temp file in
+the same folder plus `os.replace` (atomic rename); object stores get a single
+put of the complete bytes (an S3 PUT, or a multipart upload, only becomes
+visible when complete). A re-run lists the committed parts and redoes the rest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import uuid
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from pydantic import ValidationError
+
+from arc2face_engine.dataset import layout
+from arc2face_engine.errors import SpecError
+from schemas.tables import IDENTITIES_SCHEMA, MANIFEST_SCHEMA, DatasetInfo
+
+TEMP_MARKER = ".tmp-"
+
+
+def table_to_parquet_bytes(table: pa.Table) -> bytes:
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer, compression="zstd")
+    return buffer.getvalue()
+
+
+def check_table(table: pa.Table, schema: pa.Schema, what: str) -> None:
+    """Raise ValueError if `table` does not have exactly `schema`'s columns, types and non-nulls."""
+    if not table.schema.equals(schema, check_metadata=False):
+        expected = {field.name: field.type for field in schema}
+        found = {field.name: field.type for field in table.schema}
+        missing = sorted(set(expected) - set(found))
+        extra = sorted(set(found) - set(expected))
+        wrong = sorted(n for n in set(expected) & set(found) if expected[n] != found[n])
+        raise ValueError(
+            f"{what} table does not match its schema: missing {missing}, unexpected {extra}, "
+            f"wrong type {wrong}; build it with schema=schemas.tables.{what.upper()}_SCHEMA"
+        )
+    for field in schema:
+        if not field.nullable and table.column(field.name).null_count:
+            raise ValueError(f"{what} column {field.name!r} holds nulls but is not nullable")
+
+
+class DatasetWriter:
+    """Writes one dataset (local folder or object-store prefix)."""
+
+    def __init__(self, uri: str, storage_options: dict[str, Any] | None = None):
+        self.uri = str(uri)
+        self.storage_options = dict(storage_options or {})
+        self.fs, self.root = layout.open_dataset_fs(self.uri, self.storage_options)
+        self.local = layout.is_local(self.fs)
+
+    def __repr__(self) -> str:
+        return f"DatasetWriter({self.uri!r})"
+
+    def path(self, relative: str) -> str:
+        return layout.join(self.root, relative)
+
+    # --- plain and atomic writes ----------------------------------------------------------
+
+    def _ensure_parent(self, full_path: str) -> None:
+        # Object stores have no folders; local disks need them before writing.
+        if self.local:
+            self.fs.makedirs(full_path.rsplit("/", 1)[0], exist_ok=True)
+
+    def write_bytes(self, relative: str, data: bytes) -> str:
+        """Write a whole file atomically: readers see the old file or the new one, never half."""
+        full = self.path(relative)
+        self._ensure_parent(full)
+        if not self.local:
+            self.fs.pipe_file(full, data)  # one PUT: the object appears complete or not at all
+            return full
+        folder, name = full.rsplit("/", 1)
+        temp = f"{folder}/.{name}{TEMP_MARKER}{uuid.uuid4().hex}"
+        try:
+            with open(temp, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())  # the rename must not land before the bytes do
+            os.replace(temp, full)
+        finally:
+            if os.path.exists(temp):
+                os.remove(temp)
+        return full
+
+    def write_image(self, shard: int, image_id: str, data: bytes, ext: str) -> tuple[str, str, int]:
+        """Write one image file; returns (relative path, sha256 hex, size in bytes).
+
+        Not atomic on its own: until the shard's part is committed the file is a
+        leftover that `clear_uncommitted` removes before the shard is redone.
+        """
+        relative = layout.image_path(shard, image_id, ext)
+        full = self.path(relative)
+        self._ensure_parent(full)
+        self.fs.pipe_file(full, data)
+        return relative, hashlib.sha256(data).hexdigest(), len(data)
+
+    # --- tables ---------------------------------------------------------------------------
+
+    def write_identities(self, table: pa.Table) -> None:
+        check_table(table, IDENTITIES_SCHEMA, "identities")
+        labels = table.column("label")
+        if table.num_rows and labels.to_pylist() != list(range(table.num_rows)):
+            raise ValueError("identity labels must be 0..N-1 in row order")
+        if pc.count_distinct(table.column("identity_id")).as_py() != table.num_rows:
+            raise ValueError("identity_id values must be unique")
+        self.write_bytes(layout.IDENTITIES, table_to_parquet_bytes(table))
+
+    def commit_shard(self, shard: int, table: pa.Table) -> str:
+        """Validate and write the shard's manifest part in one atomic step (the commit)."""
+        check_table(table, MANIFEST_SCHEMA, "manifest")
+        shards = pc.unique(table.column("shard")).to_pylist()
+        if shards and shards != [shard]:
+            raise ValueError(f"manifest for shard {shard} holds rows of shards {shards}")
+        if pc.count_distinct(table.column("image_id")).as_py() != table.num_rows:
+            raise ValueError(f"manifest for shard {shard} repeats an image_id")
+        return self.write_bytes(layout.manifest_part(shard), table_to_parquet_bytes(table))
+
+    def committed_shards(self) -> set[int]:
+        """Shards whose manifest part exists; temp files of a crashed write do not count."""
+        folder = self.path(layout.MANIFEST_DIR)
+        self.fs.invalidate_cache(folder)  # another process may have committed since
+        try:
+            names = self.fs.ls(folder, detail=False)
+        except FileNotFoundError:
+            return set()
+        shards = (layout.shard_of_part(name) for name in names)
+        return {shard for shard in shards if shard is not None}
+
+    def clear_uncommitted(self, shard: int) -> None:
+        """Remove leftovers of an interrupted attempt at `shard` before redoing it."""
+        if shard in self.committed_shards():
+            raise ValueError(f"shard {shard} is committed; refusing to delete its images")
+        folder = self.path(layout.image_dir(shard))
+        self.fs.invalidate_cache(folder)
+        if self.fs.exists(folder):
+            self.fs.rm(folder, recursive=True)
+        if self.local:
+            self._remove_stale_temps(shard)
+
+    def _remove_stale_temps(self, shard: int) -> None:
+        part = self.path(layout.manifest_part(shard))
+        folder, name = part.rsplit("/", 1)
+        for stale in self.fs.glob(f"{folder}/.{name}{TEMP_MARKER}*"):
+            self.fs.rm(stale)
+
+    # --- dataset.json ---------------------------------------------------------------------
+
+    def write_dataset_json(self, info: DatasetInfo) -> None:
+        self.write_bytes(layout.DATASET_JSON, info.model_dump_json(indent=2).encode("utf-8"))
+
+    def read_dataset_json(self) -> DatasetInfo | None:
+        """The dataset.json at this output, or None if there is none yet."""
+        full = self.path(layout.DATASET_JSON)
+        self.fs.invalidate_cache(self.root)
+        try:
+            raw = self.fs.cat_file(full)
+        except FileNotFoundError:
+            return None
+        try:
+            return DatasetInfo.model_validate(json.loads(raw))
+        except (ValueError, ValidationError) as error:
+            first = str(error).splitlines()[0]
+            raise SpecError(
+                f"output {self.uri} has an unreadable dataset.json ({first}): "
+                "choose a new output.uri or delete it"
+            ) from None
+
+    def check_compatible(self, spec_hash: str) -> DatasetInfo | None:
+        """Refuse an output made from another spec; return the existing info to resume from."""
+        info = self.read_dataset_json()
+        if info is not None:
+            if info.spec_hash != spec_hash:
+                raise SpecError(
+                    f"output {self.uri} already holds a dataset made from a different spec "
+                    f"(hash {info.spec_hash[:12]} != {spec_hash[:12]}): "
+                    "choose a new output.uri or delete it"
+                )
+            return info
+        if self._has_content():
+            raise SpecError(
+                f"output {self.uri} is not empty and holds no dataset.json: "
+                "choose a new output.uri or empty it"
+            )
+        return None
+
+    def _has_content(self) -> bool:
+        self.fs.invalidate_cache(self.root)
+        try:
+            return bool(self.fs.ls(self.root, detail=False))
+        except FileNotFoundError:
+            return False

@@ -1,0 +1,339 @@
+"""Face analysis: detect, align, embed with ArcFace, measure head pose, verify identity.
+
+Arc2Face re-verifies its images with insightface's antelopev2 pack (SCRFD detector with
+five keypoints, 3D 68-point landmarks that give the head pose) whose recognition model is
+replaced by Arc2Face's own arcface.onnx. The models are loaded through insightface's model
+zoo and run by insightface's classes; what insightface does one face at a time (landmarks,
+recognition) is done here for all the faces of a batch of images in one onnxruntime call.
+
+    analyzer = FaceAnalyzer.from_models_dir("models", det_size=640)
+    records = analyzer.analyze(images)                       # (B, H, W, 3) uint8 RGB
+    verdicts = analyzer.verify(images, identity_embeddings)  # (B, 512)
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import onnxruntime
+from insightface.model_zoo import get_model
+from insightface.model_zoo.arcface_onnx import ArcFaceONNX
+from insightface.model_zoo.landmark import Landmark
+from insightface.model_zoo.scrfd import SCRFD
+from insightface.utils import face_align, transform
+
+from arc2face_engine.errors import CheckpointMismatch, UserError
+from arc2face_engine.store import require
+
+ANTELOPEV2_DIR = "antelopev2"
+DETECTOR_FILE = "scrfd_10g_bnkps.onnx"
+LANDMARK_3D_FILE = "1k3d68.onnx"
+RECOGNITION_FILE = "arcface.onnx"  # Arc2Face's, in place of antelopev2's glintr100.onnx
+EMBEDDING_DIM = 512
+
+# Reject reasons, in the order verify() checks them (schemas.tables.REJECT_REASONS).
+NO_FACE = "no_face"
+MULTIPLE_FACES = "multiple_faces"
+LOW_DETECTION_SCORE = "low_detection_score"
+LOW_SIMILARITY = "low_similarity"
+REJECT_REASONS = (NO_FACE, MULTIPLE_FACES, LOW_DETECTION_SCORE, LOW_SIMILARITY)
+
+
+# insightface's estimate_norm calls scikit-image's deprecated SimilarityTransform.estimate
+# once per face; the warning is theirs to fix and would flood every shard's log.
+warnings.filterwarnings(
+    "ignore", message="`estimate` is deprecated", category=FutureWarning,
+    module="insightface.utils.face_align",
+)  # fmt: skip
+
+
+class FaceAnalysisInputError(UserError, ValueError):
+    """Images or identity embeddings handed to the face analyzer are malformed."""
+
+
+@dataclass(eq=False)
+class FaceRecord:
+    """What the analyzer saw in one image: the number of faces and the largest face."""
+
+    face_count: int
+    det_score: float  # nan when there is no face
+    bbox: np.ndarray | None  # (4,) float32 x1, y1, x2, y2 in image pixels
+    keypoints: np.ndarray | None  # (5, 2) float32: eyes, nose, mouth corners
+    embedding: np.ndarray | None  # (512,) float32, L2-normalised ArcFace embedding
+    pose: tuple[float, float, float] | None  # (yaw, pitch, roll) in degrees
+
+    @classmethod
+    def no_face(cls) -> FaceRecord:
+        return cls(0, math.nan, None, None, None, None)
+
+
+@dataclass(eq=False)
+class Verdict:
+    """Whether an image shows the identity it was generated for, and if not, why."""
+
+    record: FaceRecord
+    similarity: float  # cosine of the face and identity embeddings; nan when no face
+    accepted: bool
+    reason: str | None  # one of REJECT_REASONS, None when accepted
+
+
+def default_providers() -> list[str]:
+    """CUDA first when onnxruntime-gpu offers it, CPU otherwise (and as fallback)."""
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def _load_model(path: Path, expected: type, providers: list) -> object:
+    """Load one ONNX file through insightface's model zoo, which routes it to a class by
+    its inputs and outputs; a file routed elsewhere is not the model we need."""
+    model = get_model(str(path), providers=providers)
+    if not isinstance(model, expected):
+        routed = type(model).__name__ if model is not None else "nothing"
+        raise CheckpointMismatch(
+            f"{path} is read as {routed}, not {expected.__name__}: "
+            f"replace it with the published file (`arc2face-synth models download DIR`)"
+        )
+    return model
+
+
+def _check_det_size(det_size: int | tuple[int, int]) -> tuple[int, int]:
+    size = (det_size, det_size) if isinstance(det_size, int) else tuple(det_size)
+    if len(size) != 2 or any(int(side) < 32 or int(side) % 32 for side in size):
+        raise FaceAnalysisInputError(
+            f"det_size {det_size!r} is not a multiple of 32: use e.g. 640 (or 128 for tiny images)"
+        )
+    return int(size[0]), int(size[1])
+
+
+def _as_bgr_frames(images: np.ndarray | Sequence[np.ndarray]) -> list[np.ndarray]:
+    """(B, H, W, 3) or a list of (H, W, 3) uint8 RGB -> contiguous BGR frames (insightface
+    and OpenCV work in BGR)."""
+    if isinstance(images, np.ndarray) and images.ndim != 4:
+        raise FaceAnalysisInputError(
+            f"images have shape {images.shape}: pass (B, H, W, 3) uint8 RGB or a list of (H, W, 3)"
+        )
+    frames = [np.asarray(frame) for frame in images]
+    for index, frame in enumerate(frames):
+        if frame.ndim != 3 or frame.shape[2] != 3 or frame.dtype != np.uint8:
+            raise FaceAnalysisInputError(
+                f"image {index} is {frame.dtype} {frame.shape}: pass uint8 RGB arrays of shape (H, W, 3)"
+            )
+    return [np.ascontiguousarray(frame[:, :, ::-1]) for frame in frames]
+
+
+def _largest(boxes: np.ndarray) -> int:
+    areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    return int(np.argmax(areas))  # ties: the first, i.e. the higher score (NMS order)
+
+
+def _normalise(vectors: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(vectors, axis=-1, keepdims=True)
+    return (vectors / np.maximum(norms, 1e-12)).astype(np.float32)
+
+
+def _run_batched(model: ArcFaceONNX | Landmark, blob: np.ndarray) -> np.ndarray:
+    """One session.run over the whole (N, 3, S, S) blob; a model exported with a fixed
+    batch size is run in chunks of that size instead."""
+    fixed_batch = model.session.get_inputs()[0].shape[0]
+    chunk = fixed_batch if isinstance(fixed_batch, int) and fixed_batch > 0 else len(blob)
+    dtype = getattr(model, "input_dtype", np.float32)
+    outputs = [
+        model.session.run(
+            model.output_names, {model.input_name: np.ascontiguousarray(part, dtype)}
+        )[0]
+        for part in (blob[start : start + chunk] for start in range(0, len(blob), chunk))
+    ]
+    return np.concatenate(outputs)
+
+
+def _blob(model: ArcFaceONNX | Landmark, crops: list[np.ndarray]) -> np.ndarray:
+    """The preprocessing insightface applies to one crop, applied to a stack of crops."""
+    mean = model.input_mean
+    return cv2.dnn.blobFromImages(
+        crops, 1.0 / model.input_std, model.input_size, (mean, mean, mean), swapRB=True
+    )
+
+
+def align_face(image: np.ndarray, keypoints: np.ndarray, size: int = 112) -> np.ndarray:
+    """The ArcFace crop of a face: the similarity transform that puts the five keypoints on
+    insightface's arcface template, applied to `image` (any channel order; RGB stays RGB)."""
+    if size % 112 and size % 128:
+        raise FaceAnalysisInputError(
+            f"aligned face size {size} is not a multiple of 112 or 128: use 112 (ArcFace's input)"
+        )
+    keypoints = np.asarray(keypoints, np.float32).reshape(5, 2)
+    return face_align.norm_crop(np.asarray(image), keypoints, image_size=size)
+
+
+def judge(
+    record: FaceRecord,
+    identity_embedding: np.ndarray,
+    min_similarity: float = 0.4,
+    min_det_score: float = 0.5,
+    require_single_face: bool = True,
+) -> Verdict:
+    """The verdict on one analysed image; reasons are checked in REJECT_REASONS order.
+    The similarity is reported whenever there is a face, also for rejected images."""
+    if record.face_count == 0 or record.embedding is None:
+        return Verdict(record, math.nan, False, NO_FACE)
+    similarity = float(record.embedding @ _normalise(np.asarray(identity_embedding, np.float32)))
+    reason = None
+    if require_single_face and record.face_count > 1:
+        reason = MULTIPLE_FACES
+    elif record.det_score < min_det_score:
+        reason = LOW_DETECTION_SCORE
+    elif similarity < min_similarity:
+        reason = LOW_SIMILARITY
+    return Verdict(record, similarity, reason is None, reason)
+
+
+class FaceAnalyzer:
+    """SCRFD detection, 3D-landmark head pose and ArcFace embedding of the largest face."""
+
+    def __init__(
+        self,
+        detector: SCRFD,
+        landmark_3d: Landmark,
+        recognizer: ArcFaceONNX,
+        det_size: int | tuple[int, int] = 640,
+        det_thresh: float = 0.5,
+    ) -> None:
+        self.detector = detector
+        self.landmark_3d = landmark_3d
+        self.recognizer = recognizer
+        self.det_size = _check_det_size(det_size)
+        self.det_thresh = float(det_thresh)
+        # ctx_id 0 keeps the providers the sessions were created with.
+        detector.prepare(0, input_size=self.det_size, det_thresh=self.det_thresh)
+        landmark_3d.prepare(0)
+        recognizer.prepare(0)
+
+    @classmethod
+    def from_models_dir(
+        cls,
+        models_dir: str | os.PathLike,
+        providers: Sequence | None = None,
+        det_size: int | tuple[int, int] = 640,
+        det_thresh: float = 0.5,
+    ) -> FaceAnalyzer:
+        """Load models_dir/antelopev2 (scrfd_10g_bnkps.onnx, 1k3d68.onnx, arcface.onnx)."""
+        require(models_dir, "core", under=ANTELOPEV2_DIR)
+        pack = Path(models_dir) / ANTELOPEV2_DIR
+        providers = list(providers) if providers else default_providers()
+        detector = _load_model(pack / DETECTOR_FILE, SCRFD, providers)
+        landmark_3d = _load_model(pack / LANDMARK_3D_FILE, Landmark, providers)
+        recognizer = _load_model(pack / RECOGNITION_FILE, ArcFaceONNX, providers)
+        if not detector.use_kps or not landmark_3d.require_pose:
+            raise CheckpointMismatch(
+                f"{pack} lacks a keypoint detector or 3D 68-point landmarks: "
+                f"replace it with the published antelopev2 files (`arc2face-synth models download DIR`)"
+            )
+        return cls(detector, landmark_3d, recognizer, det_size, det_thresh)
+
+    # --- analysis ------------------------------------------------------------------------
+
+    def analyze(self, images: np.ndarray | Sequence[np.ndarray]) -> list[FaceRecord]:
+        """One FaceRecord per image: the face count and the largest face's score, box,
+        keypoints, normalised embedding and head pose."""
+        frames = _as_bgr_frames(images)
+        faces = []  # (image index, detection row (5,), keypoints (5, 2), face count)
+        for index, frame in enumerate(frames):
+            boxes, keypoints = self.detector.detect(frame, max_num=0)
+            if len(boxes):
+                largest = _largest(boxes)
+                faces.append((index, boxes[largest], keypoints[largest], len(boxes)))
+        records = [FaceRecord.no_face() for _ in frames]
+        if not faces:
+            return records
+        face_frames = [frames[index] for index, *_ in faces]
+        embeddings = self._embed(face_frames, [keypoints for _, _, keypoints, _ in faces])
+        poses = self._head_poses(face_frames, [box[:4] for _, box, _, _ in faces])
+        for (index, box, keypoints, count), embedding, pose in zip(
+            faces, embeddings, poses, strict=True
+        ):
+            records[index] = FaceRecord(
+                face_count=count,
+                det_score=float(box[4]),
+                bbox=box[:4].astype(np.float32),
+                keypoints=keypoints.astype(np.float32),
+                embedding=embedding,
+                pose=pose,
+            )
+        return records
+
+    def embed_largest_face(self, image: np.ndarray) -> FaceRecord:
+        """The record of one image (for identity sources: photos -> embeddings)."""
+        return self.analyze([image])[0]
+
+    def verify(
+        self,
+        images: np.ndarray | Sequence[np.ndarray],
+        identity_embeddings: np.ndarray,
+        min_similarity: float = 0.4,
+        min_det_score: float = 0.5,
+        require_single_face: bool = True,
+    ) -> list[Verdict]:
+        """Does image i show identity i? Cosine of its largest face's embedding with
+        identity_embeddings[i], after the face-count and detection-score checks."""
+        identities = np.asarray(identity_embeddings, np.float32)
+        if identities.ndim != 2 or identities.shape != (len(images), EMBEDDING_DIM):
+            raise FaceAnalysisInputError(
+                f"identity embeddings have shape {identities.shape} for {len(images)} images: "
+                f"pass one {EMBEDDING_DIM}-d embedding per image"
+            )
+        records = self.analyze(images)
+        return [
+            judge(record, identity, min_similarity, min_det_score, require_single_face)
+            for record, identity in zip(records, identities, strict=True)
+        ]
+
+    # --- batched stages -------------------------------------------------------------------
+
+    def _embed(self, frames: list[np.ndarray], keypoints: list[np.ndarray]) -> np.ndarray:
+        """(N, 512) normalised embeddings of the faces, one batched recognition call."""
+        size = self.recognizer.input_size[0]
+        crops = [
+            face_align.norm_crop(frame, kps, image_size=size)
+            for frame, kps in zip(frames, keypoints, strict=True)
+        ]
+        return _normalise(_run_batched(self.recognizer, _blob(self.recognizer, crops)))
+
+    def _head_poses(
+        self, frames: list[np.ndarray], boxes: list[np.ndarray]
+    ) -> list[tuple[float, float, float]]:
+        """(yaw, pitch, roll) per face: insightface Landmark.get's crop, 3D landmarks and
+        pose fit, with one batched landmark call for all the faces."""
+        model = self.landmark_3d
+        size = model.input_size[0]
+        crops, transforms = [], []
+        for frame, box in zip(frames, boxes, strict=True):
+            center = ((box[0] + box[2]) / 2, (box[1] + box[3]) / 2)
+            scale = size / (max(box[2] - box[0], box[3] - box[1]) * 1.5)
+            crop, matrix = face_align.transform(frame, center, size, scale, 0)
+            crops.append(crop)
+            transforms.append(matrix)
+        predictions = _run_batched(model, _blob(model, crops))
+        return [
+            self._pose(prediction, matrix)
+            for prediction, matrix in zip(predictions, transforms, strict=True)
+        ]
+
+    def _pose(self, prediction: np.ndarray, matrix: np.ndarray) -> tuple[float, float, float]:
+        model = self.landmark_3d
+        half = model.input_size[0] // 2
+        points = prediction.reshape(-1, 3)[-model.lmk_num :].astype(np.float32)
+        points[:, :2] += 1  # [-1, 1] crop coordinates -> crop pixels
+        points *= half
+        points = face_align.trans_points(points, cv2.invertAffineTransform(matrix))
+        affine = transform.estimate_affine_matrix_3d23d(model.mean_lmk, points)
+        _, rotation, _ = transform.P2sRt(affine)
+        pitch, yaw, roll = transform.matrix2angle(rotation)
+        return float(yaw), float(pitch), float(roll)

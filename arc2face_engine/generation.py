@@ -1,0 +1,620 @@
+"""Batched Arc2Face generation: base, LCM, pose ControlNet and Expression Adapter.
+
+One `generate` call takes any mix of identities, seeds, poses and expressions. Requests
+that need the same pipeline (with or without a pose image, with or without an
+expression) run together, each image with its own `torch.Generator`, and come back in
+request order. Image i depends only on request i and the settings: the engine never
+lets the rest of the batch leak into an image (on CPU bit-for-bit, see
+`_CPU_MICRO_BATCH`).
+
+The diffusion itself is diffusers' StableDiffusionPipeline /
+StableDiffusionControlNetPipeline, called with Arc2Face's identity `prompt_embeds`
+(conditioning.py) and the cached empty-prompt encoding as `negative_prompt_embeds`,
+which is what the pipeline would compute itself from `prompt_embeds` alone.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import pickle
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+from diffusers import (
+    ControlNetModel,
+    DPMSolverMultistepScheduler,
+    LCMScheduler,
+    StableDiffusionControlNetPipeline,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from diffusers.utils import convert_unet_state_dict_to_peft
+from diffusers.utils import logging as diffusers_logging
+from peft import get_peft_model_state_dict
+from safetensors import SafetensorError
+
+from arc2face_engine import loading
+from arc2face_engine.conditioning import ARCFACE_DIM, IdentityConditioner
+from arc2face_engine.errors import CheckpointMismatch, SpecError, UserError
+from arc2face_engine.store import fetch_hint, require
+
+SCHEDULERS = ("dpmsolver++", "lcm")
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+EXPRESSION_DIM = 55  # FLAME: 50 expression + 2 eyelid + 3 jaw
+LCM_LORA_FOLDER = "lcm-lora"
+LCM_LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+LCM_ADAPTER_NAME = "lcm"
+EXPRESSION_FOLDER = "exp_adapter"
+EXPRESSION_WEIGHTS = "exp_adapter.bin"
+_MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes any 64-bit value
+
+# torch's CPU kernels are not batch-invariant: oneDNN picks its convolution algorithm by
+# batch size (a 3x3 conv of batch 1 and of batch 8 differ in the last bit), and MKL's
+# sgemm takes another code path for very few rows (the timestep MLP, the IP-Adapter
+# projection: 2 rows vs 16 differ). Turning oneDNN off makes convolutions ~2.7x slower
+# and still leaves the sgemm path, while one request per pipeline call costs nothing:
+# a CPU is saturated by a single 512x512 image anyway. So on CPU every request runs
+# alone (its CFG pair is always the same 2-row batch); GPUs keep full batches.
+_CPU_MICRO_BATCH = 1
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """How images are sampled; the same for every request of a `generate` call."""
+
+    scheduler: str = "dpmsolver++"
+    num_inference_steps: int = 25
+    guidance_scale: float = 3.0
+    height: int = 512
+    width: int = 512
+    controlnet_scale: float = 1.0
+    expression_scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.scheduler not in SCHEDULERS:
+            raise SpecError(
+                f"unknown scheduler {self.scheduler!r}: use one of {', '.join(SCHEDULERS)}"
+            )
+        if self.num_inference_steps < 1:
+            raise SpecError(f"steps={self.num_inference_steps}: use at least 1 inference step")
+        for name in ("height", "width"):
+            size = getattr(self, name)
+            if size < 8 or size % 8:
+                raise SpecError(f"{name}={size}: use a positive multiple of 8 (the VAE's factor)")
+        if self.guidance_scale < 0:
+            raise SpecError(f"guidance={self.guidance_scale}: use a guidance scale >= 0")
+
+    @classmethod
+    def lcm(cls, steps: int = 4, **overrides: Any) -> GenerationSettings:
+        """LCM-LoRA sampling: 2-4 steps, guidance 1.0 (no classifier-free guidance)."""
+        return cls(
+            **{"scheduler": "lcm", "num_inference_steps": steps, "guidance_scale": 1.0, **overrides}
+        )
+
+    @property
+    def uses_guidance(self) -> bool:
+        """Classifier-free guidance (the pipeline doubles the batch) iff guidance > 1."""
+        return self.guidance_scale > 1.0
+
+
+@dataclass(frozen=True, eq=False)
+class ImageRequest:
+    """One image: an ArcFace identity, its seed and optional pose / expression controls."""
+
+    embedding: np.ndarray  # (512,) ArcFace embedding; normalised by the engine
+    seed: int
+    pose_image: np.ndarray | None = None  # (H, W, 3) uint8 normal map
+    expression: np.ndarray | None = None  # (55,) FLAME expression + eyelid + jaw
+
+
+# --- devices and precision -----------------------------------------------------------------
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """ "auto" -> cuda when a GPU is visible, else cpu."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise UserError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N") from error
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {device!r} asked for but no CUDA GPU is visible: use cpu or auto")
+    return resolved
+
+
+def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """ "auto" -> fp16 on GPUs (Arc2Face's own setting), fp32 on CPU."""
+    if precision == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if precision not in PRECISIONS:
+        raise UserError(f"unknown precision {precision!r}: use auto, {', '.join(PRECISIONS)}")
+    return PRECISIONS[precision]
+
+
+# --- strict adapter loading ------------------------------------------------------------------
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _adapter_mismatch(
+    file: Path, problem: str, models_dir: Path, component: str
+) -> CheckpointMismatch:
+    return CheckpointMismatch(
+        f"{file} does not fit Arc2Face's UNet: {problem}; the file is corrupt or from another "
+        f"model; re-download: {fetch_hint(models_dir, component)}"
+    )
+
+
+def _fuse_lcm_lora(pipeline: StableDiffusionPipeline, models_dir: Path) -> None:
+    """Load the LCM-LoRA into `pipeline.unet`, refuse any key that does not fit, then fuse
+    it into the weights and drop the LoRA layers (no per-layer LoRA cost at run time).
+
+    diffusers only logs a warning for LoRA keys that match no module, and would load
+    text-encoder keys into Arc2Face's encoder (which is not SD's), so the file is read
+    with `lora_state_dict`, checked, and loaded into the UNet alone."""
+    require(models_dir, "lcm", under=LCM_LORA_FOLDER)
+    file = models_dir / LCM_LORA_FOLDER / LCM_LORA_WEIGHTS
+    try:
+        state_dict, network_alphas = pipeline.lora_state_dict(
+            file.parent, weight_name=LCM_LORA_WEIGHTS
+        )
+    except (KeyError, ValueError, OSError, SafetensorError) as error:
+        raise _adapter_mismatch(file, _first_line(error), models_dir, "lcm") from error
+    foreign = sorted(key for key in state_dict if not key.startswith("unet."))
+    if foreign:
+        problem = f"{len(foreign)} keys are not for the UNet ({', '.join(foreign[:3])})"
+        raise _adapter_mismatch(file, problem, models_dir, "lcm")
+    unet = pipeline.unet
+    try:
+        with _quiet_diffusers():
+            pipeline.load_lora_into_unet(
+                state_dict,
+                network_alphas,
+                unet=unet,
+                adapter_name=LCM_ADAPTER_NAME,
+                _pipeline=pipeline,
+            )
+    except (KeyError, ValueError, RuntimeError) as error:
+        raise _adapter_mismatch(file, _first_line(error), models_dir, "lcm") from error
+    expected = set(
+        convert_unet_state_dict_to_peft({k[len("unet.") :]: v for k, v in state_dict.items()})
+    )
+    loaded = set(get_peft_model_state_dict(unet, adapter_name=LCM_ADAPTER_NAME))
+    unexpected = sorted(expected - loaded)
+    if unexpected:
+        problem = (
+            f"{len(unexpected)} LoRA weights match no UNet layer ({', '.join(unexpected[:3])})"
+        )
+        raise _adapter_mismatch(file, problem, models_dir, "lcm")
+    unet.fuse_lora(lora_scale=1.0, safe_fusing=True, adapter_names=[LCM_ADAPTER_NAME])
+    unet.unload_lora()
+
+
+def _read_expression_adapter(models_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
+    require(models_dir, "expression", under=EXPRESSION_FOLDER)
+    file = models_dir / EXPRESSION_FOLDER / EXPRESSION_WEIGHTS
+    try:
+        state_dict = torch.load(file, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as error:
+        raise _adapter_mismatch(file, _first_line(error), models_dir, "expression") from error
+    if not isinstance(state_dict, dict) or not all(
+        isinstance(state_dict.get(part), dict) for part in ("image_proj", "ip_adapter")
+    ):
+        problem = "it is not an IP-Adapter checkpoint (no image_proj / ip_adapter dicts)"
+        raise _adapter_mismatch(file, problem, models_dir, "expression")
+    return state_dict
+
+
+def _load_expression_adapter(
+    pipeline: StableDiffusionPipeline, state_dict: dict, models_dir: Path
+) -> None:
+    """diffusers' IP-Adapter loading, made strict: `low_cpu_mem_usage=False` makes it use
+    `load_state_dict(strict=True)`; keys it never asks for (it silently ignores them) and
+    an input width other than the 55 FLAME values are checked here."""
+    file = models_dir / EXPRESSION_FOLDER / EXPRESSION_WEIGHTS
+    try:
+        with _quiet_diffusers():
+            pipeline.load_ip_adapter(
+                state_dict,
+                subfolder=EXPRESSION_FOLDER,
+                weight_name=EXPRESSION_WEIGHTS,
+                image_encoder_folder=None,
+                low_cpu_mem_usage=False,
+            )
+    except (KeyError, ValueError, RuntimeError) as error:
+        raise _adapter_mismatch(file, _first_line(error), models_dir, "expression") from error
+    unet = pipeline.unet
+    # IP-Adapter numbers every attention layer from 1 and only cross-attention ones
+    # (the odd numbers) carry to_k_ip / to_v_ip.
+    cross_layers = sum(not name.endswith("attn1.processor") for name in unet.attn_processors)
+    wanted = {
+        f"{2 * index + 1}.{projection}.weight"
+        for index in range(cross_layers)
+        for projection in ("to_k_ip", "to_v_ip")
+    }
+    unused = sorted(set(state_dict["ip_adapter"]) - wanted)
+    if unused:
+        problem = f"{len(unused)} ip_adapter keys match no UNet layer ({', '.join(unused[:3])})"
+        raise _adapter_mismatch(file, problem, models_dir, "expression")
+    probe = torch.zeros(1, 1, EXPRESSION_DIM, device=unet.device, dtype=unet.dtype)
+    try:
+        with torch.no_grad():
+            unet.encoder_hid_proj([probe])
+    except RuntimeError as error:
+        problem = (
+            f"its projection does not take {EXPRESSION_DIM} FLAME values ({_first_line(error)})"
+        )
+        raise _adapter_mismatch(file, problem, models_dir, "expression") from error
+
+
+@contextmanager
+def _quiet_diffusers() -> Iterator[None]:
+    """Silence diffusers' warnings while loading an adapter: they are about what is checked
+    strictly here anyway (unused keys) or intended (no CLIP image encoder for FLAME
+    "image" embeds)."""
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
+
+
+class _ExpressionSwitch:
+    """Turns a UNet's expression adapter on and off without reloading it: once an
+    IP-Adapter is loaded, diffusers' UNet insists on image embeds, but requests without
+    an expression must run the plain Arc2Face UNet."""
+
+    def __init__(self, pipeline: StableDiffusionPipeline, state_dict: dict, models_dir: Path):
+        self.unet = pipeline.unet
+        self._plain_processors = dict(self.unet.attn_processors)
+        _load_expression_adapter(pipeline, state_dict, models_dir)
+        self._adapter_processors = dict(self.unet.attn_processors)
+        self._projection = self.unet.encoder_hid_proj
+        self._enabled = True
+
+    def enable(self, enabled: bool) -> None:
+        if enabled == self._enabled:
+            return
+        # set_attn_processor pops from the dict it is given: hand it a copy.
+        processors = self._adapter_processors if enabled else self._plain_processors
+        self.unet.set_attn_processor(dict(processors))
+        self.unet.encoder_hid_proj = self._projection if enabled else None
+        self.unet.config.encoder_hid_dim_type = "ip_image_proj" if enabled else None
+        self._enabled = enabled
+
+
+@dataclass
+class _Variant:
+    """One UNet (Arc2Face's, or Arc2Face's with the LCM-LoRA fused) with its scheduler,
+    and the pipelines that run it."""
+
+    pipeline: StableDiffusionPipeline
+    controlnet_pipeline: StableDiffusionControlNetPipeline | None
+    expression: _ExpressionSwitch | None
+
+    def pipeline_for(self, with_pose: bool) -> StableDiffusionPipeline:
+        return self.controlnet_pipeline if with_pose else self.pipeline
+
+
+class _PerImageExpressions:
+    """Pipeline mix-in: IP-Adapter embeds given one per image.
+
+    diffusers' pipelines repeat `ip_adapter_image_embeds` batch-size times (they expect
+    one adapter image for the whole batch), so B different expressions would become B*B
+    rows and every image would attend to all of them. Ours are already one row per
+    image, in the CFG layout the UNet takes (unconditional half first): pass them on."""
+
+    def prepare_ip_adapter_image_embeds(
+        self,
+        ip_adapter_image: Any,
+        ip_adapter_image_embeds: list[torch.Tensor],
+        device: torch.device,
+        num_images_per_prompt: int,
+        do_classifier_free_guidance: bool,
+    ) -> list[torch.Tensor]:
+        return [embeds.to(device) for embeds in ip_adapter_image_embeds]
+
+
+class _Arc2FacePipeline(_PerImageExpressions, StableDiffusionPipeline):
+    pass
+
+
+class _Arc2FaceControlNetPipeline(_PerImageExpressions, StableDiffusionControlNetPipeline):
+    pass
+
+
+def _build_pipeline(
+    parts: dict[str, Any], unet: UNet2DConditionModel, scheduler: Any
+) -> StableDiffusionPipeline:
+    pipeline = _Arc2FacePipeline(
+        vae=parts["vae"],
+        text_encoder=parts["text_encoder"],
+        tokenizer=parts["tokenizer"],
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        image_encoder=None,
+        requires_safety_checker=False,
+    )
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def _build_controlnet_pipeline(
+    pipeline: StableDiffusionPipeline, controlnet: ControlNetModel
+) -> StableDiffusionControlNetPipeline:
+    """The pose pipeline, sharing every module (and the scheduler) with `pipeline`."""
+    controlnet_pipeline = _Arc2FaceControlNetPipeline(
+        vae=pipeline.vae,
+        text_encoder=pipeline.text_encoder,
+        tokenizer=pipeline.tokenizer,
+        unet=pipeline.unet,
+        controlnet=controlnet,
+        scheduler=pipeline.scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        image_encoder=None,
+        requires_safety_checker=False,
+    )
+    controlnet_pipeline.set_progress_bar_config(disable=True)
+    return controlnet_pipeline
+
+
+# --- request preparation -----------------------------------------------------------------
+
+
+def _check_request(index: int, request: ImageRequest) -> None:
+    embedding = np.asarray(request.embedding)
+    if embedding.shape != (ARCFACE_DIM,):
+        raise UserError(
+            f"request {index}: embedding has shape {embedding.shape}: pass one ArcFace "
+            f"embedding of {ARCFACE_DIM} values"
+        )
+    if not 0 <= int(request.seed) <= _MAX_SEED:
+        raise UserError(
+            f"request {index}: seed {request.seed} is outside [0, 2**64): pass a 64-bit seed"
+        )
+    pose = request.pose_image
+    if pose is not None and (pose.ndim != 3 or pose.shape[2] != 3 or pose.dtype != np.uint8):
+        raise UserError(
+            f"request {index}: pose image is {pose.dtype} {pose.shape}: pass an HxWx3 uint8 normal map"
+        )
+    expression = request.expression
+    if expression is not None:
+        expression = np.asarray(expression)
+        if expression.shape != (EXPRESSION_DIM,) or not np.isfinite(expression).all():
+            raise UserError(
+                f"request {index}: expression has shape {expression.shape} or non-finite values: "
+                f"pass {EXPRESSION_DIM} FLAME values (50 expression, 2 eyelid, 3 jaw)"
+            )
+
+
+def _pose_batch(requests: Sequence[ImageRequest], height: int, width: int) -> torch.Tensor:
+    """(B, 3, H, W) float32 in [0, 1], as diffusers' ControlNet image processor makes from
+    a PIL image (uint8 / 255); images of another size are resized first."""
+    images = []
+    for request in requests:
+        image = request.pose_image
+        if image.shape[:2] != (height, width):
+            shrinking = image.shape[0] > height or image.shape[1] > width
+            interpolation = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
+            image = cv2.resize(image, (width, height), interpolation=interpolation)
+        images.append(image)
+    batch = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
+    return batch.to(torch.float32) / 255.0
+
+
+def _to_uint8(images: torch.Tensor) -> np.ndarray:
+    """(B, 3, H, W) in [0, 1] -> (B, H, W, 3) uint8, rounding as the pipeline's PIL output
+    does (float32 `(x * 255).round()`); on the device, so only bytes are copied back."""
+    pixels = (images.float() * 255).round().to(torch.uint8)
+    return pixels.permute(0, 2, 3, 1).cpu().numpy()
+
+
+# --- the engine ------------------------------------------------------------------------------
+
+
+class Arc2FaceEngine:
+    """Arc2Face's diffusion side: identity embeddings (+ pose, expression) -> images."""
+
+    def __init__(
+        self,
+        conditioner: IdentityConditioner,
+        variants: dict[str, _Variant],
+        device: torch.device,
+        max_batch_size: int | None = None,
+    ) -> None:
+        self.conditioner = conditioner
+        self.variants = variants
+        self.device = device
+        self.max_batch_size = max_batch_size
+        base = variants["dpmsolver++"]
+        self.has_controlnet = base.controlnet_pipeline is not None
+        self.has_expression = base.expression is not None
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        models_dir: str | os.PathLike,
+        device: str | torch.device = "auto",
+        precision: str = "auto",
+        controlnet: bool = False,
+        expression: bool = False,
+        lcm: bool = False,
+        compile: bool = False,
+        max_batch_size: int | None = None,
+    ) -> Arc2FaceEngine:
+        """Load the models directory with the strict loaders. `lcm` adds a second UNet
+        with the LCM-LoRA fused in, used by `GenerationSettings.lcm()` calls only (so
+        dpmsolver++ calls of the same engine still get Arc2Face's own UNet). `compile`
+        wraps the UNet(s) and ControlNet in torch.compile; `max_batch_size` caps how many
+        images one GPU forward takes."""
+        models_dir = Path(models_dir)
+        torch_device = resolve_device(device)
+        dtype = resolve_dtype(precision, torch_device)
+        parts = _load_parts(models_dir, dtype, controlnet)
+        _to_device(parts, torch_device)
+        scheduler_config = loading.load_scheduler_config(models_dir)
+        unets = {"dpmsolver++": parts["unet"]}
+        if lcm:
+            unets["lcm"] = copy.deepcopy(parts["unet"])
+        adapter = _read_expression_adapter(models_dir) if expression else None
+        variants = {}
+        for name, unet in unets.items():
+            scheduler = (
+                LCMScheduler if name == "lcm" else DPMSolverMultistepScheduler
+            ).from_config(scheduler_config)
+            pipeline = _build_pipeline(parts, unet, scheduler)
+            if name == "lcm":
+                _fuse_lcm_lora(pipeline, models_dir)
+            switch = _ExpressionSwitch(pipeline, adapter, models_dir) if adapter else None
+            if compile:
+                unet.compile()
+            controlnet_pipeline = (
+                _build_controlnet_pipeline(pipeline, parts["controlnet"]) if controlnet else None
+            )
+            variants[name] = _Variant(pipeline, controlnet_pipeline, switch)
+        if compile and controlnet:
+            parts["controlnet"].compile()
+        conditioner = IdentityConditioner(parts["text_encoder"], parts["tokenizer"])
+        return cls(conditioner, variants, torch_device, max_batch_size)
+
+    # -- public API --
+
+    def encode_identities(self, embeddings: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """ArcFace embeddings (B, 512) -> prompt_embeds (B, 77, D), in one forward."""
+        return self.conditioner.encode(torch.as_tensor(np.asarray(embeddings)))
+
+    def generate(
+        self, requests: Sequence[ImageRequest], settings: GenerationSettings = GenerationSettings()
+    ) -> np.ndarray:
+        """Images (B, H, W, 3) uint8 RGB, in request order; image i depends only on
+        request i and `settings`."""
+        self._check_settings(settings)
+        for index, request in enumerate(requests):
+            self._check_controls(index, request)
+            _check_request(index, request)
+        images = np.empty((len(requests), settings.height, settings.width, 3), dtype=np.uint8)
+        for indices in self._batches(requests):
+            batch = [requests[index] for index in indices]
+            images[indices] = self._generate_batch(batch, settings)
+        return images
+
+    # -- internals --
+
+    def _check_settings(self, settings: GenerationSettings) -> None:
+        if settings.scheduler not in self.variants:
+            raise UserError(
+                f"settings use the {settings.scheduler} scheduler but the engine was loaded "
+                f"without it: load the engine with lcm=True"
+            )
+
+    def _check_controls(self, index: int, request: ImageRequest) -> None:
+        if request.pose_image is not None and not self.has_controlnet:
+            raise UserError(
+                f"request {index} has a pose image but the engine has no ControlNet: "
+                "load the engine with controlnet=True"
+            )
+        if request.expression is not None and not self.has_expression:
+            raise UserError(
+                f"request {index} has an expression but the engine has no expression adapter: "
+                "load the engine with expression=True"
+            )
+
+    def _batches(self, requests: Sequence[ImageRequest]) -> list[list[int]]:
+        """Request indices grouped by the pipeline they need, cut into forward batches."""
+        groups: dict[tuple[bool, bool], list[int]] = {}
+        for index, request in enumerate(requests):
+            key = (request.pose_image is not None, request.expression is not None)
+            groups.setdefault(key, []).append(index)
+        size = _CPU_MICRO_BATCH if self.device.type == "cpu" else self.max_batch_size
+        batches = []
+        for indices in groups.values():
+            step = size or len(indices)
+            batches += [indices[start : start + step] for start in range(0, len(indices), step)]
+        return batches
+
+    def _generate_batch(
+        self, requests: Sequence[ImageRequest], settings: GenerationSettings
+    ) -> np.ndarray:
+        """One pipeline call; every request of `requests` needs the same pipeline."""
+        with_pose = requests[0].pose_image is not None
+        with_expression = requests[0].expression is not None
+        variant = self.variants[settings.scheduler]
+        if variant.expression is not None:
+            variant.expression.enable(with_expression)
+        pipeline = variant.pipeline_for(with_pose)
+
+        embeddings = np.stack([np.asarray(r.embedding, dtype=np.float32) for r in requests])
+        prompt_embeds = self.conditioner.encode(torch.from_numpy(embeddings))
+        arguments: dict[str, Any] = {
+            "prompt_embeds": prompt_embeds,
+            # CPU generators: the same seed gives the same initial noise on every device.
+            "generator": [torch.Generator().manual_seed(int(r.seed)) for r in requests],
+            "num_inference_steps": settings.num_inference_steps,
+            "guidance_scale": settings.guidance_scale,
+            "height": settings.height,
+            "width": settings.width,
+            "output_type": "pt",
+        }
+        if settings.uses_guidance:
+            unconditional = self.conditioner.unconditional()
+            arguments["negative_prompt_embeds"] = unconditional.expand(len(requests), -1, -1)
+        if with_pose:
+            arguments["image"] = _pose_batch(requests, settings.height, settings.width)
+            arguments["controlnet_conditioning_scale"] = settings.controlnet_scale
+        if with_expression:
+            pipeline.set_ip_adapter_scale(settings.expression_scale)
+            arguments["ip_adapter_image_embeds"] = [
+                self._expression_embeds(requests, settings.uses_guidance)
+            ]
+        images = pipeline(**arguments).images
+        return _to_uint8(images)
+
+    def _expression_embeds(self, requests: Sequence[ImageRequest], guidance: bool) -> torch.Tensor:
+        """(B, 1, 55), or (2B, 1, 55) under classifier-free guidance with the
+        unconditional half (first, as the pipeline chunks it) all zeros."""
+        values = np.stack([np.asarray(r.expression, dtype=np.float32) for r in requests])
+        embeds = torch.from_numpy(values)[:, None, :]
+        if guidance:
+            embeds = torch.cat([torch.zeros_like(embeds), embeds])
+        unet = self.variants["dpmsolver++"].pipeline.unet
+        return embeds.to(device=self.device, dtype=unet.dtype)
+
+
+def _load_parts(models_dir: Path, dtype: torch.dtype, controlnet: bool) -> dict[str, Any]:
+    parts = {
+        "unet": loading.load_unet(models_dir, dtype),
+        "vae": loading.load_vae(models_dir, dtype),
+        "text_encoder": loading.load_text_encoder(models_dir, dtype),
+        "tokenizer": loading.load_tokenizer(models_dir),
+    }
+    if controlnet:
+        parts["controlnet"] = loading.load_controlnet(models_dir, dtype)
+    return parts
+
+
+def _to_device(parts: dict[str, Any], device: torch.device) -> None:
+    for name, part in parts.items():
+        if isinstance(part, torch.nn.Module):
+            parts[name] = part.to(device)
+    if device.type == "cuda":
+        # Convolutions run fastest in NHWC on tensor cores; cuDNN picks the fastest
+        # algorithm per shape once (GPU results are not batch-invariant anyway).
+        torch.backends.cudnn.benchmark = True
+        for name in ("unet", "vae", "controlnet"):
+            if name in parts:
+                parts[name].to(memory_format=torch.channels_last)

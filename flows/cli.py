@@ -1,0 +1,264 @@
+"""The `arc2face-synth` command line."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from arc2face_engine.errors import UserError
+
+# Prefect reads its settings at import time; keep its console quiet unless asked.
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+app = typer.Typer(
+    name="arc2face-synth",
+    help="Synthetic face-recognition datasets with Arc2Face.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+models_app = typer.Typer(help="Fetch, check and fake model directories.", no_args_is_help=True)
+banks_app = typer.Typer(help="Build pose and expression banks.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+app.add_typer(banks_app, name="banks")
+console = Console()
+
+COMPONENTS = ("controlnet", "expression", "lcm", "smirk")
+
+
+def _components(value: str) -> list[str]:
+    names = [name.strip() for name in value.split(",") if name.strip()]
+    unknown = sorted(set(names) - set(COMPONENTS))
+    if unknown:
+        raise UserError(
+            f"unknown component(s) {', '.join(unknown)}: choose from {', '.join(COMPONENTS)}"
+        )
+    return names
+
+
+@models_app.command("download")
+def models_download(
+    directory: Annotated[Path, typer.Argument(help="Models directory to fill.")] = Path("models"),
+    with_: Annotated[str, typer.Option("--with", help="Extras: controlnet,expression,lcm")] = "",
+) -> None:
+    """Fetch the real weights from the Hugging Face Hub and record their sha256."""
+    from arc2face_engine.store import download_models
+
+    root = download_models(directory, _components(with_))
+    console.print(f"models ready in {root}")
+
+
+@models_app.command("verify")
+def models_verify(
+    directory: Annotated[Path, typer.Argument(help="Models directory to check.")],
+    with_: Annotated[str, typer.Option("--with", help="Extras to require too.")] = "",
+) -> None:
+    """Check every file against checksums.json; exit 1 on any problem."""
+    from arc2face_engine.store import verify_models
+
+    problems = verify_models(directory, ("core", *_components(with_)))
+    for problem in problems:
+        console.print(f"[red]problem[/red] {problem}")
+    if problems:
+        raise typer.Exit(1)
+    console.print(f"{directory}: all files present and matching checksums.json")
+
+
+@models_app.command("tiny")
+def models_tiny(
+    directory: Annotated[Path, typer.Argument(help="Where to write the tiny models.")],
+) -> None:
+    """Write a complete models directory with tiny random weights (tests, demo)."""
+    from arc2face_engine.tiny import write_tiny_models
+
+    console.print(f"tiny models written to {write_tiny_models(directory)}")
+
+
+@app.command("schema")
+def schema(
+    out: Annotated[Path | None, typer.Option(help="Write the JSON schema here.")] = None,
+) -> None:
+    """Print (or write) the JSON schema of job specs."""
+    from schemas.job import json_schema
+
+    text = json.dumps(json_schema(), indent=2)
+    if out is None:
+        print(text)
+    else:
+        out.write_text(text + "\n")
+        console.print(f"wrote {out}")
+
+
+@app.command("plan")
+def plan(spec: Annotated[str, typer.Argument(help="Job spec (YAML path or URI).")]) -> None:
+    """Print counts, shards and an estimated GPU time; loads no model."""
+    from arc2face_engine.dataset.plan import summarize
+    from schemas.job import load_spec
+
+    summary = summarize(load_spec(spec))
+    table = Table("what", "value", title=f"plan for {spec}")
+    for key, value in summary.rows():
+        table.add_row(key, str(value))
+    console.print(table)
+
+
+@app.command("generate")
+def generate(
+    spec: Annotated[str, typer.Argument(help="Job spec (YAML path or URI).")],
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Run the generate flow: identities, generation, verification, dataset."""
+    from flows.generate import generate_dataset
+
+    info = generate_dataset(spec, show_progress=progress)
+    _print_counts(info)
+
+
+def _print_counts(info) -> None:
+    counts = info.counts
+    console.print(
+        f"{info.name}: {info.status}; {counts.identities} identities, "
+        f"{counts.committed_shards}/{counts.shards} shards, {counts.images} images, "
+        f"{counts.accepted} accepted, {counts.rejected} rejected"
+    )
+
+
+@app.command("demo")
+def demo(
+    out: Annotated[Path, typer.Argument(help="Folder for the tiny models and dataset.")] = Path(
+        "demo-dataset"
+    ),
+    identities: Annotated[int, typer.Option(help="How many identities.")] = 8,
+) -> None:
+    """The main job on built-in tiny models: generate -> filter -> write -> audit."""
+    from flows.demo import run_demo
+
+    report = run_demo(out, identities=identities, show_progress=True)
+    if not report.passed:
+        raise typer.Exit(1)
+
+
+@app.command("audit")
+def audit(
+    uri: Annotated[str, typer.Argument(help="Dataset folder or URI.")],
+    gallery: Annotated[str | None, typer.Option(help="Parquet of real-person embeddings.")] = None,
+    gallery_threshold: Annotated[float, typer.Option(help="Leak flag above this cosine.")] = 0.5,
+    reverify: Annotated[int, typer.Option(help="Re-run face analysis on N images.")] = 0,
+    models: Annotated[Path | None, typer.Option(help="Models dir for --reverify.")] = None,
+    radius: Annotated[float, typer.Option(help="Cosine-distance radius for quality.")] = 0.3,
+    prefect: Annotated[bool, typer.Option(help="Run as a Prefect flow (artifacts).")] = False,
+) -> None:
+    """Audit a dataset: schema, integrity, quality, leakage. Exit 1 when integrity fails."""
+    options = dict(
+        gallery=gallery,
+        gallery_threshold=gallery_threshold,
+        reverify=reverify,
+        models_dir=models,
+        radius=radius,
+    )
+    if prefect:
+        from flows.audit import audit_dataset_flow
+
+        report = audit_dataset_flow(uri, None, **options)
+    else:
+        from arc2face_engine.dataset.audit import audit_dataset
+
+        report = audit_dataset(uri, **options)
+    _print_audit(report)
+    if not report.passed:
+        raise typer.Exit(1)
+
+
+def _print_audit(report) -> None:
+    verdict = "[green]PASSED[/green]" if report.passed else "[red]FAILED[/red]"
+    console.print(f"audit {verdict}: {report.report_uri}")
+    for problem in report.problems[:20]:
+        console.print(f"  - {problem}")
+
+
+@app.command("export")
+def export(
+    uri: Annotated[str, typer.Argument(help="Dataset folder or URI.")],
+    format_: Annotated[
+        str, typer.Option("--format", help="recordio | imagefolder | webdataset | hf")
+    ],
+    out: Annotated[str, typer.Option(help="Output folder or URI.")],
+    align: Annotated[bool, typer.Option(help="Align faces to 112x112 from keypoints.")] = False,
+    include_rejected: Annotated[bool, typer.Option(help="Export rejected images too.")] = False,
+) -> None:
+    """Export accepted images for face-recognition training."""
+    from arc2face_engine.dataset.exports import export_dataset
+
+    result = export_dataset(uri, out, format_, align=align, include_rejected=include_rejected)
+    console.print(f"exported {result}")
+
+
+@banks_app.command("poses")
+def banks_poses(
+    out: Annotated[str, typer.Argument(help="Folder for the pose bank (images + poses.parquet).")],
+    mesh: Annotated[str | None, typer.Option(help="OBJ/PLY head mesh; default procedural.")] = None,
+    yaw: Annotated[str, typer.Option(help="Comma-separated yaw angles (degrees).")] = "0",
+    pitch: Annotated[str, typer.Option(help="Comma-separated pitch angles.")] = "0",
+    roll: Annotated[str, typer.Option(help="Comma-separated roll angles.")] = "0",
+    size: Annotated[int, typer.Option(help="Normal-map size in pixels.")] = 512,
+) -> None:
+    """Render normal maps over a yaw x pitch x roll grid into a folder bank."""
+    from arc2face_engine.poses import PoseBank
+
+    grid = [_angles(yaw, "yaw"), _angles(pitch, "pitch"), _angles(roll, "roll")]
+    bank = (
+        PoseBank.from_mesh(mesh, *grid, size=size)
+        if mesh
+        else PoseBank.procedural(*grid, size=size)
+    )
+    bank.save(out)
+    console.print(f"{len(bank)} poses written to {out}")
+
+
+def _angles(text: str, name: str) -> list[float]:
+    try:
+        return [float(value) for value in text.split(",") if value.strip()]
+    except ValueError:
+        raise UserError(f"--{name} must be comma-separated numbers, got {text!r}") from None
+
+
+@banks_app.command("expressions")
+def banks_expressions(
+    out: Annotated[str, typer.Argument(help="Parquet file for the expression bank.")],
+    count: Annotated[int, typer.Option(help="Random expressions to draw.")] = 16,
+    seed: Annotated[int, typer.Option(help="Seed of the random prior.")] = 0,
+    spread: Annotated[float, typer.Option(help="Multiplier of the prior's std.")] = 1.0,
+    smirk_images: Annotated[
+        str | None, typer.Option(help="Folder of reference photos for SMIRK extraction.")
+    ] = None,
+    models: Annotated[Path, typer.Option(help="Models dir holding smirk/.")] = Path("models"),
+) -> None:
+    """Write an expression bank: a seeded random prior, or SMIRK on reference photos."""
+    from arc2face_engine.expressions import ExpressionBank, extract_with_smirk
+
+    if smirk_images:
+        bank = extract_with_smirk(smirk_images, models)
+    else:
+        bank = ExpressionBank.random(count, seed=seed, spread=spread)
+    bank.save(out)
+    console.print(f"{len(bank.expressions)} expressions written to {out}")
+
+
+def main() -> None:
+    """Console-script entry point: user errors are one line on stderr and exit 2."""
+    try:
+        app()
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

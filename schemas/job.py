@@ -1,0 +1,513 @@
+"""The job spec: one YAML file that describes a dataset, validated by pydantic.
+
+Every section forbids unknown keys so a typo fails loudly instead of silently
+falling back to a default. `load_spec` turns pydantic's errors into one
+`SpecError` whose first line names every bad field by its dotted path.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import re
+from pathlib import PurePosixPath
+from typing import Any, Literal
+
+import fsspec
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+
+from arc2face_engine.errors import SpecError
+
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+DEFAULT_RANDOM_COUNT = 100
+# Arc2Face defaults (DPM-Solver++ 25 steps, CFG 3.0) and the LCM-LoRA sweet spot (4 steps, no CFG).
+DPM_STEPS, DPM_GUIDANCE, LCM_STEPS = 25, 3.0, 4
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def _check_device(device: str) -> str:
+    if not DEVICE_PATTERN.match(device):
+        raise ValueError(f"unknown device {device!r}: use auto, cpu, mps, cuda or cuda:N")
+    return device
+
+
+class ModelsSpec(_Section):
+    dir: str = Field(
+        "./models",
+        min_length=1,
+        description="Models directory in the published layout (see `arc2face-synth download-models`).",
+    )
+    device: str = Field(
+        "auto", description="Device for single-process runs: auto, cpu, mps, cuda or cuda:N."
+    )
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = Field(
+        "auto", description="Weights and activations dtype; auto = fp16 on CUDA, fp32 on CPU."
+    )
+
+    check_device = field_validator("device")(_check_device)
+
+
+class IdentitiesSpec(_Section):
+    source: Literal["random", "file", "images"] = Field(
+        "random",
+        description="random: sample ArcFace embeddings on the unit sphere; file: read a "
+        ".parquet/.npy of N x 512 embeddings; images: embed the largest face of each photo "
+        "in a folder.",
+    )
+    count: int | None = Field(
+        None,
+        gt=0,
+        validate_default=True,
+        description=f"random: how many identities (default {DEFAULT_RANDOM_COUNT}); "
+        "file/images: optional cap on how many rows/photos are used (default all).",
+    )
+    separation: float = Field(
+        0.3,
+        gt=0.0,
+        le=1.0,
+        description="random: maximum cosine similarity allowed between any two accepted "
+        "identities; lower = more distinct identities but more rejected candidates.",
+    )
+    path: str | None = Field(
+        None,
+        validate_default=True,
+        description="file: .parquet (column 'embedding') or .npy of N x 512; images: folder or "
+        "URI holding .jpg/.jpeg/.png/.webp photos.",
+    )
+    project_to_manifold: bool = Field(
+        False,
+        validate_default=True,
+        description="random: generate a probe image per candidate, re-embed it with ArcFace and "
+        "keep the re-embedded vector (costs one generation per candidate).",
+    )
+
+    @field_validator("count")
+    @classmethod
+    def _default_random_count(cls, count: int | None, info: ValidationInfo) -> int | None:
+        if count is None and info.data.get("source") == "random":
+            return DEFAULT_RANDOM_COUNT
+        return count
+
+    @field_validator("path")
+    @classmethod
+    def _path_matches_source(cls, path: str | None, info: ValidationInfo) -> str | None:
+        source = info.data.get("source")
+        if source in ("file", "images") and not path:
+            what = "a .parquet/.npy embedding file" if source == "file" else "a folder of photos"
+            raise ValueError(f"source '{source}' needs a path: set it to {what}")
+        if source == "random" and path:
+            raise ValueError(
+                "source 'random' reads no file: remove path or set source to file/images"
+            )
+        return path
+
+    @field_validator("project_to_manifold")
+    @classmethod
+    def _projection_needs_random(cls, project: bool, info: ValidationInfo) -> bool:
+        source = info.data.get("source")
+        if project and source not in (None, "random"):
+            raise ValueError(
+                f"projection only applies to source 'random', not '{source}': set it to false"
+            )
+        return project
+
+
+def _angle_list(low: float, high: float, what: str):
+    def check(values: list[float]) -> list[float]:
+        bad = [v for v in values if not low <= v <= high]
+        if bad:
+            raise ValueError(
+                f"{what} {bad} outside [{low:g}, {high:g}] degrees: use angles in range"
+            )
+        return values
+
+    return check
+
+
+class PosesSpec(_Section):
+    kind: Literal["none", "folder", "mesh", "procedural"] = Field(
+        "none",
+        description="none: no pose control; folder: pose images + poses.csv/parquet (file, yaw, "
+        "pitch, roll); mesh: render an .obj/.ply head over the yaw/pitch/roll grid; procedural: "
+        "render the built-in head over the grid.",
+    )
+    path: str | None = Field(
+        None,
+        validate_default=True,
+        description="folder: folder of pose images with poses.csv/parquet; mesh: .obj/.ply file.",
+    )
+    yaw: list[float] = Field(
+        default_factory=lambda: [0.0],
+        min_length=1,
+        description="mesh/procedural grid: yaw angles in degrees, frontal hemisphere [-90, 90].",
+    )
+    pitch: list[float] = Field(
+        default_factory=lambda: [0.0],
+        min_length=1,
+        description="mesh/procedural grid: pitch angles in degrees, [-90, 90].",
+    )
+    roll: list[float] = Field(
+        default_factory=lambda: [0.0],
+        min_length=1,
+        description="mesh/procedural grid: roll angles in degrees, [-180, 180].",
+    )
+
+    @field_validator("path")
+    @classmethod
+    def _path_matches_kind(cls, path: str | None, info: ValidationInfo) -> str | None:
+        kind = info.data.get("kind")
+        if kind in ("folder", "mesh") and not path:
+            what = "a folder of pose images" if kind == "folder" else "an .obj/.ply mesh"
+            raise ValueError(f"pose kind '{kind}' needs a path: set it to {what}")
+        return path
+
+    check_yaw = field_validator("yaw")(_angle_list(-90, 90, "yaw"))
+    check_pitch = field_validator("pitch")(_angle_list(-90, 90, "pitch"))
+    check_roll = field_validator("roll")(_angle_list(-180, 180, "roll"))
+
+
+class ExpressionsSpec(_Section):
+    kind: Literal["none", "neutral", "file", "random"] = Field(
+        "none",
+        description="none: no expression control; neutral: all-zero FLAME expression; file: "
+        "read FLAME vectors (55 values) from a file; random: sample from the per-component prior.",
+    )
+    path: str | None = Field(
+        None,
+        validate_default=True,
+        description="file: .parquet/.npy/.yaml of 55-value FLAME expression vectors.",
+    )
+    count: int = Field(8, gt=0, description="random: how many expressions to sample.")
+    spread: float = Field(
+        1.0, gt=0.0, description="random: multiplier of the per-component prior std."
+    )
+
+    @field_validator("path")
+    @classmethod
+    def _path_matches_kind(cls, path: str | None, info: ValidationInfo) -> str | None:
+        if info.data.get("kind") == "file" and not path:
+            raise ValueError("expression kind 'file' needs a path: set it to a .parquet/.npy/.yaml")
+        return path
+
+
+class VariationsSpec(_Section):
+    images_per_identity: int = Field(
+        20, gt=0, description="Wanted images per identity (before top-ups of rejected ones)."
+    )
+    poses: PosesSpec = Field(default_factory=PosesSpec, description="Head-pose control.")
+    expressions: ExpressionsSpec = Field(
+        default_factory=ExpressionsSpec, description="Facial-expression control."
+    )
+
+
+class GenerationSpec(_Section):
+    scheduler: Literal["dpmsolver++", "lcm"] = Field(
+        "dpmsolver++",
+        description="dpmsolver++: Arc2Face's default sampler; lcm: LCM-LoRA, 2-8 steps, no CFG.",
+    )
+    steps: int | None = Field(
+        None,
+        gt=0,
+        le=1000,
+        validate_default=True,
+        description="Denoising steps; default 25 for dpmsolver++, 4 for lcm (which works at 2-8).",
+    )
+    guidance: float | None = Field(
+        None,
+        ge=1.0,
+        validate_default=True,
+        description="Classifier-free guidance scale; default 3.0 for dpmsolver++ (Arc2Face's "
+        "default), 1.0 for lcm (no CFG). 1.0 disables CFG.",
+    )
+    batch_size: int = Field(
+        16, gt=0, description="Images per forward pass; does not change which image a seed gives."
+    )
+    height: int = Field(512, gt=0, description="Image height in pixels, a multiple of 8.")
+    width: int = Field(512, gt=0, description="Image width in pixels, a multiple of 8.")
+    controlnet_scale: float = Field(
+        1.0,
+        ge=0.0,
+        description="Pose ControlNet conditioning scale (used when poses.kind != none).",
+    )
+    expression_scale: float = Field(
+        1.0, ge=0.0, description="Expression adapter scale (used when expressions.kind != none)."
+    )
+
+    @field_validator("steps")
+    @classmethod
+    def _default_steps(cls, steps: int | None, info: ValidationInfo) -> int:
+        if steps is None:
+            return LCM_STEPS if info.data.get("scheduler") == "lcm" else DPM_STEPS
+        return steps
+
+    @field_validator("guidance")
+    @classmethod
+    def _lcm_has_no_cfg(cls, guidance: float | None, info: ValidationInfo) -> float:
+        lcm = info.data.get("scheduler") == "lcm"
+        if guidance is None:
+            return 1.0 if lcm else DPM_GUIDANCE
+        if lcm and guidance > 1.0:
+            raise ValueError(
+                f"lcm is distilled without classifier-free guidance, got {guidance:g}: set guidance to 1.0"
+            )
+        return guidance
+
+    @field_validator("height", "width")
+    @classmethod
+    def _multiple_of_8(cls, size: int, info: ValidationInfo) -> int:
+        if size % 8:
+            nearest = " or ".join(str(v) for v in (size // 8 * 8, size // 8 * 8 + 8) if v > 0)
+            raise ValueError(
+                f"{size} is not a multiple of 8 (the VAE downsamples by 8): use {nearest}"
+            )
+        return size
+
+
+class FilterSpec(_Section):
+    min_similarity: float = Field(
+        0.4,
+        ge=-1.0,
+        le=1.0,
+        description="Minimum cosine similarity between ArcFace of the generated image and the "
+        "identity embedding. Published ArcFace IResNet-100 verification thresholds at very low "
+        "false-accept rates (about 1e-5 to 1e-6 on IJB-C-style benchmarks) sit roughly at cosine "
+        "0.3-0.35 (approximate literature values); 0.4 is stricter than that, while Arc2Face "
+        "generations typically score well above it against their conditioning embedding.",
+    )
+    min_det_score: float = Field(
+        0.5, ge=0.0, le=1.0, description="Minimum SCRFD detection score of the face."
+    )
+    require_single_face: bool = Field(
+        True, description="Reject images in which the detector finds more than one face."
+    )
+    max_attempts: int = Field(
+        3,
+        ge=1,
+        description="Tries per wanted image: a rejected image is regenerated with a new seed "
+        "until accepted or this many attempts were made.",
+    )
+
+
+class OutputSpec(_Section):
+    uri: str = Field(
+        "./dataset", min_length=1, description="Dataset folder or object-store prefix (s3://...)."
+    )
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="fsspec storage options for the URI (e.g. key, secret, client_kwargs).",
+    )
+    image_format: Literal["jpeg", "png", "webp"] = Field("jpeg", description="Image file format.")
+    quality: int = Field(95, ge=1, le=100, description="jpeg/webp quality (ignored by png).")
+    shard_size: int = Field(
+        256,
+        gt=0,
+        description="Target images per shard; shards hold whole identities "
+        "(max(1, shard_size // images_per_identity) identities each).",
+    )
+    keep_rejected_images: bool = Field(
+        True, description="Also write image files of rejected images (their rows are always kept)."
+    )
+
+
+class ComputeSpec(_Section):
+    task_runner: Literal["local", "dask"] = Field(
+        "local", description="local: threads in this process; dask: a Dask cluster."
+    )
+    devices: list[str] = Field(
+        default_factory=lambda: ["auto"],
+        min_length=1,
+        description="One worker per entry: auto, cpu, mps, cuda or cuda:N.",
+    )
+    dask_address: str | None = Field(
+        None,
+        validate_default=True,
+        description="dask: scheduler address (tcp://host:8786); null starts a local cluster.",
+    )
+
+    @field_validator("devices")
+    @classmethod
+    def _known_devices(cls, devices: list[str]) -> list[str]:
+        for device in devices:
+            _check_device(device)
+        return devices
+
+    @field_validator("dask_address")
+    @classmethod
+    def _address_needs_dask(cls, address: str | None, info: ValidationInfo) -> str | None:
+        if address and info.data.get("task_runner") == "local":
+            raise ValueError(
+                "only the dask task runner uses it: set task_runner to dask or remove it"
+            )
+        return address
+
+
+class JobSpec(_Section):
+    """A whole generation job: what to make, how, and where to write it."""
+
+    name: str = Field(..., min_length=1, description="Free-text job name (dataset card title).")
+    seed: int = Field(
+        0,
+        ge=0,
+        lt=2**63,
+        description="Job seed: identities, variants and every image seed derive from it.",
+    )
+    models: ModelsSpec = Field(default_factory=ModelsSpec, description="Model files and device.")
+    identities: IdentitiesSpec = Field(
+        default_factory=IdentitiesSpec, description="Where identity embeddings come from."
+    )
+    variations: VariationsSpec = Field(
+        default_factory=VariationsSpec, description="Images per identity, poses, expressions."
+    )
+    generation: GenerationSpec = Field(
+        default_factory=GenerationSpec, description="Diffusion sampler settings."
+    )
+    filter: FilterSpec = Field(default_factory=FilterSpec, description="ArcFace re-verification.")
+    output: OutputSpec = Field(default_factory=OutputSpec, description="Where and how to write.")
+    compute: ComputeSpec = Field(default_factory=ComputeSpec, description="Where to run.")
+
+
+# --- loading and error reporting ------------------------------------------------------------
+
+
+def _section_model(loc: tuple) -> type[BaseModel] | None:
+    """The model class that owns the last key of `loc` (for 'did you mean' on unknown keys)."""
+    model: type[BaseModel] = JobSpec
+    for key in loc[:-1]:
+        field = model.model_fields.get(str(key))
+        annotation = field.annotation if field else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return None
+        model = annotation
+    return model
+
+
+def _describe(error: dict) -> str:
+    """One error as 'problem: fix', without pydantic's 'Value error, ' prefix."""
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        key = str(error["loc"][-1])
+        model = _section_model(error["loc"])
+        allowed = sorted(model.model_fields) if model else []
+        close = difflib.get_close_matches(key, allowed, n=1)
+        hint = f"did you mean '{close[0]}'?" if close else f"allowed: {', '.join(allowed)}"
+        return f"unknown key: remove it ({hint})"
+    if kind == "missing":
+        return "required field is missing: add it"
+    if kind == "value_error":
+        return str(error["ctx"]["error"])
+    shown = repr(error.get("input"))
+    shown = shown if len(shown) <= 40 else shown[:37] + "..."
+    return f"{error['msg']} (got {shown}): change it"
+
+
+def _dotted(loc: tuple) -> str:
+    return ".".join(str(part) for part in loc) or "<top level>"
+
+
+def spec_error(source: str, error: ValidationError) -> SpecError:
+    """A SpecError whose first line names every bad field; one line per field follows."""
+    problems = [(_dotted(e["loc"]), _describe(e)) for e in error.errors()]
+    if len(problems) == 1:
+        field, problem = problems[0]
+        return SpecError(f"job spec {source}: {field}: {problem}")
+    names = ", ".join(field for field, _ in problems)
+    lines = [f"job spec {source} has {len(problems)} invalid fields: {names}"]
+    lines += [f"  {field}: {problem}" for field, problem in problems]
+    return SpecError("\n".join(lines))
+
+
+def parse_spec(data: Any, source: str = "<spec>") -> JobSpec:
+    """Validate a mapping (e.g. parsed YAML) into a JobSpec; errors become SpecError."""
+    if not isinstance(data, dict):
+        kind = "empty" if data is None else f"a {type(data).__name__}"
+        raise SpecError(
+            f"job spec {source} is {kind}, not a mapping: write 'name: ...' etc. at top level"
+        )
+    try:
+        return JobSpec.model_validate(data)
+    except ValidationError as error:
+        raise spec_error(source, error) from None
+
+
+def load_spec(uri: str, storage_options: dict[str, Any] | None = None) -> JobSpec:
+    """Read and validate a YAML job spec from a local path or fsspec URI."""
+    fs, path = fsspec.core.url_to_fs(str(uri), **(storage_options or {}))
+    try:
+        with fs.open(path, "rb") as handle:
+            text = handle.read().decode("utf-8")
+    except FileNotFoundError:
+        raise SpecError(f"job spec {uri} not found: check the path") from None
+    except UnicodeDecodeError as error:
+        raise SpecError(
+            f"job spec {uri} is not UTF-8 text ({error.reason}): save it as UTF-8"
+        ) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise SpecError(
+            f"job spec {uri} is not valid YAML ({_yaml_problem(error)}): fix the syntax there"
+        ) from None
+    return parse_spec(data, source=str(uri))
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    if mark is None:
+        return problem
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
+
+
+# --- content hash and JSON schema -----------------------------------------------------------
+
+# Fields that do not change which bytes end up in the dataset, so changing them must not
+# block a resume: where the models and output live (model files are hashed separately into
+# dataset.json), credentials, the device and runner, the batch size (batching never changes
+# which image a seed produces) and the free-text name.
+HASH_EXCLUDED: dict[str, Any] = {
+    "name": True,
+    "models": {"dir": True, "device": True},
+    "generation": {"batch_size": True},
+    "output": {"uri": True, "storage_options": True},
+    "compute": True,
+}
+
+
+def spec_hash(spec: JobSpec) -> str:
+    """sha256 of the canonical JSON of the content-defining fields (see HASH_EXCLUDED)."""
+    content = spec.model_dump(mode="json", exclude=HASH_EXCLUDED)
+    canonical = json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def recorded_spec(spec: JobSpec) -> dict[str, Any]:
+    """The spec as JSON for dataset.json and cards, with storage option values redacted:
+    they often hold credentials, and a dataset is meant to be shared."""
+    data = spec.model_dump(mode="json")
+    data["output"]["storage_options"] = {
+        key: "<redacted>" for key in data["output"]["storage_options"]
+    }
+    return data
+
+
+def json_schema() -> dict[str, Any]:
+    """The JSON schema of job specs (editor completion, docs)."""
+    schema = JobSpec.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "arc2face-synth job spec"
+    return schema
+
+
+def write_json_schema(uri: str, storage_options: dict[str, Any] | None = None) -> str:
+    """Write the JSON schema to a local path or fsspec URI; returns the path written."""
+    fs, path = fsspec.core.url_to_fs(str(uri), **(storage_options or {}))
+    parent = str(PurePosixPath(path).parent)
+    if parent not in ("", "."):
+        fs.makedirs(parent, exist_ok=True)
+    fs.pipe_file(path, (json.dumps(json_schema(), indent=2) + "\n").encode("utf-8"))
+    return path

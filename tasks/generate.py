@@ -1,0 +1,42 @@
+"""Prefect tasks of the generate flow: thin wrappers over arc2face_engine.dataset.job."""
+
+from __future__ import annotations
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from arc2face_engine.dataset import job as dataset_job
+from arc2face_engine.dataset.shard import ShardJob, ShardResult
+from schemas.job import JobSpec
+
+from tasks.devices import claim_device
+
+
+@task(name="prepare-dataset", cache_policy=NO_CACHE, persist_result=False)
+def prepare_dataset(spec: JobSpec) -> set[int]:
+    """Check the output, write dataset.json; return the already committed shards."""
+    return dataset_job.prepare_dataset(spec).committed_shards()
+
+
+@task(name="build-identities", cache_policy=NO_CACHE, persist_result=False)
+def build_identities(spec: JobSpec):
+    return dataset_job.build_identities(spec, dataset_job.open_writer(spec))
+
+
+@task(
+    name="generate-shard",
+    task_run_name="shard-{job.plan.shard:05d}",
+    cache_policy=NO_CACHE,
+    persist_result=False,
+    retries=1,
+    retry_delay_seconds=5,
+)
+def generate_shard(spec: JobSpec, job: ShardJob) -> ShardResult:
+    """Generate, verify and commit one shard on a device of this worker."""
+    with claim_device(spec.compute.devices) as device:
+        return dataset_job.generate_shard(spec, job, device=device)
+
+
+@task(name="finalize-dataset", cache_policy=NO_CACHE, persist_result=False)
+def finalize_dataset(spec: JobSpec):
+    return dataset_job.finalize_dataset(spec)

@@ -1,0 +1,200 @@
+"""The generate flow end to end on tiny models: layout, determinism, resume, S3, Dask, CLI."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import fsspec
+import pyarrow.parquet as pq
+import pytest
+
+from arc2face_engine.dataset.reader import DatasetReader
+from arc2face_engine.dataset.writer import DatasetWriter
+from arc2face_engine.errors import SpecError
+from schemas.job import JobSpec
+from schemas.tables import IDENTITIES_SCHEMA, MANIFEST_SCHEMA, REJECT_REASONS
+
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+
+
+def small_spec(models: Path, output: str, **overrides) -> JobSpec:
+    raw = {
+        "name": "flow test",
+        "seed": 7,
+        "models": {"dir": str(models), "device": "cpu", "precision": "fp32"},
+        "identities": {"source": "random", "count": 3, "separation": 0.3},
+        "variations": {
+            "images_per_identity": 4,
+            "poses": {"kind": "procedural", "yaw": [-20, 20], "pitch": [0], "roll": [0]},
+            "expressions": {"kind": "random", "count": 2},
+        },
+        "generation": {"steps": 2, "guidance": 3.0, "batch_size": 8, "height": 64, "width": 64},
+        "filter": {"min_similarity": 0.0, "max_attempts": 2},
+        "output": {"uri": output, "shard_size": 4},
+        "compute": {"task_runner": "local", "devices": ["cpu"]},
+    }
+    for dotted, value in overrides.items():
+        section, key = dotted.split("__")
+        raw[section][key] = value
+    return JobSpec.model_validate(raw)
+
+
+def manifest_rows(uri: str, storage_options: dict | None = None) -> list[dict]:
+    table = DatasetReader(uri, storage_options or {}).manifest()
+    return sorted(table.to_pylist(), key=lambda row: row["image_id"])
+
+
+def file_hashes(root: Path) -> dict[str, str]:
+    return {
+        str(path.relative_to(root)): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted((root / "images").rglob("*"))
+        if path.is_file()
+    }
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_models, tmp_path_factory) -> tuple[JobSpec, Path]:
+    """One uninterrupted run that the other tests compare against."""
+    from flows.generate import generate_dataset
+
+    out = tmp_path_factory.mktemp("reference") / "ds"
+    spec = small_spec(tiny_models, str(out))
+    generate_dataset(spec)
+    return spec, out
+
+
+def test_dataset_matches_the_data_model(reference):
+    spec, out = reference
+    info = json.loads((out / "dataset.json").read_text())
+    assert info["status"] == "complete"
+    assert pq.read_schema(out / "identities.parquet").equals(IDENTITIES_SCHEMA, check_metadata=False)
+    parts = sorted((out / "manifest").glob("part-*.parquet"))
+    assert len(parts) == info["counts"]["shards"] == 3  # 3 identities x 4 images, 4 per shard
+    for part in parts:
+        assert pq.read_schema(part).equals(MANIFEST_SCHEMA, check_metadata=False)
+    rows = manifest_rows(str(out))
+    assert info["counts"]["images"] == len(rows)
+    accepted = [row for row in rows if row["accepted"]]
+    rejected = [row for row in rows if not row["accepted"]]
+    assert accepted and rejected, "tiny models should give both outcomes"
+    assert {row["reject_reason"] for row in rejected} <= set(REJECT_REASONS)
+    assert all(row["reject_reason"] is None for row in accepted)
+    for row in rows:
+        data = (out / row["path"]).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == row["sha256"]
+        assert len(data) == row["size_bytes"]
+        assert row["pose_name"] is not None and row["expression_name"] is not None
+    # Top-ups: every rejected first attempt has a second attempt (max_attempts=2).
+    ids = {row["image_id"] for row in rows}
+    for row in rejected:
+        if row["attempt"] == 0:
+            assert row["image_id"].replace("-a00", "-a01") in ids
+    # Every identity asked for 4 variants.
+    variants = {(row["identity_id"], row["variant"]) for row in rows}
+    assert len(variants) == 3 * 4
+    assert (out / "README.md").read_text().startswith("# flow test")
+
+
+def test_two_runs_give_identical_manifests_and_images(reference, tiny_models, tmp_path):
+    from flows.generate import generate_dataset
+
+    spec, out = reference
+    again = tmp_path / "again"
+    generate_dataset(small_spec(tiny_models, str(again)))
+    assert manifest_rows(str(again)) == manifest_rows(str(out))
+    assert file_hashes(again) == file_hashes(out)
+
+
+class InjectedCrash(RuntimeError):
+    pass
+
+
+@pytest.mark.parametrize("crash_point", ["write_image", "commit_shard"])
+def test_crash_then_rerun_equals_uninterrupted(reference, tiny_models, tmp_path, monkeypatch,
+                                               crash_point):
+    from flows.generate import generate_dataset
+
+    spec, out = reference
+    target = tmp_path / "crashy"
+    original = getattr(DatasetWriter, crash_point)
+    calls = {"n": 0}
+    crash_after = 5 if crash_point == "write_image" else 1
+
+    def crashing(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > crash_after:
+            raise InjectedCrash(f"injected crash in {crash_point}")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(DatasetWriter, crash_point, crashing)
+    with pytest.raises(Exception):  # noqa: B017 - Prefect may wrap the crash
+        generate_dataset(small_spec(tiny_models, str(target)))
+    monkeypatch.setattr(DatasetWriter, crash_point, original)
+    assert json.loads((target / "dataset.json").read_text())["status"] == "in_progress"
+    generate_dataset(small_spec(tiny_models, str(target)))
+    assert manifest_rows(str(target)) == manifest_rows(str(out))
+    assert file_hashes(target) == file_hashes(out)
+
+
+def test_a_different_spec_on_the_same_output_is_refused(reference, tiny_models):
+    from flows.generate import generate_dataset
+
+    spec, out = reference
+    other = small_spec(tiny_models, str(out), generation__steps=3)
+    with pytest.raises(SpecError, match="different spec"):
+        generate_dataset(other)
+
+
+def test_s3_output_through_the_emulator(tiny_models, s3_uri):
+    from flows.generate import generate_dataset
+
+    uri, storage_options = s3_uri
+    spec = small_spec(
+        tiny_models, uri + "/ds", identities__count=2, output__storage_options=storage_options
+    )
+    info = generate_dataset(spec)
+    assert info.status == "complete"
+    rows = manifest_rows(uri + "/ds", storage_options)
+    assert len(rows) == info.counts.images
+    fs, root = fsspec.core.url_to_fs(uri + "/ds", **storage_options)
+    first = next(row for row in rows if row["path"])
+    with fs.open(f"{root}/{first['path']}", "rb") as handle:
+        assert hashlib.sha256(handle.read()).hexdigest() == first["sha256"]
+
+
+def test_dask_runner_with_two_workers(reference, tiny_models, tmp_path):
+    from flows.generate import generate_dataset
+
+    spec, out = reference
+    target = tmp_path / "dask"
+    generate_dataset(
+        small_spec(
+            tiny_models,
+            str(target),
+            compute__task_runner="dask",
+            compute__devices=["cpu", "cpu"],
+        )
+    )
+    assert manifest_rows(str(target)) == manifest_rows(str(out))
+
+
+def test_cli_plan_and_bad_spec(tiny_models, tmp_path):
+    import yaml
+
+    spec_path = tmp_path / "spec.yaml"
+    spec = small_spec(tiny_models, str(tmp_path / "ds"))
+    spec_path.write_text(yaml.safe_dump(spec.model_dump(mode="json")))
+    cli = [sys.executable, "-m", "flows.cli"]
+    planned = subprocess.run([*cli, "plan", str(spec_path)], capture_output=True, text=True)
+    assert planned.returncode == 0, planned.stderr
+    assert "shards" in planned.stdout
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(spec_path.read_text().replace("steps: 2", "steps: -1"))
+    failed = subprocess.run([*cli, "generate", str(bad)], capture_output=True, text=True)
+    assert failed.returncode == 2
+    assert "generation.steps" in failed.stderr
+    assert "Traceback" not in failed.stderr
