@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Set up a virtual environment and run the tests or the demo; needs only Python 3.10+.
 
-    python3 dev.py test        # create .venv, install, ruff, pytest
-    python3 dev.py demo [OUT]  # create .venv, install, run the main job on tiny models
+python3 dev.py test        # create .venv, install, ruff, pytest
+python3 dev.py demo [OUT]  # create .venv, install, run the main job on tiny models
 """
 
 from __future__ import annotations

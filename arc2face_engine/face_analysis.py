@@ -91,10 +91,20 @@ def default_providers() -> list[str]:
     return ["CPUExecutionProvider"]
 
 
+def _session_options(providers: list) -> onnxruntime.SessionOptions | None:
+    """On CPU, one intra-op thread: onnxruntime splits reductions by thread count, so a
+    fixed count keeps measured values bit-identical across machines and task runners."""
+    if any("CUDA" in str(provider) for provider in providers):
+        return None
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = 1
+    return options
+
+
 def _load_model(path: Path, expected: type, providers: list) -> object:
     """Load one ONNX file through insightface's model zoo, which routes it to a class by
     its inputs and outputs; a file routed elsewhere is not the model we need."""
-    model = get_model(str(path), providers=providers)
+    model = get_model(str(path), providers=providers, sess_options=_session_options(providers))
     if not isinstance(model, expected):
         routed = type(model).__name__ if model is not None else "nothing"
         raise CheckpointMismatch(

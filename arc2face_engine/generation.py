@@ -59,10 +59,12 @@ _MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes any 64-bit value
 # batch size (a 3x3 conv of batch 1 and of batch 8 differ in the last bit), and MKL's
 # sgemm takes another code path for very few rows (the timestep MLP, the IP-Adapter
 # projection: 2 rows vs 16 differ). Turning oneDNN off makes convolutions ~2.7x slower
-# and still leaves the sgemm path, while one request per pipeline call costs nothing:
-# a CPU is saturated by a single 512x512 image anyway. So on CPU every request runs
+# and still leaves the sgemm path, while one request per pipeline call costs little at
+# real sizes: a CPU is already saturated by a single 512x512 image. So on CPU every request runs
 # alone (its CFG pair is always the same 2-row batch); GPUs keep full batches.
 _CPU_MICRO_BATCH = 1
+# Intra-op threads for CPU generation (see Arc2FaceEngine._cpu_threads).
+CPU_THREADS = 1
 
 
 @dataclass(frozen=True)
@@ -373,6 +375,28 @@ def _build_controlnet_pipeline(
     return controlnet_pipeline
 
 
+def _build_variant(
+    name: str,
+    unet: UNet2DConditionModel,
+    parts: dict[str, Any],
+    scheduler_config: dict[str, Any],
+    models_dir: Path,
+    adapter: dict | None,
+) -> _Variant:
+    """The pipelines of one UNet: "dpmsolver++" runs Arc2Face's UNet as loaded, "lcm"
+    its copy with the LCM-LoRA fused in; each gets the expression adapter if asked."""
+    scheduler_class = LCMScheduler if name == "lcm" else DPMSolverMultistepScheduler
+    with _quiet_diffusers():  # SD 1.5's PNDM-only keys (skip_prk_steps) are ignored
+        scheduler = scheduler_class.from_config(scheduler_config)
+    pipeline = _build_pipeline(parts, unet, scheduler)
+    if name == "lcm":
+        _fuse_lcm_lora(pipeline, models_dir)
+    switch = _ExpressionSwitch(pipeline, adapter, models_dir) if adapter else None
+    controlnet = parts.get("controlnet")
+    controlnet_pipeline = _build_controlnet_pipeline(pipeline, controlnet) if controlnet else None
+    return _Variant(pipeline, controlnet_pipeline, switch)
+
+
 # --- request preparation -----------------------------------------------------------------
 
 
@@ -468,27 +492,19 @@ class Arc2FaceEngine:
         parts = _load_parts(models_dir, dtype, controlnet)
         _to_device(parts, torch_device)
         scheduler_config = loading.load_scheduler_config(models_dir)
+        adapter = _read_expression_adapter(models_dir) if expression else None
+        # The LCM UNet is copied before anything is attached to Arc2Face's own UNet.
         unets = {"dpmsolver++": parts["unet"]}
         if lcm:
             unets["lcm"] = copy.deepcopy(parts["unet"])
-        adapter = _read_expression_adapter(models_dir) if expression else None
-        variants = {}
-        for name, unet in unets.items():
-            scheduler = (
-                LCMScheduler if name == "lcm" else DPMSolverMultistepScheduler
-            ).from_config(scheduler_config)
-            pipeline = _build_pipeline(parts, unet, scheduler)
-            if name == "lcm":
-                _fuse_lcm_lora(pipeline, models_dir)
-            switch = _ExpressionSwitch(pipeline, adapter, models_dir) if adapter else None
-            if compile:
-                unet.compile()
-            controlnet_pipeline = (
-                _build_controlnet_pipeline(pipeline, parts["controlnet"]) if controlnet else None
-            )
-            variants[name] = _Variant(pipeline, controlnet_pipeline, switch)
-        if compile and controlnet:
-            parts["controlnet"].compile()
+        variants = {
+            name: _build_variant(name, unet, parts, scheduler_config, models_dir, adapter)
+            for name, unet in unets.items()
+        }
+        if compile:
+            for module in [*unets.values(), parts.get("controlnet")]:
+                if module is not None:
+                    module.compile()
         conditioner = IdentityConditioner(parts["text_encoder"], parts["tokenizer"])
         return cls(conditioner, variants, torch_device, max_batch_size)
 
@@ -496,7 +512,9 @@ class Arc2FaceEngine:
 
     def encode_identities(self, embeddings: torch.Tensor | np.ndarray) -> torch.Tensor:
         """ArcFace embeddings (B, 512) -> prompt_embeds (B, 77, D), in one forward."""
-        return self.conditioner.encode(torch.as_tensor(np.asarray(embeddings)))
+        if not isinstance(embeddings, torch.Tensor):
+            embeddings = torch.from_numpy(np.asarray(embeddings, dtype=np.float32))
+        return self.conditioner.encode(embeddings)
 
     def generate(
         self, requests: Sequence[ImageRequest], settings: GenerationSettings = GenerationSettings()
@@ -508,10 +526,27 @@ class Arc2FaceEngine:
             self._check_controls(index, request)
             _check_request(index, request)
         images = np.empty((len(requests), settings.height, settings.width, 3), dtype=np.uint8)
-        for indices in self._batches(requests):
-            batch = [requests[index] for index in indices]
-            images[indices] = self._generate_batch(batch, settings)
+        with self._cpu_threads():
+            for indices in self._batches(requests):
+                batch = [requests[index] for index in indices]
+                images[indices] = self._generate_batch(batch, settings)
         return images
+
+    @contextmanager
+    def _cpu_threads(self) -> Iterator[None]:
+        """Pin torch's intra-op threads on CPU: elementwise kernels take their vectorised
+        or scalar path depending on how the work is split across threads (SiLU differs in
+        the last bit), so a fixed count keeps images bit-identical whatever the machine's
+        core count or task runner (Dask workers start with one thread)."""
+        if self.device.type != "cpu":
+            yield
+            return
+        previous = torch.get_num_threads()
+        torch.set_num_threads(CPU_THREADS)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(previous)
 
     # -- internals --
 

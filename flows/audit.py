@@ -34,6 +34,7 @@ def audit_dataset_flow(uri: str, storage_options: dict | None = None, **options)
 
 
 @flow(name="export-dataset", log_prints=True)
-def export_dataset_flow(uri: str, out_uri: str, fmt: str, storage_options: dict | None = None,
-                        **options):
+def export_dataset_flow(
+    uri: str, out_uri: str, fmt: str, storage_options: dict | None = None, **options
+):
     return export(uri, out_uri, fmt, storage_options, **options)

@@ -89,7 +89,11 @@ def generate_dataset_flow(spec: JobSpec, show_progress: bool = False) -> Dataset
     started = time.perf_counter()
     with _progress(show_progress) as progress:
         bar = progress.add_task(
-            "generate", total=len(jobs), completed=len(jobs) - len(todo), images=0, rate=0.0,
+            "generate",
+            total=len(jobs),
+            completed=len(jobs) - len(todo),
+            images=0,
+            rate=0.0,
             accept=0.0,
         )
         futures = [generate_shard.submit(spec, job) for job in todo]

@@ -8,7 +8,6 @@ from prefect.cache_policies import NO_CACHE
 from arc2face_engine.dataset import job as dataset_job
 from arc2face_engine.dataset.shard import ShardJob, ShardResult
 from schemas.job import JobSpec
-
 from tasks.devices import claim_device
 
 

@@ -68,10 +68,12 @@ def reference(tiny_models, tmp_path_factory) -> tuple[JobSpec, Path]:
 
 
 def test_dataset_matches_the_data_model(reference):
-    spec, out = reference
+    _spec, out = reference
     info = json.loads((out / "dataset.json").read_text())
     assert info["status"] == "complete"
-    assert pq.read_schema(out / "identities.parquet").equals(IDENTITIES_SCHEMA, check_metadata=False)
+    assert pq.read_schema(out / "identities.parquet").equals(
+        IDENTITIES_SCHEMA, check_metadata=False
+    )
     parts = sorted((out / "manifest").glob("part-*.parquet"))
     assert len(parts) == info["counts"]["shards"] == 3  # 3 identities x 4 images, 4 per shard
     for part in parts:
@@ -102,7 +104,7 @@ def test_dataset_matches_the_data_model(reference):
 def test_two_runs_give_identical_manifests_and_images(reference, tiny_models, tmp_path):
     from flows.generate import generate_dataset
 
-    spec, out = reference
+    _spec, out = reference
     again = tmp_path / "again"
     generate_dataset(small_spec(tiny_models, str(again)))
     assert manifest_rows(str(again)) == manifest_rows(str(out))
@@ -114,11 +116,12 @@ class InjectedCrash(RuntimeError):
 
 
 @pytest.mark.parametrize("crash_point", ["write_image", "commit_shard"])
-def test_crash_then_rerun_equals_uninterrupted(reference, tiny_models, tmp_path, monkeypatch,
-                                               crash_point):
+def test_crash_then_rerun_equals_uninterrupted(
+    reference, tiny_models, tmp_path, monkeypatch, crash_point
+):
     from flows.generate import generate_dataset
 
-    spec, out = reference
+    _spec, out = reference
     target = tmp_path / "crashy"
     original = getattr(DatasetWriter, crash_point)
     calls = {"n": 0}
@@ -143,7 +146,7 @@ def test_crash_then_rerun_equals_uninterrupted(reference, tiny_models, tmp_path,
 def test_a_different_spec_on_the_same_output_is_refused(reference, tiny_models):
     from flows.generate import generate_dataset
 
-    spec, out = reference
+    _spec, out = reference
     other = small_spec(tiny_models, str(out), generation__steps=3)
     with pytest.raises(SpecError, match="different spec"):
         generate_dataset(other)
@@ -169,7 +172,7 @@ def test_s3_output_through_the_emulator(tiny_models, s3_uri):
 def test_dask_runner_with_two_workers(reference, tiny_models, tmp_path):
     from flows.generate import generate_dataset
 
-    spec, out = reference
+    _spec, out = reference
     target = tmp_path / "dask"
     generate_dataset(
         small_spec(

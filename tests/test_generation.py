@@ -32,13 +32,30 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from arc2face_engine import generation
 from arc2face_engine.conditioning import IdentityConditioner
 from arc2face_engine.errors import CheckpointMismatch, SpecError, UserError
-from arc2face_engine.generation import Arc2FaceEngine, GenerationSettings, ImageRequest
+from arc2face_engine.generation import (
+    CPU_THREADS,
+    Arc2FaceEngine,
+    GenerationSettings,
+    ImageRequest,
+    resolve_device,
+    resolve_dtype,
+)
 from arc2face_engine.seeding import image_seed
 from arc2face_engine.tiny import TINY_IMAGE_SIZE, write_tiny_models
 
 SIZE = TINY_IMAGE_SIZE
 BASE = GenerationSettings(num_inference_steps=3, height=SIZE, width=SIZE)
 LCM = GenerationSettings.lcm(steps=2, height=SIZE, width=SIZE)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def same_threads_as_the_engine():
+    """The plain diffusers references run with the engine's CPU thread count: torch's
+    elementwise kernels give last-bit differences across thread counts."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(CPU_THREADS)
+    yield
+    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")
@@ -52,11 +69,6 @@ def engine(models_dir: Path) -> Arc2FaceEngine:
     return Arc2FaceEngine.from_pretrained(
         models_dir, device="cpu", controlnet=True, expression=True, lcm=True
     )
-
-
-@pytest.fixture(scope="module")
-def rng() -> np.random.Generator:
-    return np.random.default_rng(7)
 
 
 def _embeddings(count: int, seed: int = 0) -> np.ndarray:
@@ -453,6 +465,21 @@ def test_bad_settings_and_requests(engine):
         engine.generate([ImageRequest(np.ones(128, np.float32), 1)], BASE)
     with pytest.raises(UserError, match="uint8 normal map"):
         engine.generate([ImageRequest(_embeddings(1)[0], 1, pose_image=np.zeros((8, 8)))], BASE)
+
+
+def test_device_and_precision_choices():
+    cpu = torch.device("cpu")
+    assert resolve_dtype("auto", cpu) == torch.float32
+    assert resolve_dtype("auto", torch.device("cuda")) == torch.float16
+    assert resolve_dtype("bf16", cpu) == torch.bfloat16
+    with pytest.raises(UserError, match="unknown precision"):
+        resolve_dtype("fp8", cpu)
+    with pytest.raises(UserError, match="unknown device"):
+        resolve_device("gpu0")
+    if not torch.cuda.is_available():
+        assert resolve_device("auto") == cpu
+        with pytest.raises(UserError, match="no CUDA GPU"):
+            resolve_device("cuda")
 
 
 def _copy_models(models_dir: Path, destination: Path) -> Path:

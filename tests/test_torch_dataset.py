@@ -92,7 +92,10 @@ def test_pickles_without_an_open_filesystem(made) -> None:
 
 def test_dataloader_with_two_workers(made) -> None:
     dataset = Arc2FaceDataset(made.uri, split="train", val_fraction=0.25)
-    loader = DataLoader(dataset, batch_size=8, num_workers=2, shuffle=False)
+    # spawn: the workers get a pickled dataset and no inherited threads (Prefect, Dask).
+    loader = DataLoader(
+        dataset, batch_size=8, num_workers=2, shuffle=False, multiprocessing_context="spawn"
+    )
     labels = []
     for images, batch_labels in loader:
         assert images.shape[1:] == (3, 32, 32)

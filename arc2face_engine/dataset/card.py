@@ -8,12 +8,12 @@ import json
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
-from arc2face_engine.dataset.reader import DatasetReader  # noqa: E402
-from arc2face_engine.dataset.writer import DatasetWriter  # noqa: E402
-from schemas.tables import DatasetInfo  # noqa: E402
+from arc2face_engine.dataset.reader import DatasetReader
+from arc2face_engine.dataset.writer import DatasetWriter
+from schemas.tables import DatasetInfo
 
 SIMILARITY_PLOT = "card/similarity.png"
 

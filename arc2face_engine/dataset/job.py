@@ -29,6 +29,7 @@ from arc2face_engine.dataset.shard import (
 from arc2face_engine.dataset.writer import DatasetWriter
 from arc2face_engine.expressions import ExpressionBank, load_expression_bank
 from arc2face_engine.poses import PoseBank, load_pose_bank
+from arc2face_engine.seeding import image_seed
 from schemas.job import JobSpec, recorded_spec, spec_hash
 from schemas.tables import DatasetCounts, DatasetInfo
 
@@ -164,7 +165,9 @@ def _manifold_projector(spec: JobSpec) -> Callable[[np.ndarray], np.ndarray | No
     counter = iter(range(1 << 62))
 
     def project(candidate: np.ndarray) -> np.ndarray | None:
-        request = ImageRequest(embedding=candidate, seed=spec.seed * 1_000_003 + next(counter))
+        # Negative identity indices keep probe seeds apart from the dataset's own seeds.
+        seed = image_seed(spec.seed, -1 - next(counter), 0, 0)
+        request = ImageRequest(embedding=candidate, seed=seed)
         image = worker.engine.generate([request], settings)
         record = worker.analyzer.analyze(image)[0]
         return record.embedding
@@ -179,9 +182,7 @@ def shard_jobs(spec: JobSpec, identities_table: pa.Table) -> Iterator[ShardJob]:
     ):
         yield ShardJob(
             plan=plan,
-            identities=shard_identities(
-                identities_table, plan.identity_start, plan.identity_stop
-            ),
+            identities=shard_identities(identities_table, plan.identity_start, plan.identity_stop),
             job_seed=spec.seed,
             images_per_identity=spec.variations.images_per_identity,
             settings=settings,

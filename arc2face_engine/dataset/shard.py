@@ -141,7 +141,9 @@ def run_shard(
                 require_single_face=job.require_single_face,
             )
             batch_accepted = 0
-            for item, request, pixels, verdict in zip(batch, requests, images, verdicts):
+            for item, request, pixels, verdict in zip(
+                batch, requests, images, verdicts, strict=False
+            ):
                 result.add(verdict.accepted, verdict.reason)
                 batch_accepted += int(verdict.accepted)
                 if not verdict.accepted and item.attempt + 1 < job.max_attempts:
@@ -194,7 +196,9 @@ def _row(job, item, request, pixels, verdict, poses, expressions) -> dict:
         len(expressions) if expressions else 0,
     )
     pose = poses[variant.pose_index] if variant.pose_index is not None else None
-    expression = expressions[variant.expression_index] if variant.expression_index is not None else None
+    expression = (
+        expressions[variant.expression_index] if variant.expression_index is not None else None
+    )
     record = verdict.record
     measured = record.pose if record.pose is not None else (None, None, None)
     similarity = None if np.isnan(verdict.similarity) else float(verdict.similarity)
