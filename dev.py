@@ -8,6 +8,7 @@ python3 dev.py demo [OUT]  # create .venv, install, run the main job on tiny mod
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 import sys
 import venv
@@ -17,7 +18,7 @@ ROOT = Path(__file__).resolve().parent
 VENV = ROOT / ".venv"
 BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
 # Installed on its own first: a bare `torch` requirement would pull the CUDA build.
-TORCH = os.environ.get("ARC2FACE_TORCH", "torch==2.13.0")
+TORCH = shlex.split(os.environ.get("ARC2FACE_TORCH", "torch==2.13.0"))
 STAMP = VENV / ".installed"
 
 
@@ -34,7 +35,7 @@ def setup() -> None:
     if STAMP.exists() and STAMP.read_bytes() == pyproject:
         return
     pip = (BIN / "python", "-m", "pip", "install", "--disable-pip-version-check", "-q")
-    run(*pip, TORCH)
+    run(*pip, *TORCH)
     run(*pip, "-e", ".[dev]")
     STAMP.write_bytes(pyproject)
 

@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 import yaml
 
 from arc2face_engine.errors import BankError, CheckpointMismatch, ModelFileMissing, UserError
-from schemas.tables import EXPRESSION_DIM
+from schemas.tables import EXPRESSION_DIM, EXPRESSION_TABLE_SCHEMA
 
 logger = logging.getLogger(__name__)
 
@@ -55,14 +55,6 @@ JAW_OPEN_STD = 0.1
 JAW_SIDE_STD = 0.03
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
-
-# The table written by ExpressionBank.save (an input file, not a dataset table).
-EXPRESSION_TABLE_SCHEMA = pa.schema(
-    [
-        pa.field("name", pa.string(), nullable=False),
-        pa.field("values", pa.list_(pa.float32(), EXPRESSION_DIM), nullable=False),
-    ]
-)
 
 
 @dataclass(frozen=True)

@@ -84,6 +84,20 @@ class Verdict:
     reason: str | None  # one of REJECT_REASONS, None when accepted
 
 
+def detection_settings(height: int, width: int, min_det_score: float) -> tuple[int, float]:
+    """(det_size, det_thresh) for verifying generated images of this size.
+
+    SCRFD runs at 640 for 512px images as in the Arc2Face demos; smaller images (the
+    tiny demo) are detected at their own size, rounded up to SCRFD's multiple of 32.
+    The detector threshold sits below the acceptance score, so weak faces are recorded
+    (and counted) as low_detection_score instead of silently missing. The job and the
+    audit's re-verification both use this, so they measure the same way.
+    """
+    largest = max(height, width)
+    det_size = min(640, -(-largest // 32) * 32)
+    return det_size, max(0.05, min_det_score - 0.1)
+
+
 def default_providers() -> list[str]:
     """CUDA first when onnxruntime-gpu offers it, CPU otherwise (and as fallback)."""
     if "CUDAExecutionProvider" in onnxruntime.get_available_providers():

@@ -337,6 +337,16 @@ class _Arc2FaceControlNetPipeline(_PerImageExpressions, StableDiffusionControlNe
     pass
 
 
+# Arc2Face pipelines run without SD's safety checker, its feature extractor and an image
+# encoder (the expression adapter feeds FLAME vectors as its image embeds).
+_NO_EXTRA_PARTS: dict[str, Any] = {
+    "safety_checker": None,
+    "feature_extractor": None,
+    "image_encoder": None,
+    "requires_safety_checker": False,
+}
+
+
 def _build_pipeline(
     parts: dict[str, Any], unet: UNet2DConditionModel, scheduler: Any
 ) -> StableDiffusionPipeline:
@@ -346,10 +356,7 @@ def _build_pipeline(
         tokenizer=parts["tokenizer"],
         unet=unet,
         scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        image_encoder=None,
-        requires_safety_checker=False,
+        **_NO_EXTRA_PARTS,
     )
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
@@ -366,10 +373,7 @@ def _build_controlnet_pipeline(
         unet=pipeline.unet,
         controlnet=controlnet,
         scheduler=pipeline.scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        image_encoder=None,
-        requires_safety_checker=False,
+        **_NO_EXTRA_PARTS,
     )
     controlnet_pipeline.set_progress_bar_config(disable=True)
     return controlnet_pipeline

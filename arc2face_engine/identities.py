@@ -20,7 +20,7 @@ from fsspec import AbstractFileSystem
 from PIL import Image, ImageOps
 
 from arc2face_engine.errors import EmbeddingFileError, SpecError
-from schemas.tables import EMBEDDING_DIM, IDENTITIES_SCHEMA
+from schemas.tables import EMBEDDING_DIM, IDENTITIES_SCHEMA, vector_matrix
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 # Mixed into the job seed so identity draws never coincide with other uses of the same seed.
@@ -281,8 +281,7 @@ def _parquet_embeddings(column: pa.ChunkedArray, uri: str) -> np.ndarray:
             f"embedding file {uri} row {row} has {lengths[row]} values, expected "
             f"{EMBEDDING_DIM}: save one {EMBEDDING_DIM}-d ArcFace embedding per row"
         )
-    values = array.flatten().to_numpy(zero_copy_only=False)
-    return values.astype(np.float32, copy=False).reshape(len(array), EMBEDDING_DIM)
+    return vector_matrix(array, EMBEDDING_DIM)
 
 
 def _parquet_ids(column: pa.ChunkedArray, uri: str) -> list[str]:

@@ -27,22 +27,12 @@ import pyarrow.parquet as pq
 
 from arc2face_engine.errors import BankError
 from arc2face_engine.render import procedural_head, read_mesh, render_normals
+from schemas.tables import POSE_TABLE_SCHEMA
 
 POSE_KINDS = ("none", "folder", "mesh", "procedural")
 MAX_ABS_YAW = 90.0  # frontal hemisphere: Arc2Face's ControlNet never saw the back of a head
 MAX_ABS_PITCH = 90.0
 TABLE_NAMES = ("poses.parquet", "poses.csv")
-
-# The angle table of a folder bank (an input file, not a dataset table).
-POSE_TABLE_SCHEMA = pa.schema(
-    [
-        pa.field("file", pa.string(), nullable=False),
-        pa.field("name", pa.string(), nullable=False),
-        pa.field("yaw", pa.float64(), nullable=False),
-        pa.field("pitch", pa.float64(), nullable=False),
-        pa.field("roll", pa.float64(), nullable=False),
-    ]
-)
 
 # Bump when render.py's output changes, so on-disk caches are not reused across versions.
 RENDER_VERSION = "normals-v1"

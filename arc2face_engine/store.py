@@ -31,24 +31,34 @@ ANTELOPEV2_PACK = "antelopev2"
 # Arc2Face replaces recognition with its own arcface.onnx.
 ANTELOPEV2_PACK_FILES = ("scrfd_10g_bnkps.onnx", "1k3d68.onnx", "2d106det.onnx", "genderage.onnx")
 
+# Files kept at the same path as in their Hub repository (listed once, used by both tables).
+_ARC2FACE_CORE_FILES = (
+    "arc2face/config.json",
+    "arc2face/diffusion_pytorch_model.safetensors",
+    "encoder/config.json",
+    "encoder/pytorch_model.bin",
+)
+_SD15_CORE_FILES = (
+    "vae/config.json",
+    "vae/diffusion_pytorch_model.safetensors",
+    "tokenizer/vocab.json",
+    "tokenizer/merges.txt",
+    "tokenizer/tokenizer_config.json",
+    "tokenizer/special_tokens_map.json",
+    "scheduler/scheduler_config.json",
+)
+_CONTROLNET_FILES = ("controlnet/config.json", "controlnet/diffusion_pytorch_model.safetensors")
+_EXPRESSION_FILES = ("exp_adapter/exp_adapter.bin",)
+
 COMPONENT_FILES: dict[str, tuple[str, ...]] = {
     "core": (
-        "arc2face/config.json",
-        "arc2face/diffusion_pytorch_model.safetensors",
-        "encoder/config.json",
-        "encoder/pytorch_model.bin",
-        "vae/config.json",
-        "vae/diffusion_pytorch_model.safetensors",
-        "tokenizer/vocab.json",
-        "tokenizer/merges.txt",
-        "tokenizer/tokenizer_config.json",
-        "tokenizer/special_tokens_map.json",
-        "scheduler/scheduler_config.json",
+        *_ARC2FACE_CORE_FILES,
+        *_SD15_CORE_FILES,
         *(f"antelopev2/{name}" for name in ANTELOPEV2_PACK_FILES),
         "antelopev2/arcface.onnx",
     ),
-    "controlnet": ("controlnet/config.json", "controlnet/diffusion_pytorch_model.safetensors"),
-    "expression": ("exp_adapter/exp_adapter.bin",),
+    "controlnet": _CONTROLNET_FILES,
+    "expression": _EXPRESSION_FILES,
     "lcm": ("lcm-lora/pytorch_lora_weights.safetensors",),
     "smirk": ("smirk/SMIRK_em1.pt", "smirk/face_landmarker.task"),
 }
@@ -77,29 +87,12 @@ def _same_path_in(repo_id: str, *paths: str) -> tuple[HubFile, ...]:
 
 HUB_FILES: dict[str, tuple[HubFile, ...]] = {
     "core": (
-        *_same_path_in(
-            ARC2FACE_REPO,
-            "arc2face/config.json",
-            "arc2face/diffusion_pytorch_model.safetensors",
-            "encoder/config.json",
-            "encoder/pytorch_model.bin",
-        ),
+        *_same_path_in(ARC2FACE_REPO, *_ARC2FACE_CORE_FILES),
         HubFile(ARC2FACE_REPO, "arcface.onnx", "antelopev2"),
-        *_same_path_in(
-            SD15_REPO,
-            "vae/config.json",
-            "vae/diffusion_pytorch_model.safetensors",
-            "tokenizer/vocab.json",
-            "tokenizer/merges.txt",
-            "tokenizer/tokenizer_config.json",
-            "tokenizer/special_tokens_map.json",
-            "scheduler/scheduler_config.json",
-        ),
+        *_same_path_in(SD15_REPO, *_SD15_CORE_FILES),
     ),
-    "controlnet": _same_path_in(
-        ARC2FACE_REPO, "controlnet/config.json", "controlnet/diffusion_pytorch_model.safetensors"
-    ),
-    "expression": _same_path_in(ARC2FACE_REPO, "exp_adapter/exp_adapter.bin"),
+    "controlnet": _same_path_in(ARC2FACE_REPO, *_CONTROLNET_FILES),
+    "expression": _same_path_in(ARC2FACE_REPO, *_EXPRESSION_FILES),
     "lcm": (HubFile(LCM_LORA_REPO, "pytorch_lora_weights.safetensors", "lcm-lora"),),
 }
 

@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import argparse
 import copy
+import datetime
 import json
+import os
 import tempfile
 import time
 from collections.abc import Callable
@@ -217,6 +219,12 @@ def parse_args() -> argparse.Namespace:
         "--settings", nargs="+", choices=("default", "lcm"), default=["default", "lcm"]
     )
     parser.add_argument("--compile", action="store_true", help="torch.compile the UNet")
+    parser.add_argument(
+        "--save-throughput",
+        type=Path,
+        help="append the engine's measured images/s to this JSON file "
+        "(read by `arc2face-synth plan --throughput-table`)",
+    )
     return parser.parse_args()
 
 
@@ -251,6 +259,7 @@ def bench(args: argparse.Namespace, models_dir: Path) -> list[tuple[str, Timing,
         "lcm": GenerationSettings.lcm(steps=args.lcm_steps, height=size, width=size),
     }
     rows = []
+    measured: list[dict] = []
     for name in args.settings:
         settings = all_settings[name]
         # Warm-up outside the timings, both sides, with every batch shape the timed runs
@@ -264,11 +273,42 @@ def bench(args: argparse.Namespace, models_dir: Path) -> list[tuple[str, Timing,
         )
         label = f"{name} ({settings.scheduler}, {settings.num_inference_steps} steps, cfg {settings.guidance_scale:g})"
         rows.append((label, reference, engine_timing))
+        measured.append(
+            {
+                "scheduler": settings.scheduler,
+                "steps": settings.num_inference_steps,
+                "height": size,
+                "width": size,
+                "images_per_s": round(engine_timing.rate, 3),
+                "device": describe_device(engine.device),
+                "source": "bench/bench_engine.py" + (" --full" if args.full else ""),
+                "date": datetime.date.today().isoformat(),
+            }
+        )
     print(
         f"device {engine.device}, {size}x{size}, {identities} identities x "
         f"{REFERENCE_IMAGES_PER_CALL} images, engine batch {batch_size}, models {models_dir}"
     )
+    if args.save_throughput:
+        save_throughput(args.save_throughput, measured)
     return rows
+
+
+def describe_device(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{device.type} ({os.cpu_count()} cores)"
+
+
+def save_throughput(path: Path, records: list[dict]) -> None:
+    """Keep one record per (scheduler, steps, size): newer measurements replace older."""
+    existing = json.loads(path.read_text()) if path.exists() else []
+    keys = {(r["scheduler"], r["steps"], r["height"], r["width"]) for r in records}
+    kept = [
+        r for r in existing if (r["scheduler"], r["steps"], r["height"], r["width"]) not in keys
+    ]
+    path.write_text(json.dumps(kept + records, indent=2) + "\n")
+    print(f"throughput written to {path}")
 
 
 def print_table(rows: list[tuple[str, Timing, Timing]]) -> None:

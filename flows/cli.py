@@ -17,6 +17,11 @@ from arc2face_engine.errors import UserError
 # Prefect reads its settings at import time; keep its console quiet unless asked.
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# The model libraries' advisories (optional torchvision, IP-Adapter without an image
+# encoder) and weight-loading bars are noise for a CLI user; errors still show.
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 app = typer.Typer(
     name="arc2face-synth",
@@ -28,7 +33,7 @@ models_app = typer.Typer(help="Fetch, check and fake model directories.", no_arg
 banks_app = typer.Typer(help="Build pose and expression banks.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 app.add_typer(banks_app, name="banks")
-console = Console()
+console = Console(soft_wrap=True)  # paths and commands in messages stay copyable
 
 COMPONENTS = ("controlnet", "expression", "lcm", "smirk")
 
@@ -65,7 +70,7 @@ def models_verify(
 
     problems = verify_models(directory, ("core", *_components(with_)))
     for problem in problems:
-        console.print(f"[red]problem[/red] {problem}")
+        typer.echo(f"problem: {problem}")
     if problems:
         raise typer.Exit(1)
     console.print(f"{directory}: all files present and matching checksums.json")
@@ -97,12 +102,22 @@ def schema(
 
 
 @app.command("plan")
-def plan(spec: Annotated[str, typer.Argument(help="Job spec (YAML path or URI).")]) -> None:
+def plan(
+    spec: Annotated[str, typer.Argument(help="Job spec (YAML path or URI).")],
+    throughput: Annotated[
+        float | None, typer.Option(help="Measured images/s per GPU for these settings.")
+    ] = None,
+    throughput_table: Annotated[
+        str | None,
+        typer.Option(help="JSON of measurements (bench/bench_engine.py --save-throughput)."),
+    ] = None,
+) -> None:
     """Print counts, shards and an estimated GPU time; loads no model."""
-    from arc2face_engine.dataset.plan import summarize
+    from arc2face_engine.dataset.plan import load_throughput_table, summarize
     from schemas.job import load_spec
 
-    summary = summarize(load_spec(spec))
+    table = load_throughput_table(throughput_table) if throughput_table else None
+    summary = summarize(load_spec(spec), throughput, table)
     table = Table("what", "value", title=f"plan for {spec}")
     for key, value in summary.rows():
         table.add_row(key, str(value))

@@ -82,7 +82,7 @@ def generate_dataset_flow(spec: JobSpec, show_progress: bool = False) -> Dataset
     """Turn a job spec into a dataset: identities, shards, verification, finalise."""
     committed = prepare_dataset(spec)
     identities = build_identities(spec)
-    jobs = [job for job in dataset_job.shard_jobs(spec, identities)]
+    jobs = list(dataset_job.shard_jobs(spec, identities))
     todo = [job for job in jobs if job.plan.shard not in committed]
     results: list[ShardResult] = []
     failures: list[str] = []

@@ -1,13 +1,15 @@
-"""Every Parquet schema of a dataset, and the dataset.json model.
+"""Every Parquet schema (dataset tables and bank input tables), and the dataset.json model.
 
 This module is the single source of truth for column names and types: writers
 build tables with these schemas and the audit checks files against them.
+`vector_matrix` is the one way a vector column becomes a numpy matrix.
 """
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
+import numpy as np
 import pyarrow as pa
 from pydantic import BaseModel, Field
 
@@ -83,6 +85,27 @@ TABLE_SCHEMAS: dict[str, pa.Schema] = {
     "manifest": MANIFEST_SCHEMA,
 }
 
+# Bank tables: input files that users bring or that banks save, not dataset tables.
+
+# The angle table of a folder pose bank (arc2face_engine.poses.PoseBank.from_folder / save).
+POSE_TABLE_SCHEMA = pa.schema(
+    [
+        pa.field("file", pa.string(), nullable=False),
+        pa.field("name", pa.string(), nullable=False),
+        pa.field("yaw", pa.float64(), nullable=False),
+        pa.field("pitch", pa.float64(), nullable=False),
+        pa.field("roll", pa.float64(), nullable=False),
+    ]
+)
+
+# The table written by arc2face_engine.expressions.ExpressionBank.save.
+EXPRESSION_TABLE_SCHEMA = pa.schema(
+    [
+        pa.field("name", pa.string(), nullable=False),
+        pa.field("values", _vector(EXPRESSION_DIM), nullable=False),
+    ]
+)
+
 
 class DatasetCounts(BaseModel):
     identities: int = 0
@@ -111,3 +134,12 @@ class DatasetInfo(BaseModel):
 
 def empty_table(schema: pa.Schema) -> pa.Table:
     return schema.empty_table()
+
+
+def vector_matrix(column: pa.Array | pa.ChunkedArray, dim: int) -> np.ndarray:
+    """A list column without nulls (e.g. `embedding`, `keypoints`) as an (n, dim) float32
+    matrix; filter out null rows first."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    values = column.flatten().to_numpy(zero_copy_only=False)
+    return np.asarray(values, dtype=np.float32).reshape(-1, dim)

@@ -45,9 +45,16 @@ from PIL import Image
 from pydantic import BaseModel, Field, ValidationError
 
 from arc2face_engine.dataset import layout
+from arc2face_engine.dataset.codec import decode_image
 from arc2face_engine.dataset.reader import DatasetReader
 from arc2face_engine.errors import UserError
-from schemas.tables import EMBEDDING_DIM, IDENTITIES_SCHEMA, MANIFEST_SCHEMA, DatasetInfo
+from schemas.tables import (
+    EMBEDDING_DIM,
+    IDENTITIES_SCHEMA,
+    MANIFEST_SCHEMA,
+    DatasetInfo,
+    vector_matrix,
+)
 
 NEAR_DUPLICATE_COSINE = 0.98
 MAX_EXAMPLES = 20  # examples kept per finding; counts are always exact
@@ -269,14 +276,6 @@ class Identities:
         return index.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
 
 
-def vectors(column: pa.Array | pa.ChunkedArray, dim: int) -> np.ndarray:
-    """A non-null fixed/variable-size list column as an (n, dim) float32 matrix."""
-    if isinstance(column, pa.ChunkedArray):
-        column = column.combine_chunks()
-    values = column.flatten().to_numpy(zero_copy_only=False)
-    return np.asarray(values, dtype=np.float32).reshape(-1, dim)
-
-
 def normalise_rows(matrix: np.ndarray) -> np.ndarray:
     norms = np.linalg.norm(matrix, axis=1, keepdims=True)
     return np.divide(matrix, norms, out=np.zeros_like(matrix), where=norms > 0)
@@ -287,7 +286,7 @@ def load_identities(reader: DatasetReader) -> Identities:
     return Identities(
         ids=table.column("identity_id").combine_chunks(),
         labels=table.column("label").to_numpy(),
-        embeddings=normalise_rows(vectors(table.column("embedding"), EMBEDDING_DIM)),
+        embeddings=normalise_rows(vector_matrix(table.column("embedding"), EMBEDDING_DIM)),
     )
 
 
@@ -690,7 +689,7 @@ def _first_pass(
             acc.accepted += np.bincount(index[known & accepted], minlength=acc.n)
             has_face = batch.column("face_embedding").is_valid().to_numpy(zero_copy_only=False)
             use = known & accepted & has_face
-            embeddings = vectors(
+            embeddings = vector_matrix(
                 batch.column("face_embedding").filter(pa.array(use)), EMBEDDING_DIM
             )
             _add_grouped(acc.sums, index[use], normalise_rows(embeddings))
@@ -798,7 +797,7 @@ def _second_pass(
             has_face = batch.column("face_embedding").is_valid().to_numpy(zero_copy_only=False)
             use = (index >= 0) & accepted & has_face
             embeddings = normalise_rows(
-                vectors(batch.column("face_embedding").filter(pa.array(use)), EMBEDDING_DIM)
+                vector_matrix(batch.column("face_embedding").filter(pa.array(use)), EMBEDDING_DIM)
             )
             cosines = np.einsum("ij,ij->i", embeddings, centres[index[use]])
             within += int((1.0 - cosines <= radius).sum())
@@ -1010,11 +1009,6 @@ def check_leakage(
 # --- reverify -----------------------------------------------------------------------------------
 
 
-def _decode_rgb(data: bytes) -> np.ndarray:
-    with Image.open(io.BytesIO(data)) as image:
-        return np.asarray(image.convert("RGB"))
-
-
 def reverify_rows(
     reader: DatasetReader,
     rows: list[dict],
@@ -1022,17 +1016,18 @@ def reverify_rows(
     models_dir: str | Path,
     requested: int,
     det_size: int = 640,
+    det_thresh: float = 0.5,
     similarity_tolerance: float = 0.05,
     embedding_min_cosine: float = 0.95,
 ) -> ReverifySection:
     """Re-run face analysis on sampled images and compare with the stored analysis.
 
-    The stored values were measured on the pixels before JPEG encoding, so the
-    comparison needs tolerances rather than equality.
+    The job verifies the decoded stored file with the same detection settings, so a
+    faithful dataset matches up to float noise across machines; tolerances absorb that.
     """
     from arc2face_engine.face_analysis import FaceAnalyzer
 
-    analyzer = FaceAnalyzer.from_models_dir(models_dir, det_size=det_size)
+    analyzer = FaceAnalyzer.from_models_dir(models_dir, det_size=det_size, det_thresh=det_thresh)
     section = ReverifySection(
         requested=requested,
         similarity_tolerance=similarity_tolerance,
@@ -1041,7 +1036,7 @@ def reverify_rows(
     known = {identity: i for i, identity in enumerate(identities.ids.to_pylist())}
     for row in rows:
         try:
-            image = _decode_rgb(reader.read_image_bytes(row["path"]))
+            image = decode_image(reader.read_image_bytes(row["path"]))
         except Exception:
             section.mismatches.append(
                 ReverifyMismatch(image_id=row["image_id"], check="unreadable")
@@ -1136,7 +1131,7 @@ def audit_dataset(
     *,
     verify_files: bool = True,
     write_report: bool = True,
-    reverify_det_size: int = 640,
+    reverify_det_size: int | None = None,
 ) -> AuditReport:
     """Audit the dataset at `uri`; writes audit/report.json and audit/report.html into it.
 
@@ -1164,13 +1159,28 @@ def audit_dataset(
                 centres, has_centre, identities, gallery, gallery_threshold, storage_options
             )
         if reverify:
+            det_size, det_thresh = _reverify_detection(info, reverify_det_size)
             report.reverify = reverify_rows(
-                reader, sample_rows, identities, models_dir, reverify, reverify_det_size
+                reader, sample_rows, identities, models_dir, reverify, det_size, det_thresh
             )
     _collect_problems(report)
     if write_report:
         write_audit_report(reader, report, plots)
     return report
+
+
+def _reverify_detection(info, det_size: int | None) -> tuple[int, float]:
+    """Detect as the job that made the dataset did (from its recorded spec)."""
+    from arc2face_engine.face_analysis import detection_settings
+
+    try:
+        generation, filters = info.spec["generation"], info.spec["filter"]
+        size, thresh = detection_settings(
+            generation["height"], generation["width"], filters["min_det_score"]
+        )
+    except (AttributeError, KeyError, TypeError):  # no usable spec recorded
+        size, thresh = 640, 0.5
+    return det_size or size, thresh
 
 
 def write_audit_report(reader: DatasetReader, report: AuditReport, plots: PlotData) -> None:

@@ -53,7 +53,7 @@ _WORKERS_LOCK = threading.Lock()
 
 def worker_for(spec: JobSpec, device: str = "auto") -> Worker:
     """The process-wide worker for (models, device, controls); built on first use."""
-    from arc2face_engine.face_analysis import FaceAnalyzer
+    from arc2face_engine.face_analysis import FaceAnalyzer, detection_settings
     from arc2face_engine.generation import Arc2FaceEngine
 
     poses_spec = spec.variations.poses
@@ -83,26 +83,14 @@ def worker_for(spec: JobSpec, device: str = "auto") -> Worker:
                 expression=expressions is not None,
                 lcm=spec.generation.scheduler == "lcm",
             )
+            det_size, det_thresh = detection_settings(
+                spec.generation.height, spec.generation.width, spec.filter.min_det_score
+            )
             analyzer = FaceAnalyzer.from_models_dir(
-                spec.models.dir,
-                det_size=_detection_size(spec),
-                det_thresh=detector_threshold(spec.filter.min_det_score),
+                spec.models.dir, det_size=det_size, det_thresh=det_thresh
             )
             _WORKERS[key] = Worker(engine, analyzer, poses, expressions, threading.Lock())
         return _WORKERS[key]
-
-
-def detector_threshold(min_det_score: float) -> float:
-    """Detect below the acceptance score, so weak faces are recorded as
-    low_detection_score (and counted as faces) instead of silently missing."""
-    return max(0.05, 0.6 * min_det_score)
-
-
-def _detection_size(spec: JobSpec) -> int:
-    # SCRFD is run at 640 for 512px images in the Arc2Face demos; smaller images
-    # (the tiny demo) are detected at their own size rather than upsampled.
-    largest = max(spec.generation.height, spec.generation.width)
-    return min(640, -(-largest // 32) * 32)  # SCRFD input sides are multiples of 32
 
 
 def open_writer(spec: JobSpec) -> DatasetWriter:

@@ -8,25 +8,23 @@ uncommitted and a re-run redoes it from scratch with the same seeds.
 
 from __future__ import annotations
 
-import io
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 import pyarrow as pa
-from PIL import Image
 
+from arc2face_engine.dataset.codec import IMAGE_EXTENSIONS, decode_image, encode_image
 from arc2face_engine.dataset.plan import ShardPlan, variant_for
 from arc2face_engine.dataset.writer import DatasetWriter
-from arc2face_engine.expressions import ExpressionBank
+from arc2face_engine.expressions import Expression, ExpressionBank
 from arc2face_engine.generation import GenerationSettings, ImageRequest
-from arc2face_engine.poses import PoseBank
+from arc2face_engine.poses import Pose, PoseBank
 from arc2face_engine.seeding import image_seed
-from schemas.tables import MANIFEST_SCHEMA
-
-IMAGE_EXTENSIONS = {"jpeg": "jpg", "png": "png", "webp": "webp"}
+from schemas.tables import EMBEDDING_DIM, MANIFEST_SCHEMA, vector_matrix
 
 
 @dataclass(frozen=True)
@@ -90,14 +88,6 @@ def image_id(identity_id: str, variant: int, attempt: int) -> str:
     return f"{identity_id}-v{variant:04d}-a{attempt:02d}"
 
 
-def encode_image(pixels: np.ndarray, image_format: str, quality: int) -> bytes:
-    """Encode an RGB uint8 image; deterministic bytes for the same pixels and settings."""
-    buffer = io.BytesIO()
-    options = {"quality": quality} if image_format in ("jpeg", "webp") else {}
-    Image.fromarray(pixels).save(buffer, format=image_format.upper(), **options)
-    return buffer.getvalue()
-
-
 def _batches(queue: deque[_Item], size: int) -> Iterator[list[_Item]]:
     """Drain `queue` in batches; items appended while draining (top-ups) are included."""
     while queue:
@@ -127,22 +117,25 @@ def run_shard(
     )
     rows: list[dict] = []
     pending_writes: list[Future] = []
-    # Encoding and uploading run on CPU threads while the next batch generates.
+    encoding = {"image_format": job.image_format, "quality": job.quality}
+    # Encoding runs on CPU threads; uploads go on while the next batch generates.
     with ThreadPoolExecutor(max_workers=4, thread_name_prefix=f"shard{shard}-io") as io_pool:
         for batch in _batches(queue, job.batch_size):
             requests = [_request(job, item, poses, expressions) for item in batch]
             images = engine.generate(requests, job.settings)
+            encoded = list(io_pool.map(partial(encode_image, **encoding), images))
+            stored = _as_stored(images, encoded, job.image_format, io_pool)
             embeddings = job.identities.embeddings[[item.position for item in batch]]
             verdicts = analyzer.verify(
-                images,
+                stored,
                 embeddings,
                 min_similarity=job.min_similarity,
                 min_det_score=job.min_det_score,
                 require_single_face=job.require_single_face,
             )
             batch_accepted = 0
-            for item, request, pixels, verdict in zip(
-                batch, requests, images, verdicts, strict=False
+            for item, request, pixels, data, verdict in zip(
+                batch, requests, images, encoded, verdicts, strict=True
             ):
                 result.add(verdict.accepted, verdict.reason)
                 batch_accepted += int(verdict.accepted)
@@ -151,7 +144,7 @@ def run_shard(
                 row = _row(job, item, request, pixels, verdict, poses, expressions)
                 rows.append(row)
                 if verdict.accepted or job.keep_rejected_images:
-                    pending_writes.append(io_pool.submit(_write_image, writer, job, row, pixels))
+                    pending_writes.append(io_pool.submit(_write_image, writer, job, row, data))
             if on_batch is not None:
                 on_batch(len(batch), batch_accepted)
         for future in pending_writes:
@@ -161,36 +154,12 @@ def run_shard(
     return result
 
 
-def _request(
+def _controls(
     job: ShardJob, item: _Item, poses: PoseBank | None, expressions: ExpressionBank | None
-) -> ImageRequest:
-    identity_index = job.identities.indices[item.position]
+) -> tuple[Pose | None, Expression | None]:
+    """The pose and expression of an item's grid cell (None where the bank is absent)."""
     variant = variant_for(
-        identity_index,
-        item.variant,
-        len(poses) if poses else 0,
-        len(expressions) if expressions else 0,
-    )
-    return ImageRequest(
-        embedding=job.identities.embeddings[item.position],
-        seed=image_seed(job.job_seed, identity_index, item.variant, item.attempt),
-        pose_image=poses[variant.pose_index].image if variant.pose_index is not None else None,
-        expression=(
-            expressions[variant.expression_index].values
-            if variant.expression_index is not None
-            else None
-        ),
-    )
-
-
-def _optional_list(values: np.ndarray | None) -> list[float] | None:
-    return None if values is None else np.asarray(values, dtype=np.float32).ravel().tolist()
-
-
-def _row(job, item, request, pixels, verdict, poses, expressions) -> dict:
-    identity_index = job.identities.indices[item.position]
-    variant = variant_for(
-        identity_index,
+        job.identities.indices[item.position],
         item.variant,
         len(poses) if poses else 0,
         len(expressions) if expressions else 0,
@@ -199,6 +168,28 @@ def _row(job, item, request, pixels, verdict, poses, expressions) -> dict:
     expression = (
         expressions[variant.expression_index] if variant.expression_index is not None else None
     )
+    return pose, expression
+
+
+def _request(
+    job: ShardJob, item: _Item, poses: PoseBank | None, expressions: ExpressionBank | None
+) -> ImageRequest:
+    identity_index = job.identities.indices[item.position]
+    pose, expression = _controls(job, item, poses, expressions)
+    return ImageRequest(
+        embedding=job.identities.embeddings[item.position],
+        seed=image_seed(job.job_seed, identity_index, item.variant, item.attempt),
+        pose_image=pose.image if pose is not None else None,
+        expression=expression.values if expression is not None else None,
+    )
+
+
+def _optional_list(values: np.ndarray | None) -> list[float] | None:
+    return None if values is None else np.asarray(values, dtype=np.float32).ravel().tolist()
+
+
+def _row(job, item, request, pixels, verdict, poses, expressions) -> dict:
+    pose, expression = _controls(job, item, poses, expressions)
     record = verdict.record
     measured = record.pose if record.pose is not None else (None, None, None)
     similarity = None if np.isnan(verdict.similarity) else float(verdict.similarity)
@@ -241,8 +232,18 @@ def _row(job, item, request, pixels, verdict, poses, expressions) -> dict:
     }
 
 
-def _write_image(writer: DatasetWriter, job: ShardJob, row: dict, pixels: np.ndarray) -> None:
-    data = encode_image(pixels, job.image_format, job.quality)
+def _as_stored(
+    images: np.ndarray, encoded: list[bytes], image_format: str, pool: ThreadPoolExecutor
+) -> np.ndarray:
+    """The pixels a reader of the dataset will see. Verification judges these, not the
+    generator's output: a lossy codec can move a face across a threshold, and the audit
+    re-verifies the stored file."""
+    if image_format == "png":  # lossless: decoding gives the same pixels back
+        return images
+    return np.stack(list(pool.map(decode_image, encoded)))
+
+
+def _write_image(writer: DatasetWriter, job: ShardJob, row: dict, data: bytes) -> None:
     ext = IMAGE_EXTENSIONS[job.image_format]
     path, sha256, size = writer.write_image(job.plan.shard, row["image_id"], data, ext)
     row.update(path=path, sha256=sha256, size_bytes=size)
@@ -251,15 +252,11 @@ def _write_image(writer: DatasetWriter, job: ShardJob, row: dict, pixels: np.nda
 def shard_identities(table: pa.Table, start: int, stop: int) -> ShardIdentities:
     """Slice the identities table (rows [start, stop)) into what a shard needs."""
     part = table.slice(start, stop - start)
-    embeddings = np.asarray(
-        part.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False),
-        dtype=np.float32,
-    ).reshape(len(part), -1)
     return ShardIdentities(
         indices=list(range(start, stop)),
         identity_ids=part.column("identity_id").to_pylist(),
         labels=part.column("label").to_pylist(),
-        embeddings=embeddings,
+        embeddings=vector_matrix(part.column("embedding"), EMBEDDING_DIM),
     )
 
 

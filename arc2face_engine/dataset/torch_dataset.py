@@ -27,6 +27,7 @@ from torch.utils.data import Dataset
 
 from arc2face_engine.dataset.reader import DatasetReader
 from arc2face_engine.errors import UserError
+from schemas.tables import KEYPOINT_VALUES, vector_matrix
 
 INDEX_COLUMNS = ["identity_id", "label", "path", "keypoints", "accepted"]
 SPLITS = (None, "train", "val")
@@ -111,11 +112,9 @@ class Arc2FaceDataset(Dataset):
     @staticmethod
     def _keypoints(column: pa.Array) -> np.ndarray:
         """(n, 5, 2) float32; NaN where a row has no keypoints (then it cannot be aligned)."""
-        values = np.full((len(column), 10), np.nan, np.float32)
+        values = np.full((len(column), KEYPOINT_VALUES), np.nan, np.float32)
         valid = column.is_valid().to_numpy(zero_copy_only=False)
-        values[valid] = np.asarray(column.filter(column.is_valid()).flatten(), np.float32).reshape(
-            -1, 10
-        )
+        values[valid] = vector_matrix(column.filter(column.is_valid()), KEYPOINT_VALUES)
         return values.reshape(-1, 5, 2)
 
     @property

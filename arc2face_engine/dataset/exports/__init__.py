@@ -23,6 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from arc2face_engine.dataset.codec import decode_image
 from arc2face_engine.dataset.reader import DatasetReader
 from arc2face_engine.errors import UserError
 
@@ -126,8 +127,7 @@ def _to_jpeg(data: bytes, align_keypoints: np.ndarray | None) -> tuple[bytes, in
     if align_keypoints is None and data[:2] == b"\xff\xd8":
         with Image.open(io.BytesIO(data)) as image:
             return data, image.width, image.height
-    with Image.open(io.BytesIO(data)) as image:
-        pixels = np.asarray(image.convert("RGB"))
+    pixels = decode_image(data)
     if align_keypoints is not None:
         from arc2face_engine.face_analysis import align_face
 
