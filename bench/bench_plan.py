@@ -19,9 +19,8 @@ import sys
 import time
 import tracemalloc
 
-from arc2face_engine.seeding import image_seed
-
 from arc2face_engine.dataset.plan import iter_shards, variant_for
+from arc2face_engine.seeding import image_seed
 
 POSES, EXPRESSIONS = 5, 8  # a typical grid: 5 yaw angles x 8 expressions
 

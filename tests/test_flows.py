@@ -201,3 +201,47 @@ def test_cli_plan_and_bad_spec(tiny_models, tmp_path):
     assert failed.returncode == 2
     assert "generation.steps" in failed.stderr
     assert "Traceback" not in failed.stderr
+
+
+def test_audit_and_export_flows_on_a_generated_dataset(reference, tiny_models, tmp_path):
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    from flows.audit import audit_dataset_flow, export_dataset_flow
+
+    _, out = reference
+    accepted = sum(row["accepted"] for row in manifest_rows(str(out)))
+    report = audit_dataset_flow(str(out), models_dir=str(tiny_models), reverify=3)
+    assert report.passed, report.problems
+    # Re-verification samples accepted images and measures as the job did: no mismatch.
+    assert report.reverify.checked == min(3, accepted) > 0
+    assert not report.reverify.mismatches
+    assert (out / "audit" / "report.json").exists() and (out / "audit" / "report.html").exists()
+
+    async def artifact_keys() -> set[str]:
+        async with get_client() as client:
+            found = await client.read_artifacts(
+                artifact_filter=ArtifactFilter(
+                    key=ArtifactFilterKey(
+                        any_=["audit-summary", "audit-verdict", "dataset-summary"]
+                    )
+                )
+            )
+        return {artifact.key for artifact in found}
+
+    assert asyncio.run(artifact_keys()) == {"audit-summary", "audit-verdict", "dataset-summary"}
+    result = export_dataset_flow(str(out), str(tmp_path / "folder"), "imagefolder")
+    assert len(list((tmp_path / "folder").rglob("*.jpg"))) == accepted, result
+
+
+def test_demo_leaves_a_complete_audited_dataset(tmp_path):
+    from flows.demo import run_demo
+
+    report = run_demo(tmp_path, identities=2, show_progress=False)
+    assert report.passed
+    info = json.loads((tmp_path / "dataset" / "dataset.json").read_text())
+    assert info["status"] == "complete" and info["counts"]["images"] >= 2 * 6
+    assert (tmp_path / "dataset" / "audit" / "report.html").exists()
+    assert (tmp_path / "export-recordio" / "train.rec").exists()
