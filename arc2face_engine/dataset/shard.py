@@ -9,7 +9,7 @@ uncommitted and a re-run redoes it from scratch with the same seeds.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
@@ -88,10 +88,44 @@ def image_id(identity_id: str, variant: int, attempt: int) -> str:
     return f"{identity_id}-v{variant:04d}-a{attempt:02d}"
 
 
-def _batches(queue: deque[_Item], size: int) -> Iterator[list[_Item]]:
-    """Drain `queue` in batches; items appended while draining (top-ups) are included."""
-    while queue:
-        yield [queue.popleft() for _ in range(min(size, len(queue)))]
+@dataclass(frozen=True)
+class _Generated:
+    batch: list[_Item]
+    requests: list[ImageRequest]
+    images: np.ndarray
+
+
+@dataclass(frozen=True)
+class _Checked:
+    generated: _Generated
+    encoded: list[bytes]
+    verdicts: list
+
+    def entries(self):
+        generated = self.generated
+        return zip(
+            generated.batch,
+            generated.requests,
+            generated.images,
+            self.encoded,
+            self.verdicts,
+            strict=True,
+        )
+
+
+def _check(job: ShardJob, analyzer, generated: _Generated, io_pool: ThreadPoolExecutor) -> _Checked:
+    """Encode a generated batch and verify what will be stored."""
+    encoding = partial(encode_image, image_format=job.image_format, quality=job.quality)
+    encoded = list(io_pool.map(encoding, generated.images))
+    stored = _as_stored(generated.images, encoded, job.image_format, io_pool)
+    verdicts = analyzer.verify(
+        stored,
+        job.identities.embeddings[[item.position for item in generated.batch]],
+        min_similarity=job.min_similarity,
+        min_det_score=job.min_det_score,
+        require_single_face=job.require_single_face,
+    )
+    return _Checked(generated, encoded, verdicts)
 
 
 def run_shard(
@@ -117,36 +151,38 @@ def run_shard(
     )
     rows: list[dict] = []
     pending_writes: list[Future] = []
-    encoding = {"image_format": job.image_format, "quality": job.quality}
-    # Encoding runs on CPU threads; uploads go on while the next batch generates.
-    with ThreadPoolExecutor(max_workers=4, thread_name_prefix=f"shard{shard}-io") as io_pool:
-        for batch in _batches(queue, job.batch_size):
-            requests = [_request(job, item, poses, expressions) for item in batch]
-            images = engine.generate(requests, job.settings)
-            encoded = list(io_pool.map(partial(encode_image, **encoding), images))
-            stored = _as_stored(images, encoded, job.image_format, io_pool)
-            embeddings = job.identities.embeddings[[item.position for item in batch]]
-            verdicts = analyzer.verify(
-                stored,
-                embeddings,
-                min_similarity=job.min_similarity,
-                min_det_score=job.min_det_score,
-                require_single_face=job.require_single_face,
+    # The accelerator generates batch k+1 while a CPU thread encodes, decodes and verifies
+    # batch k; its top-ups join the queue after that. The order is fixed, and every
+    # rejected item gets its next attempt whatever the batching, so the shard's content
+    # does not depend on this overlap.
+    with (
+        ThreadPoolExecutor(max_workers=4, thread_name_prefix=f"shard{shard}-io") as io_pool,
+        ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"shard{shard}-verify") as verifier,
+    ):
+        checking: Future[_Checked] | None = None
+        while queue or checking is not None:
+            generated = None
+            if queue:
+                batch = [queue.popleft() for _ in range(min(job.batch_size, len(queue)))]
+                requests = [_request(job, item, poses, expressions) for item in batch]
+                generated = _Generated(batch, requests, engine.generate(requests, job.settings))
+            if checking is not None:
+                checked = checking.result()
+                accepted = 0
+                for item, request, pixels, data, verdict in checked.entries():
+                    result.add(verdict.accepted, verdict.reason)
+                    accepted += int(verdict.accepted)
+                    if not verdict.accepted and item.attempt + 1 < job.max_attempts:
+                        queue.append(_Item(item.position, item.variant, item.attempt + 1))
+                    row = _row(job, item, request, pixels, verdict, poses, expressions)
+                    rows.append(row)
+                    if verdict.accepted or job.keep_rejected_images:
+                        pending_writes.append(io_pool.submit(_write_image, writer, job, row, data))
+                if on_batch is not None:
+                    on_batch(len(checked.generated.batch), accepted)
+            checking = (
+                verifier.submit(_check, job, analyzer, generated, io_pool) if generated else None
             )
-            batch_accepted = 0
-            for item, request, pixels, data, verdict in zip(
-                batch, requests, images, encoded, verdicts, strict=True
-            ):
-                result.add(verdict.accepted, verdict.reason)
-                batch_accepted += int(verdict.accepted)
-                if not verdict.accepted and item.attempt + 1 < job.max_attempts:
-                    queue.append(_Item(item.position, item.variant, item.attempt + 1))
-                row = _row(job, item, request, pixels, verdict, poses, expressions)
-                rows.append(row)
-                if verdict.accepted or job.keep_rejected_images:
-                    pending_writes.append(io_pool.submit(_write_image, writer, job, row, data))
-            if on_batch is not None:
-                on_batch(len(batch), batch_accepted)
         for future in pending_writes:
             future.result()  # re-raise any IO error before committing
     rows.sort(key=lambda row: row["image_id"])
