@@ -220,7 +220,7 @@ def test_audit_and_export_flows_on_a_generated_dataset(reference, tiny_models, t
     assert not report.reverify.mismatches
     assert (out / "audit" / "report.json").exists() and (out / "audit" / "report.html").exists()
 
-    async def artifact_keys() -> set[str]:
+    async def artifact_keys_and_task_names() -> tuple[set[str], set[str]]:
         async with get_client() as client:
             found = await client.read_artifacts(
                 artifact_filter=ArtifactFilter(
@@ -229,9 +229,13 @@ def test_audit_and_export_flows_on_a_generated_dataset(reference, tiny_models, t
                     )
                 )
             )
-        return {artifact.key for artifact in found}
+            task_runs = await client.read_task_runs()
+        return {artifact.key for artifact in found}, {run.name for run in task_runs}
 
-    assert asyncio.run(artifact_keys()) == {"audit-summary", "audit-verdict", "dataset-summary"}
+    keys, task_names = asyncio.run(artifact_keys_and_task_names())
+    assert keys == {"audit-summary", "audit-verdict", "dataset-summary"}
+    # The Prefect UI lists one task per shard, named after it.
+    assert {"shard-00000", "shard-00001", "shard-00002"} <= task_names
     result = export_dataset_flow(str(out), str(tmp_path / "folder"), "imagefolder")
     assert len(list((tmp_path / "folder").rglob("*.jpg"))) == accepted, result
 
