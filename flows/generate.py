@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import logging
+import queue
 import time
-from collections.abc import Iterable
+from collections.abc import Iterator
 
 from prefect import flow
 from prefect.artifacts import create_table_artifact
-from prefect.futures import as_completed
+from prefect.futures import PrefectFuture
 from prefect.task_runners import ThreadPoolTaskRunner
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from arc2face_engine.dataset import job as dataset_job
-from arc2face_engine.dataset.shard import ShardResult, total
+from arc2face_engine.dataset.plan import shard_count
+from arc2face_engine.dataset.shard import ShardJob, ShardResult
 from schemas.job import JobSpec, load_spec
 from schemas.tables import DatasetInfo
 from tasks.generate import build_identities, finalize_dataset, generate_shard, prepare_dataset
@@ -58,8 +60,7 @@ def _progress(show: bool) -> Progress:
     )
 
 
-def _summary_rows(info: DatasetInfo, results: Iterable[ShardResult], seconds: float) -> list[dict]:
-    combined = total(list(results))
+def _summary_rows(info: DatasetInfo, combined: ShardResult, seconds: float) -> list[dict]:
     counts = info.counts
     rows = [
         {"metric": "identities", "value": counts.identities},
@@ -77,33 +78,67 @@ def _summary_rows(info: DatasetInfo, results: Iterable[ShardResult], seconds: fl
     return rows
 
 
+def _window(spec: JobSpec) -> int:
+    if spec.compute.max_shards_in_flight:
+        return spec.compute.max_shards_in_flight
+    return 256 if spec.compute.dask_address else 2 * len(spec.compute.devices)
+
+
+def _fan_out(spec: JobSpec, jobs: Iterator[ShardJob], window: int) -> Iterator[PrefectFuture]:
+    """Submit shard tasks with at most `window` in flight; yield each as it finishes.
+
+    Two per device keeps every device busy (the next shard is queued while one runs)
+    without creating a task run per shard up front.
+    """
+    finished: queue.Queue[PrefectFuture] = queue.Queue()
+
+    def submit_next() -> bool:
+        job = next(jobs, None)
+        if job is None:
+            return False
+        generate_shard.submit(spec, job).add_done_callback(finished.put)
+        return True
+
+    in_flight = 0
+    while in_flight < window and submit_next():
+        in_flight += 1
+    while in_flight:
+        future = finished.get()
+        in_flight -= 1
+        yield future
+        if submit_next():
+            in_flight += 1
+
+
 @flow(name="generate-dataset", log_prints=True)
 def generate_dataset_flow(spec: JobSpec, show_progress: bool = False) -> DatasetInfo:
     """Turn a job spec into a dataset: identities, shards, verification, finalise."""
     committed = prepare_dataset(spec)
     identities = build_identities(spec)
-    jobs = list(dataset_job.shard_jobs(spec, identities))
-    todo = [job for job in jobs if job.plan.shard not in committed]
-    results: list[ShardResult] = []
+    shards = shard_count(
+        len(identities), spec.variations.images_per_identity, spec.output.shard_size
+    )
+    todo = (
+        job for job in dataset_job.shard_jobs(spec, identities) if job.plan.shard not in committed
+    )
+    combined = ShardResult(shard=-1)  # this run's running totals
     failures: list[str] = []
     started = time.perf_counter()
     with _progress(show_progress) as progress:
         bar = progress.add_task(
             "generate",
-            total=len(jobs),
-            completed=len(jobs) - len(todo),
+            total=shards,
+            completed=len(committed),
             images=0,
             rate=0.0,
             accept=0.0,
         )
-        futures = [generate_shard.submit(spec, job) for job in todo]
-        for future in as_completed(futures):
+        for future in _fan_out(spec, todo, _window(spec)):
             try:
-                results.append(future.result())
+                combined.merge(future.result())
             except Exception as error:  # the other shards go on; re-run retries this one
                 failures.append(f"{future.task_run_id}: {error}")
                 continue
-            combined = total(results)
             elapsed = time.perf_counter() - started
             progress.update(
                 bar,
@@ -115,12 +150,12 @@ def generate_dataset_flow(spec: JobSpec, show_progress: bool = False) -> Dataset
     info = finalize_dataset(spec)
     create_table_artifact(
         key="dataset-summary",
-        table=_summary_rows(info, results, time.perf_counter() - started),
+        table=_summary_rows(info, combined, time.perf_counter() - started),
         description=f"Dataset {spec.name} at {spec.output.uri}",
     )
     if failures:
         raise ShardsFailed(
-            f"{len(failures)} of {len(todo)} shards failed (first: {failures[0]}); "
+            f"{len(failures)} of {shards - len(committed)} shards failed (first: {failures[0]}); "
             "re-run the same command to redo only the uncommitted shards"
         )
     return info

@@ -328,6 +328,13 @@ class ComputeSpec(_Section):
         validate_default=True,
         description="dask: scheduler address (tcp://host:8786); null starts a local cluster.",
     )
+    max_shards_in_flight: int | None = Field(
+        None,
+        ge=1,
+        description="Shards submitted but not finished, at most; shards are submitted as "
+        "others finish, so a 40k-shard job never holds 40k task runs. Null: 2 per device, "
+        "or 256 with a dask_address (the cluster's size is not known in advance).",
+    )
 
     @field_validator("devices")
     @classmethod

@@ -9,7 +9,7 @@ uncommitted and a re-run redoes it from scratch with the same seeds.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
@@ -64,6 +64,14 @@ class ShardResult:
     rejected: int = 0
     reject_reasons: dict[str, int] = field(default_factory=dict)
     generate_seconds: float = 0.0
+
+    def merge(self, other: ShardResult) -> None:
+        """Add another shard's counts to these (running totals over a job)."""
+        self.images += other.images
+        self.accepted += other.accepted
+        self.rejected += other.rejected
+        for reason, count in other.reject_reasons.items():
+            self.reject_reasons[reason] = self.reject_reasons.get(reason, 0) + count
 
     def add(self, accepted: bool, reason: str | None) -> None:
         self.images += 1
@@ -307,14 +315,3 @@ def settings_from_spec(generation) -> GenerationSettings:
         controlnet_scale=generation.controlnet_scale,
         expression_scale=generation.expression_scale,
     )
-
-
-def total(results: Sequence[ShardResult]) -> ShardResult:
-    combined = ShardResult(shard=-1)
-    for result in results:
-        combined.images += result.images
-        combined.accepted += result.accepted
-        combined.rejected += result.rejected
-        for reason, count in result.reject_reasons.items():
-            combined.reject_reasons[reason] = combined.reject_reasons.get(reason, 0) + count
-    return combined
