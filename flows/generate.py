@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import logging
 import queue
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from prefect import flow
 from prefect.artifacts import create_table_artifact
 from prefect.futures import PrefectFuture
+from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -19,6 +21,7 @@ from arc2face_engine.dataset.shard import ShardJob, ShardResult
 from schemas.job import JobSpec, load_spec
 from schemas.tables import DatasetInfo
 from tasks.generate import build_identities, finalize_dataset, generate_shard, prepare_dataset
+from tasks.progress import listening
 
 
 class ShardsFailed(RuntimeError):
@@ -78,6 +81,31 @@ def _summary_rows(info: DatasetInfo, combined: ShardResult, seconds: float) -> l
     return rows
 
 
+class _LiveCounts:
+    """Images and accepts seen so far, fed per batch by in-process shard tasks and per
+    shard by remote ones (whichever is further along)."""
+
+    def __init__(self) -> None:
+        self.images = 0
+        self.accepted = 0
+        self._lock = threading.Lock()
+
+    def batch_callback(self, show: Callable[[int, int], None]) -> Callable[[int, int], None]:
+        def on_batch(images: int, accepted: int) -> None:
+            with self._lock:
+                self.images += images
+                self.accepted += accepted
+                show(self.images, self.accepted)
+
+        return on_batch
+
+    def at_least(self, finished: ShardResult, show: Callable[[int, int], None]) -> None:
+        with self._lock:
+            self.images = max(self.images, finished.images)
+            self.accepted = max(self.accepted, finished.accepted)
+            show(self.images, self.accepted)
+
+
 def _window(spec: JobSpec) -> int:
     if spec.compute.max_shards_in_flight:
         return spec.compute.max_shards_in_flight
@@ -121,36 +149,37 @@ def generate_dataset_flow(spec: JobSpec, show_progress: bool = False) -> Dataset
     todo = (
         job for job in dataset_job.shard_jobs(spec, identities) if job.plan.shard not in committed
     )
-    combined = ShardResult(shard=-1)  # this run's running totals
+    finished = ShardResult(shard=-1)  # counts of finished shards
+    live = _LiveCounts()  # counts of verified batches, finished shards or not
     failures: list[str] = []
     started = time.perf_counter()
     with _progress(show_progress) as progress:
         bar = progress.add_task(
-            "generate",
-            total=shards,
-            completed=len(committed),
-            images=0,
-            rate=0.0,
-            accept=0.0,
+            "generate", total=shards, completed=len(committed), images=0, rate=0.0, accept=0.0
         )
-        for future in _fan_out(spec, todo, _window(spec)):
-            try:
-                combined.merge(future.result())
-            except Exception as error:  # the other shards go on; re-run retries this one
-                failures.append(f"{future.task_run_id}: {error}")
-                continue
-            elapsed = time.perf_counter() - started
+
+        def show(images: int, accepted: int) -> None:
             progress.update(
                 bar,
-                advance=1,
-                images=combined.images,
-                rate=combined.images / max(elapsed, 1e-9),
-                accept=combined.accepted / max(combined.images, 1),
+                images=images,
+                rate=images / max(time.perf_counter() - started, 1e-9),
+                accept=accepted / max(images, 1),
             )
+
+        with listening(flow_run.get_id(), live.batch_callback(show)):
+            for future in _fan_out(spec, todo, _window(spec)):
+                try:
+                    result = future.result()
+                except Exception as error:  # the other shards go on; re-run retries this one
+                    failures.append(f"{future.task_run_id}: {error}")
+                    continue
+                finished.merge(result)
+                progress.advance(bar)
+                live.at_least(finished, show)
     info = finalize_dataset(spec)
     create_table_artifact(
         key="dataset-summary",
-        table=_summary_rows(info, combined, time.perf_counter() - started),
+        table=_summary_rows(info, finished, time.perf_counter() - started),
         description=f"Dataset {spec.name} at {spec.output.uri}",
     )
     if failures:

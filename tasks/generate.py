@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
 
 from arc2face_engine.dataset import job as dataset_job
 from arc2face_engine.dataset.shard import ShardJob, ShardResult
 from schemas.job import JobSpec
+from tasks import progress
 from tasks.devices import claim_device
 
 
@@ -32,8 +34,9 @@ def build_identities(spec: JobSpec):
 )
 def generate_shard(spec: JobSpec, job: ShardJob) -> ShardResult:
     """Generate, verify and commit one shard on a device of this worker."""
+    on_batch = progress.callback_for(flow_run.get_id())
     with claim_device(spec.compute.devices) as device:
-        return dataset_job.generate_shard(spec, job, device=device)
+        return dataset_job.generate_shard(spec, job, device=device, on_batch=on_batch)
 
 
 @task(name="finalize-dataset", cache_policy=NO_CACHE, persist_result=False)
