@@ -55,6 +55,7 @@ JAW_OPEN_STD = 0.1
 JAW_SIDE_STD = 0.03
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+SAVE_SUFFIXES = (".parquet", ".yaml", ".yml")
 
 
 @dataclass(frozen=True)
@@ -163,17 +164,38 @@ class ExpressionBank:
         return cls([Expression("neutral", np.zeros(EXPRESSION_DIM, dtype=np.float32))])
 
     def save(self, uri: str, storage_options: dict | None = None) -> None:
-        """Write a Parquet file (name, values list<float32, 55>) that from_file reads back."""
+        """Write the bank in the format its suffix names, one that from_file reads back with
+        the names: .parquet (name, values list<float32, 55>) or .yaml / .yml (name: [55])."""
         fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+        suffix = posixpath.splitext(path)[1].lower()
+        if suffix not in SAVE_SUFFIXES:
+            hint = " (.npy would lose the names)" if suffix == ".npy" else ""
+            raise BankError(
+                f"cannot save expression bank to {uri}: suffix {suffix or '(none)'!r} is not "
+                f"supported{hint}; use {', '.join(SAVE_SUFFIXES)}"
+            )
+        if suffix == ".parquet":
+            table = pa.table(
+                {"name": self.names, "values": [e.values.tolist() for e in self.expressions]},
+                schema=EXPRESSION_TABLE_SCHEMA,
+            )
+            buffer = io.BytesIO()
+            pq.write_table(table, buffer)
+            data = buffer.getvalue()
+        else:
+            duplicates = sorted({n for n in self.names if self.names.count(n) > 1})
+            if duplicates:
+                raise BankError(
+                    f"cannot save expression bank to {uri}: YAML keys must be unique and "
+                    f"{duplicates[0]!r} repeats; rename it or save to .parquet"
+                )
+            content = {e.name: [float(v) for v in e.values] for e in self.expressions}
+            data = yaml.safe_dump(content, sort_keys=False).encode()
         parent = posixpath.dirname(path)
         if parent:
             fs.makedirs(parent, exist_ok=True)
-        table = pa.table(
-            {"name": self.names, "values": [e.values.tolist() for e in self.expressions]},
-            schema=EXPRESSION_TABLE_SCHEMA,
-        )
         with fs.open(path, "wb") as handle:
-            pq.write_table(table, handle)
+            handle.write(data)
 
 
 def clamp_to_ranges(values: np.ndarray) -> np.ndarray:

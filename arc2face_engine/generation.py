@@ -26,6 +26,7 @@ from typing import Any
 
 import cv2
 import numpy as np
+import PIL.Image
 import torch
 from diffusers import (
     ControlNetModel,
@@ -112,8 +113,13 @@ class ImageRequest:
 
     embedding: np.ndarray  # (512,) ArcFace embedding; normalised by the engine
     seed: int
-    pose_image: np.ndarray | None = None  # (H, W, 3) uint8 normal map
+    pose_image: np.ndarray | None = None  # (H, W, 3) uint8 normal map (a PIL image is converted)
     expression: np.ndarray | None = None  # (55,) FLAME expression + eyelid + jaw
+
+    def __post_init__(self) -> None:
+        if isinstance(self.pose_image, PIL.Image.Image):
+            rgb = np.asarray(self.pose_image.convert("RGB"), dtype=np.uint8)
+            object.__setattr__(self, "pose_image", rgb)
 
 
 # --- devices and precision -----------------------------------------------------------------
@@ -129,6 +135,13 @@ def resolve_device(device: str | torch.device) -> torch.device:
         raise UserError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N") from error
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"device {device!r} asked for but no CUDA GPU is visible: use cpu or auto")
+    if resolved.type == "cuda" and resolved.index is not None:
+        visible = torch.cuda.device_count()
+        if resolved.index >= visible:
+            raise UserError(
+                f"device {device!r} asked for but only {visible} GPU(s) are visible: "
+                f"use cuda:0 to cuda:{visible - 1}"
+            )
     return resolved
 
 
@@ -416,9 +429,15 @@ def _check_request(index: int, request: ImageRequest) -> None:
             f"request {index}: seed {request.seed} is outside [0, 2**64): pass a 64-bit seed"
         )
     pose = request.pose_image
+    if pose is not None and not isinstance(pose, np.ndarray):
+        raise UserError(
+            f"request {index}: pose image is a {type(pose).__name__}: pass an HxWx3 uint8 "
+            "numpy array or a PIL image"
+        )
     if pose is not None and (pose.ndim != 3 or pose.shape[2] != 3 or pose.dtype != np.uint8):
         raise UserError(
-            f"request {index}: pose image is {pose.dtype} {pose.shape}: pass an HxWx3 uint8 normal map"
+            f"request {index}: pose image is {pose.dtype} {pose.shape}: pass an HxWx3 uint8 "
+            "normal map (numpy array or PIL image)"
         )
     expression = request.expression
     if expression is not None:

@@ -33,6 +33,11 @@ POSE_KINDS = ("none", "folder", "mesh", "procedural")
 MAX_ABS_YAW = 90.0  # frontal hemisphere: Arc2Face's ControlNet never saw the back of a head
 MAX_ABS_PITCH = 90.0
 TABLE_NAMES = ("poses.parquet", "poses.csv")
+# Suffixes of single files: a pose bank is a folder, so `save` refuses a path ending in one.
+FILE_SUFFIXES = (
+    ".parquet", ".csv", ".json", ".npy", ".npz", ".yaml", ".yml", ".txt",
+    ".png", ".jpg", ".jpeg", ".webp", ".bmp", ".obj", ".ply", ".zip", ".tar",
+)  # fmt: skip
 
 # Bump when render.py's output changes, so on-disk caches are not reused across versions.
 RENDER_VERSION = "normals-v1"
@@ -148,6 +153,13 @@ class PoseBank:
     def save(self, uri: str, storage_options: dict | None = None) -> None:
         """Write PNG images and poses.parquet, so the bank loads back with from_folder."""
         fs, root = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+        suffix = posixpath.splitext(root.rstrip("/"))[1].lower()
+        if suffix in FILE_SUFFIXES or fs.isfile(root):
+            folder = uri.rstrip("/")[: -len(suffix)] if suffix else f"{uri.rstrip('/')}_poses"
+            raise BankError(
+                f"cannot save pose bank to {uri}: a pose bank is a folder (PNG maps + "
+                f"poses.parquet), not a file; pass a folder path such as {folder}"
+            )
         fs.makedirs(root, exist_ok=True)
         files = []
         for index, pose in enumerate(self.poses):

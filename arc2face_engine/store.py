@@ -195,25 +195,43 @@ def read_checksums(root: str | os.PathLike) -> dict[str, str] | None:
     return json.loads(path.read_text())
 
 
+def _component_of(relative: str) -> str:
+    """The component whose files include `relative` ("core" for files no component lists)."""
+    for component, files in COMPONENT_FILES.items():
+        if relative in files:
+            return component
+    return "core"
+
+
 def verify_models(root: str | os.PathLike, components: Iterable[str] = ("core",)) -> list[str]:
-    """Problems with the files of `components` in `root`: missing files, files whose
-    sha256 differs from checksums.json, files checksums.json does not list. Empty when fine."""
+    """Problems with `root`: every file checksums.json records must exist with that sha256,
+    whatever `components`; the files of `components` are required even when unrecorded
+    (missing, or present without a recorded checksum). Empty when fine."""
     root = Path(root)
     components = _check_components(components)
+    if not root.is_dir():
+        return [
+            f"no models directory at {root}: run `arc2face-synth models download {root}` "
+            f"(real weights) or `arc2face-synth models tiny {root}` (test models)"
+        ]
     recorded = read_checksums(root)
     problems = []
     if recorded is None:
         problems.append(f"no {CHECKSUMS_FILE} in {root}: {fetch_hint(root, 'core')}")
         recorded = {}
-    for component in components:
-        for relative in COMPONENT_FILES[component]:
-            path = root / relative
-            if not path.is_file():
-                problems.append(f"missing {relative}: {fetch_hint(root, component)}")
-            elif relative not in recorded:
-                problems.append(f"no recorded checksum for {relative}")
-            elif _sha256(path) != recorded[relative]:
-                problems.append(f"sha256 mismatch for {relative}: {fetch_hint(root, component)}")
+    required = {
+        relative: component for component in components for relative in COMPONENT_FILES[component]
+    }
+    to_check = dict.fromkeys(required, None) | dict.fromkeys(recorded, None)
+    for relative in to_check:
+        component = required.get(relative) or _component_of(relative)
+        path = root / relative
+        if not path.is_file():
+            problems.append(f"missing {relative}: {fetch_hint(root, component)}")
+        elif relative not in recorded:
+            problems.append(f"no recorded checksum for {relative}")
+        elif _sha256(path) != recorded[relative]:
+            problems.append(f"sha256 mismatch for {relative}: {fetch_hint(root, component)}")
     return problems
 
 

@@ -32,7 +32,7 @@ def plan_items(identities: int, images_per_identity: int, shard_size: int, job_s
     for shard in iter_shards(identities, images_per_identity, shard_size):
         shards += 1
         for identity, variant in shard.items(images_per_identity):
-            chosen = variant_for(identity, variant, POSES, EXPRESSIONS)
+            chosen = variant_for(identity, variant, POSES, EXPRESSIONS, images_per_identity)
             cells[chosen.pose_index * EXPRESSIONS + chosen.expression_index] += 1
             checksum ^= image_seed(job_seed, identity, variant, 0)
             items += 1

@@ -14,8 +14,10 @@ from rich.table import Table
 
 from arc2face_engine.errors import UserError
 
-# Prefect reads its settings at import time; keep its console quiet unless asked.
-os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+# Prefect reads its settings at import time. Its run logs still reach its API (the UI);
+# the console shows this CLI's progress and one-line errors instead of Prefect's
+# tracebacks. PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL=INFO brings them back.
+os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 # The model libraries' advisories (optional torchvision, IP-Adapter without an image
 # encoder) and weight-loading bars are noise for a CLI user; errors still show.
@@ -36,6 +38,29 @@ app.add_typer(banks_app, name="banks")
 console = Console(soft_wrap=True)  # paths and commands in messages stay copyable
 
 COMPONENTS = ("controlnet", "expression", "lcm", "smirk")
+
+
+StorageOptions = Annotated[
+    str | None,
+    typer.Option(
+        "--storage-options",
+        help='fsspec options as JSON, e.g. \'{"client_kwargs": {"endpoint_url": "http://minio:9000"}}\'',
+    ),
+]
+
+
+def _storage_options(text: str | None) -> dict:
+    if not text:
+        return {}
+    try:
+        options = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise UserError(
+            f"--storage-options is not valid JSON ({error.msg}): quote it as '{{...}}'"
+        ) from None
+    if not isinstance(options, dict):
+        raise UserError("--storage-options must be a JSON object, e.g. '{\"anon\": true}'")
+    return options
 
 
 def _components(value: str) -> list[str]:
@@ -169,6 +194,7 @@ def audit(
     models: Annotated[Path | None, typer.Option(help="Models dir for --reverify.")] = None,
     radius: Annotated[float, typer.Option(help="Cosine-distance radius for quality.")] = 0.3,
     prefect: Annotated[bool, typer.Option(help="Run as a Prefect flow (artifacts).")] = False,
+    storage_options: StorageOptions = None,
 ) -> None:
     """Audit a dataset: schema, integrity, quality, leakage. Exit 1 when integrity fails."""
     options = dict(
@@ -181,11 +207,11 @@ def audit(
     if prefect:
         from flows.audit import audit_dataset_flow
 
-        report = audit_dataset_flow(uri, None, **options)
+        report = audit_dataset_flow(uri, _storage_options(storage_options), **options)
     else:
         from arc2face_engine.dataset.audit import audit_dataset
 
-        report = audit_dataset(uri, **options)
+        report = audit_dataset(uri, _storage_options(storage_options), **options)
     _print_audit(report)
     if not report.passed:
         raise typer.Exit(1)
@@ -207,11 +233,21 @@ def export(
     out: Annotated[str, typer.Option(help="Output folder or URI.")],
     align: Annotated[bool, typer.Option(help="Align faces to 112x112 from keypoints.")] = False,
     include_rejected: Annotated[bool, typer.Option(help="Export rejected images too.")] = False,
+    storage_options: StorageOptions = None,
 ) -> None:
     """Export accepted images for face-recognition training."""
     from arc2face_engine.dataset.exports import export_dataset
 
-    result = export_dataset(uri, out, format_, align=align, include_rejected=include_rejected)
+    options = _storage_options(storage_options)
+    result = export_dataset(
+        uri,
+        out,
+        format_,
+        storage_options=options,
+        align=align,
+        include_rejected=include_rejected,
+        out_storage_options=options,
+    )
     console.print(f"exported {result}")
 
 
@@ -266,13 +302,38 @@ def banks_expressions(
     console.print(f"{len(bank.expressions)} expressions written to {out}")
 
 
+def _one_line(error: BaseException) -> tuple[str, int] | None:
+    """(message, exit status) for errors a user can act on; None for bugs (traceback)."""
+    from flows.generate import ShardsFailed
+
+    if isinstance(error, UserError):
+        return str(error), 2
+    if isinstance(error, ShardsFailed):
+        return str(error), 1
+    if isinstance(error, (FileNotFoundError, PermissionError, IsADirectoryError)):
+        return f"{error}: check the path and its permissions", 2
+    if type(error).__name__ in ("NoCredentialsError", "PartialCredentialsError"):
+        return (
+            f"{error}: give credentials in output.storage_options (generate) or "
+            "--storage-options (audit, export), or the usual AWS_* environment variables",
+            2,
+        )
+    return None
+
+
 def main() -> None:
-    """Console-script entry point: user errors are one line on stderr and exit 2."""
+    """Console-script entry point: an error a user can fix is one line on stderr, with
+    exit status 2 for bad input (1 for failed shards); anything else is a bug and keeps
+    its traceback."""
     try:
         app()
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    except Exception as error:
+        known = _one_line(error)
+        if known is None:
+            raise
+        message, status = known
+        print(f"error: {message}".replace("\n", " "), file=sys.stderr)
+        sys.exit(status)
 
 
 if __name__ == "__main__":

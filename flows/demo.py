@@ -68,7 +68,7 @@ def run_demo(out: Path, identities: int = 8, show_progress: bool = True):
         f"{counts.rejected} rejected {dict(sorted(counts.reject_reasons.items()))}"
     )
     report = audit_dataset_flow(spec.output.uri, models_dir=str(models), reverify=4)
-    console.print(f"audit {'passed' if report.passed else 'FAILED'}: {report.report_uri}")
+    console.print(f"audit {'PASSED' if report.passed else 'FAILED'}: {report.report_uri}")
     exported = export_dataset_flow(
         spec.output.uri, str(out / "export-recordio"), "recordio", align=True
     )

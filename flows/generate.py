@@ -18,6 +18,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from arc2face_engine.dataset import job as dataset_job
 from arc2face_engine.dataset.plan import shard_count
 from arc2face_engine.dataset.shard import ShardJob, ShardResult
+from arc2face_engine.errors import UserError
 from schemas.job import JobSpec, load_spec
 from schemas.tables import DatasetInfo
 from tasks.generate import build_identities, finalize_dataset, generate_shard, prepare_dataset
@@ -26,6 +27,19 @@ from tasks.progress import listening
 
 class ShardsFailed(RuntimeError):
     """Some shards failed; the committed ones are kept and a re-run resumes."""
+
+
+def _failure(failures: list[tuple[int, Exception]], attempted: int) -> Exception:
+    """One exception for the failed shards: a user error as itself (re-running will not
+    help until it is fixed), anything else as ShardsFailed (a re-run resumes)."""
+    shard, first = min(failures, key=lambda failure: failure[0])
+    if isinstance(first, UserError):
+        return first
+    return ShardsFailed(
+        f"{len(failures)} of {attempted} shards failed (first: shard {shard:05d}: "
+        f"{type(first).__name__}: {first}); the others are committed: re-run the same "
+        "command to redo only the failed ones"
+    )
 
 
 def task_runner_for(spec: JobSpec):
@@ -112,19 +126,24 @@ def _window(spec: JobSpec) -> int:
     return 256 if spec.compute.dask_address else 2 * len(spec.compute.devices)
 
 
-def _fan_out(spec: JobSpec, jobs: Iterator[ShardJob], window: int) -> Iterator[PrefectFuture]:
-    """Submit shard tasks with at most `window` in flight; yield each as it finishes.
+def _fan_out(
+    spec: JobSpec, jobs: Iterator[ShardJob], window: int
+) -> Iterator[tuple[int, PrefectFuture]]:
+    """Submit shard tasks with at most `window` in flight; yield (shard, future) as each
+    finishes.
 
     Two per device keeps every device busy (the next shard is queued while one runs)
     without creating a task run per shard up front.
     """
-    finished: queue.Queue[PrefectFuture] = queue.Queue()
+    finished: queue.Queue[tuple[int, PrefectFuture]] = queue.Queue()
 
     def submit_next() -> bool:
         job = next(jobs, None)
         if job is None:
             return False
-        generate_shard.submit(spec, job).add_done_callback(finished.put)
+        shard = job.plan.shard
+        future = generate_shard.submit(spec, job)
+        future.add_done_callback(lambda done, shard=shard: finished.put((shard, done)))
         return True
 
     in_flight = 0
@@ -149,9 +168,11 @@ def generate_dataset_flow(spec: JobSpec, show_progress: bool = False) -> Dataset
     todo = (
         job for job in dataset_job.shard_jobs(spec, identities) if job.plan.shard not in committed
     )
+    if committed:
+        print(f"resuming: {len(committed)} of {shards} shards already committed, skipped")
     finished = ShardResult(shard=-1)  # counts of finished shards
     live = _LiveCounts()  # counts of verified batches, finished shards or not
-    failures: list[str] = []
+    failures: list[tuple[int, Exception]] = []
     started = time.perf_counter()
     with _progress(show_progress) as progress:
         bar = progress.add_task(
@@ -167,11 +188,11 @@ def generate_dataset_flow(spec: JobSpec, show_progress: bool = False) -> Dataset
             )
 
         with listening(flow_run.get_id(), live.batch_callback(show)):
-            for future in _fan_out(spec, todo, _window(spec)):
+            for shard, future in _fan_out(spec, todo, _window(spec)):
                 try:
                     result = future.result()
                 except Exception as error:  # the other shards go on; re-run retries this one
-                    failures.append(f"{future.task_run_id}: {error}")
+                    failures.append((shard, error))
                     continue
                 finished.merge(result)
                 progress.advance(bar)
@@ -183,16 +204,18 @@ def generate_dataset_flow(spec: JobSpec, show_progress: bool = False) -> Dataset
         description=f"Dataset {spec.name} at {spec.output.uri}",
     )
     if failures:
-        raise ShardsFailed(
-            f"{len(failures)} of {shards - len(committed)} shards failed (first: {failures[0]}); "
-            "re-run the same command to redo only the uncommitted shards"
-        )
+        raise _failure(failures, shards - len(committed))
     return info
 
 
 def generate_dataset(spec: JobSpec | str, show_progress: bool = False) -> DatasetInfo:
-    """Run the generate flow for a spec object or a spec file URI."""
+    """Run the generate flow for a spec object or a spec file URI.
+
+    The spec is checked against the models, devices, banks and output first, so a
+    mistake is one error line before any orchestration starts or anything is written.
+    """
     if not isinstance(spec, JobSpec):
         spec = load_spec(spec)
+    dataset_job.preflight(spec)
     runner = task_runner_for(spec)
     return generate_dataset_flow.with_options(task_runner=runner)(spec, show_progress)

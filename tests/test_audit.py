@@ -182,6 +182,40 @@ def test_quality_on_hand_built_identities(tmp_path: Path) -> None:
     assert audit_dataset(str(root), radius=0.05, write_report=False).quality.uniqueness == 1.0
 
 
+def test_collapsed_identities_are_quality_warnings_not_failures(tmp_path: Path) -> None:
+    """Three identities: id-1 at cosine 0.9 to id-0, id-2 orthogonal to both."""
+    embeddings = np.zeros((3, 512), np.float32)
+    embeddings[0, 0] = 1
+    embeddings[1, 0], embeddings[1, 1] = 0.9, np.sqrt(1 - 0.81)
+    embeddings[2, 2] = 1
+    root = tmp_path / "three"
+    make_dataset(str(root), identity_embeddings=embeddings, images_per_identity=2,
+                 shards=1, reject_every=0, face_noise=0.0)  # fmt: skip
+    report = audit_dataset(str(root), radius=0.3, write_report=False)
+    assert report.passed and report.problems == []
+    assert report.quality.inter_class_close_pairs == 1
+    quality_warnings = [w for w in report.warnings if "near-duplicate" not in w]
+    assert len(quality_warnings) == 2, report.warnings
+    uniqueness, separation = quality_warnings
+    assert "uniqueness 0.667" in uniqueness and "1 of 3 identity centres" in uniqueness
+    assert "inter-class max cosine 0.900 exceeds 1 - radius = 0.70" in separation
+    assert "1 centre pairs" in separation and "id-000000 ~ id-000001" in separation
+    # well separated at a tighter radius: no such warnings
+    tight = audit_dataset(str(root), radius=0.05, write_report=False)
+    assert [w for w in tight.warnings if "near-duplicate" not in w] == []
+    assert tight.quality.inter_class_close_pairs == 0
+
+
+def test_close_pair_count_blocks_agree_with_dense() -> None:
+    from arc2face_engine.dataset.audit import close_pair_count
+
+    centres = normalise(np.random.default_rng(1).standard_normal((23, 8))).astype(np.float32)
+    gram = centres @ centres.T
+    dense = int((gram[np.triu_indices(23, k=1)] > 0.3).sum())
+    assert dense > 0
+    assert close_pair_count(centres, 0.3, block_rows=5) == close_pair_count(centres, 0.3) == dense
+
+
 def test_intra_class_consistency_counts_outliers(tmp_path: Path) -> None:
     """Variant 0 of each identity points elsewhere; the rest sit on the identity."""
     rng = np.random.default_rng(5)
@@ -268,8 +302,9 @@ def test_bad_gallery_is_a_user_error(dataset: Path, tmp_path: Path) -> None:
 
 
 def test_reverify_needs_models_dir(dataset: Path) -> None:
-    with pytest.raises(AuditError, match="models"):
+    with pytest.raises(AuditError, match="--reverify needs the models directory") as error:
         audit_dataset(str(dataset), reverify=3)
+    assert str(error.value).endswith("pass --models DIR")
 
 
 def test_audit_on_s3(s3_uri) -> None:

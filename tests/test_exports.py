@@ -13,8 +13,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from arc2face_engine.dataset.exports import ExportError, export_dataset
+from arc2face_engine.dataset.exports import DamagedDataset, ExportError, export_dataset
 from arc2face_engine.dataset.exports.recordio import encode_record, pack
+from arc2face_engine.dataset.reader import DatasetNotFound
 from tests.dataset_factory import make_dataset
 
 MAGIC = 0xCED7230A
@@ -236,6 +237,42 @@ def test_webdataset_json_is_valid(dataset, tmp_path: Path) -> None:
 def test_unknown_format_is_a_user_error(dataset, tmp_path: Path) -> None:
     with pytest.raises(ExportError, match="unknown export format 'tfrecord'"):
         export_dataset(dataset.uri, str(tmp_path / "x"), "tfrecord")
+
+
+def test_missing_dataset_is_dataset_not_found(tmp_path: Path) -> None:
+    with pytest.raises(DatasetNotFound, match=r"no dataset at .*nope"):
+        export_dataset(str(tmp_path / "nope"), str(tmp_path / "out"), "imagefolder")
+
+
+def _one_line_naming(error: pytest.ExceptionInfo, *words: str) -> None:
+    message = str(error.value)
+    assert "\n" not in message and "arc2face-synth audit" in message, message
+    for word in words:
+        assert word in message, message
+
+
+def test_corrupt_manifest_part_names_the_part(tmp_path: Path) -> None:
+    made = make_dataset(str(tmp_path / "ds"), n_identities=2, images_per_identity=2)
+    (tmp_path / "ds" / "manifest" / "part-00001.parquet").write_bytes(b"not parquet at all")
+    with pytest.raises(
+        DamagedDataset, match=r"manifest part .*part-00001\.parquet is corrupt"
+    ) as e:
+        export_dataset(made.uri, str(tmp_path / "out"), "imagefolder")
+    _one_line_naming(e, made.uri)
+
+
+def test_damaged_images_name_the_image(tmp_path: Path) -> None:
+    made = make_dataset(str(tmp_path / "ds"), n_identities=2, images_per_identity=2)
+    first = sorted(_accepted_ids(made.uri))[0]
+    broken = Path(made.uri) / f"images/00000/{first}.jpg"
+    broken.write_bytes(b"garbage, not an image")
+    with pytest.raises(DamagedDataset, match="cannot be decoded") as e:
+        export_dataset(made.uri, str(tmp_path / "out"), "imagefolder")
+    _one_line_naming(e, f"images/00000/{first}.jpg")
+    broken.unlink()
+    with pytest.raises(DamagedDataset, match="is missing") as e:
+        export_dataset(made.uri, str(tmp_path / "out2"), "recordio")
+    _one_line_naming(e, f"images/00000/{first}.jpg")
 
 
 def test_align_exports_112_crops(dataset, tmp_path: Path) -> None:

@@ -54,6 +54,34 @@ def test_parquet_round_trip(tmp_path: Path):
     assert schema.field("values").type == pa.list_(pa.float32(), 55)
 
 
+@pytest.mark.parametrize("name", ["bank.yaml", "bank.yml"])
+def test_save_yaml_round_trip(tmp_path: Path, name: str):
+    rows = in_range_rows(2)
+    bank = ExpressionBank.from_arrays(["smile", "frown"], rows, "test")
+    bank.save(str(tmp_path / name))
+    assert list(yaml.safe_load((tmp_path / name).read_text())) == ["smile", "frown"]
+    loaded = ExpressionBank.from_file(str(tmp_path / name))
+    assert loaded.names == ["smile", "frown"]
+    np.testing.assert_array_equal(loaded.values(), bank.values())
+
+
+@pytest.mark.parametrize("name", ["exp.npy", "exp.csv", "exp"])
+def test_save_refuses_other_suffixes(tmp_path: Path, name: str):
+    with pytest.raises(BankError, match=r"use \.parquet, \.yaml, \.yml") as error:
+        ExpressionBank.neutral().save(str(tmp_path / name))
+    message = one_line(error)
+    assert name in message
+    assert ("lose the names" in message) == name.endswith(".npy")
+    assert not (tmp_path / name).exists()
+
+
+def test_yaml_save_refuses_duplicate_names(tmp_path: Path):
+    rows = in_range_rows(2)
+    bank = ExpressionBank.from_arrays(["same", "same"], rows, "test")
+    with pytest.raises(BankError, match="'same' repeats"):
+        bank.save(str(tmp_path / "bank.yaml"))
+
+
 def test_parquet_round_trip_on_s3(s3_uri):
     uri, storage_options = s3_uri
     bank = ExpressionBank.random(4, seed=3)

@@ -249,3 +249,16 @@ def test_demo_leaves_a_complete_audited_dataset(tmp_path):
     assert info["status"] == "complete" and info["counts"]["images"] >= 2 * 6
     assert (tmp_path / "dataset" / "audit" / "report.html").exists()
     assert (tmp_path / "export-recordio" / "train.rec").exists()
+
+
+def test_setup_mistakes_fail_before_anything_is_written(tiny_models, tmp_path):
+    from arc2face_engine.errors import BankError, ModelFileMissing
+    from flows.generate import generate_dataset
+
+    out = tmp_path / "never"
+    with pytest.raises(ModelFileMissing, match=r"arc2face/config\.json"):
+        generate_dataset(small_spec(tmp_path / "no-models", str(out)))
+    folder_poses = {"kind": "folder", "path": str(tmp_path / "no-poses")}
+    with pytest.raises(BankError, match="no-poses"):
+        generate_dataset(small_spec(tiny_models, str(out), variations__poses=folder_poses))
+    assert not out.exists()

@@ -467,6 +467,25 @@ def test_bad_settings_and_requests(engine):
         engine.generate([ImageRequest(_embeddings(1)[0], 1, pose_image=np.zeros((8, 8)))], BASE)
 
 
+def test_pose_image_may_be_a_pil_image(engine):
+    pose = _pose(2)
+    rgba = Image.fromarray(pose).convert("RGBA")
+    request = ImageRequest(_embeddings(1, seed=8)[0], 5, pose_image=rgba)
+    assert request.pose_image.dtype == np.uint8 and request.pose_image.shape == (SIZE, SIZE, 3)
+    np.testing.assert_array_equal(request.pose_image, pose)
+    from_pil = engine.generate([request], BASE)
+    from_array = engine.generate(
+        [ImageRequest(_embeddings(1, seed=8)[0], 5, pose_image=pose)], BASE
+    )
+    np.testing.assert_array_equal(from_pil, from_array)
+
+
+def test_pose_image_of_another_type_is_one_line_user_error(engine):
+    with pytest.raises(UserError, match="pose image is a list: pass an HxWx3 uint8") as error:
+        engine.generate([ImageRequest(_embeddings(1)[0], 1, pose_image=[[0, 0, 0]])], BASE)
+    assert "\n" not in str(error.value)
+
+
 def test_device_and_precision_choices():
     cpu = torch.device("cpu")
     assert resolve_dtype("auto", cpu) == torch.float32

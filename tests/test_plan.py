@@ -25,29 +25,130 @@ def spec(**sections):
     return parse_spec({"name": "plan", **sections})
 
 
-def test_variant_grid_cell_poses_outer():
-    # P=3 poses, E=2 expressions: cell = (v + i) mod 6, pose = cell // 2, expression = cell % 2
-    assert variant_for(0, 0, 3, 2) == Variant(0, 0, 0)
-    assert variant_for(0, 1, 3, 2) == Variant(1, 0, 1)
-    assert variant_for(0, 2, 3, 2) == Variant(2, 1, 0)
-    assert variant_for(4, 3, 3, 2) == Variant(3, 0, 1)  # (3 + 4) % 6 = 1
-    assert variant_for(5, 7, 0, 0) == Variant(7, None, None)
-    assert variant_for(1, 1, 4, 0) == Variant(1, 2, None)
-    assert variant_for(1, 1, 0, 4) == Variant(1, None, 2)
+# (poses, expressions), coprime and not
+GRIDS = [(4, 8), (15, 8), (3, 2), (1, 5), (5, 1), (8, 4), (15, 16), (5, 8), (6, 9), (7, 3)]
+# coprime grids: the expression is exactly `item mod E`, so every run of consecutive
+# variants sees the expressions evenly
+EVEN_EXPRESSION_GRIDS = [(15, 8), (3, 2), (1, 5), (5, 1), (7, 3), (5, 8), (15, 16), (9, 8), (4, 3)]
+# grids sharing a factor: each lcm-block shifts the expressions by one
+SHIFTED_EXPRESSION_GRIDS = [(4, 8), (8, 4), (6, 9), (6, 4), (2, 2)]
+PER_IDENTITY = [1, 2, 3, 4, 5, 7, 8, 15, 16, 40, 50]
 
 
-def test_every_identity_covers_the_grid_evenly():
-    poses, expressions, per_identity = 3, 4, 24
-    for identity in range(7):
-        cells = Counter(
-            (v.pose_index, v.expression_index)
-            for v in (variant_for(identity, k, poses, expressions) for k in range(per_identity))
+def variants_of(identity, per_identity, poses, expressions):
+    return [variant_for(identity, v, poses, expressions, per_identity) for v in range(per_identity)]
+
+
+def spread(counter: Counter, size: int) -> int:
+    """max - min count over all `size` values (an absent value counts 0)."""
+    counts = [counter.get(value, 0) for value in range(size)]
+    return max(counts) - min(counts)
+
+
+def test_variant_cell():
+    # P=3, E=2, N=4: c = (4i + v) mod 6, pose = c mod 3, expression = c mod 2 (coprime)
+    assert variant_for(0, 0, 3, 2, 4) == Variant(0, 0, 0)
+    assert variant_for(0, 1, 3, 2, 4) == Variant(1, 1, 1)
+    assert variant_for(0, 2, 3, 2, 4) == Variant(2, 2, 0)
+    assert variant_for(0, 3, 3, 2, 4) == Variant(3, 0, 1)  # c = 3
+    assert variant_for(1, 1, 3, 2, 4) == Variant(1, 2, 1)  # c = 5
+    assert variant_for(2, 3, 3, 2, 4) == Variant(3, 2, 1)  # item 11 -> c = 5
+    # absent banks: the other axis cycles over c = (i*N + v) mod E (or mod P)
+    assert variant_for(5, 7, 0, 0, 10) == Variant(7, None, None)
+    assert variant_for(1, 1, 4, 0, 3) == Variant(1, 0, None)  # item 4 -> pose 4 % 4
+    assert variant_for(1, 1, 0, 4, 3) == Variant(1, None, 0)  # item 4 -> expression 4 % 4
+    assert variant_for(2, 1, 0, 5, 3) == Variant(1, None, 2)  # item 7 -> 7 % 5
+    assert variant_for(2, 1, 5, 0, 3) == Variant(1, 2, None)
+    with pytest.raises(ValueError, match="images_per_identity"):
+        variant_for(0, 0, 3, 2, 0)
+
+
+@pytest.mark.parametrize(("poses", "expressions"), GRIDS)
+def test_variant_cells_are_a_bijection(poses, expressions):
+    grid = poses * expressions
+    # identity 0 with N = P*E walks c = 0 .. P*E-1
+    cells = [(v.pose_index, v.expression_index) for v in variants_of(0, grid, poses, expressions)]
+    assert sorted(cells) == list(itertools.product(range(poses), range(expressions)))
+
+
+@pytest.mark.parametrize(("poses", "expressions"), GRIDS)
+@pytest.mark.parametrize("per_identity", PER_IDENTITY)
+def test_identity_gets_every_pose(poses, expressions, per_identity):
+    for identity in range(poses * expressions + 1):
+        counts = Counter(
+            v.pose_index for v in variants_of(identity, per_identity, poses, expressions)
         )
-        assert len(cells) == poses * expressions
-        assert set(cells.values()) == {per_identity // (poses * expressions)}
-    # neighbouring identities start at different cells
-    firsts = {variant_for(i, 0, poses, expressions) for i in range(poses * expressions)}
-    assert len({(v.pose_index, v.expression_index) for v in firsts}) == poses * expressions
+        # N >= P: every pose, counts within 1; N < P: N different poses
+        assert spread(counts, poses) <= 1
+        assert len(counts) == min(per_identity, poses)
+
+
+@pytest.mark.parametrize(("poses", "expressions"), EVEN_EXPRESSION_GRIDS)
+@pytest.mark.parametrize("per_identity", PER_IDENTITY)
+def test_identity_gets_every_expression(poses, expressions, per_identity):
+    for identity in range(poses * expressions + 1):
+        variants = variants_of(identity, per_identity, poses, expressions)
+        counts = Counter(v.expression_index for v in variants)
+        # N >= E: every expression, counts within 1; N < E: N different expressions
+        assert spread(counts, expressions) <= 1
+        assert len(counts) == min(per_identity, expressions)
+
+
+@pytest.mark.parametrize(("poses", "expressions"), SHIFTED_EXPRESSION_GRIDS)
+@pytest.mark.parametrize("per_identity", PER_IDENTITY)
+def test_expressions_stay_near_even_on_grids_sharing_a_factor(poses, expressions, per_identity):
+    for identity in range(poses * expressions + 1):
+        variants = variants_of(identity, per_identity, poses, expressions)
+        counts = Counter(v.expression_index for v in variants)
+        if per_identity >= expressions:
+            assert spread(counts, expressions) <= 2
+        assert max(counts.values()) <= -(-per_identity // expressions) + 1
+
+
+@pytest.mark.parametrize(("poses", "expressions"), GRIDS)
+@pytest.mark.parametrize("per_identity", [1, 3, 4, 7, 8, 40])
+def test_consecutive_items_cover_the_grid_once(poses, expressions, per_identity):
+    grid = poses * expressions
+    identities = 2 * grid // per_identity + 3
+    items = [
+        (v.pose_index, v.expression_index)
+        for i in range(identities)
+        for v in variants_of(i, per_identity, poses, expressions)
+    ]
+    for start in range(len(items) - grid + 1):
+        assert len(set(items[start : start + grid])) == grid
+    # a whole job whose item count is a multiple of P*E covers the grid uniformly
+    counts = Counter(items[: len(items) - len(items) % grid])
+    assert len(counts) == grid
+    assert max(counts.values()) == min(counts.values())
+
+
+def test_absent_banks_cycle_the_other_axis():
+    for per_identity in (1, 3, 8):
+        for identity in range(5):
+            for v in range(per_identity):
+                item = identity * per_identity + v
+                assert variant_for(identity, v, 0, 8, per_identity) == Variant(v, None, item % 8)
+                assert variant_for(identity, v, 15, 0, per_identity) == Variant(v, item % 15, None)
+
+
+def test_small_identities_see_many_poses():
+    # the old rule gave identity 0 of a 15 poses x 8 expressions, N = 40 job only poses
+    # 0-4, and every image of an identity the same pose for 15 x 16 with N = 4
+    for identity in range(20):
+        variants = variants_of(identity, 40, 15, 8)
+        poses = Counter(v.pose_index for v in variants)
+        assert sorted(poses.values()) == [2] * 5 + [3] * 10
+        assert len({v.expression_index for v in variants}) == 8
+        assert len({v.pose_index for v in variants_of(identity, 4, 15, 16)}) == 4
+        assert len({v.expression_index for v in variants_of(identity, 4, 15, 16)}) == 4
+
+
+def test_variant_is_deterministic():
+    first = [variant_for(i, v, 15, 8, 40) for i in range(20) for v in range(40)]
+    again = [variant_for(i, v, 15, 8, 40) for i in range(20) for v in range(40)]
+    assert first == again
+    assert variant_for(3, 7, 15, 8, 40) == Variant(7, 7, 7)  # item 127 -> c = 7
 
 
 @pytest.mark.parametrize(

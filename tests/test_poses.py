@@ -381,6 +381,22 @@ def test_folder_bank_round_trip(tmp_path: Path):
         np.testing.assert_array_equal(a.image, b.image)
 
 
+@pytest.mark.parametrize("name", ["bank.parquet", "poses.csv", "bank.npy"])
+def test_save_to_a_file_path_is_refused(tmp_path: Path, name: str):
+    bank = PoseBank.procedural([0], [0], [0], size=16, resolution=6)
+    with pytest.raises(BankError, match="a pose bank is a folder") as error:
+        bank.save(str(tmp_path / name))
+    assert "pass a folder path" in one_line(error)
+    assert not (tmp_path / name).exists()
+
+
+def test_save_over_an_existing_file_is_refused(tmp_path: Path):
+    (tmp_path / "bank").write_text("not a folder")
+    bank = PoseBank.procedural([0], [0], [0], size=16, resolution=6)
+    with pytest.raises(BankError, match="a pose bank is a folder"):
+        bank.save(str(tmp_path / "bank"))
+
+
 def test_folder_bank_round_trip_on_s3(s3_uri):
     uri, storage_options = s3_uri
     bank = PoseBank.procedural([0, 25], [0], [0], size=24, resolution=8)

@@ -99,6 +99,31 @@ def test_missing_and_unrecorded_files_are_problems(models: Path) -> None:
     assert len(problems) == 2
 
 
+def test_recorded_files_are_verified_whatever_the_components(models: Path) -> None:
+    (models / "controlnet" / "config.json").unlink()
+    target = models / "lcm-lora" / "pytorch_lora_weights.safetensors"
+    target.write_bytes(target.read_bytes() + b"x")
+    problems = store.verify_models(models, [])
+    assert len(problems) == 2
+    assert any("missing controlnet/config.json" in p and "--with controlnet" in p for p in problems)
+    assert any("sha256 mismatch for lcm-lora/" in p and "--with lcm" in p for p in problems)
+    # Optional components that were never recorded stay optional.
+    checksums = store.read_checksums(models)
+    for relative in store.COMPONENT_FILES["controlnet"] + store.COMPONENT_FILES["lcm"]:
+        del checksums[relative]
+        (models / relative).unlink(missing_ok=True)
+    (models / store.CHECKSUMS_FILE).write_text(json.dumps(checksums))
+    assert store.verify_models(models, ["expression"]) == []
+
+
+def test_missing_models_directory_is_one_problem(tmp_path: Path) -> None:
+    problems = store.verify_models(tmp_path / "nope", ("core", *OPTIONAL))
+    assert len(problems) == 1
+    assert "no models directory at" in problems[0]
+    assert "models download" in problems[0] and "models tiny" in problems[0]
+    assert "\n" not in problems[0]
+
+
 def test_file_hashes_are_cached(pristine: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     first = store.file_hashes(pristine)
     calls = []

@@ -11,9 +11,11 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from arc2face_engine.dataset.reader import DatasetNotFound
 from arc2face_engine.dataset.torch_dataset import (
     Arc2FaceDataset,
     DatasetSplitError,
+    EmptySplit,
     identity_split,
 )
 from tests.dataset_factory import make_dataset
@@ -80,6 +82,18 @@ def test_bad_split_is_a_user_error(made) -> None:
         Arc2FaceDataset(made.uri, split="test")
     with pytest.raises(DatasetSplitError, match="val_fraction"):
         Arc2FaceDataset(made.uri, val_fraction=1.5)
+
+
+def test_missing_dataset_is_dataset_not_found(tmp_path: Path) -> None:
+    with pytest.raises(DatasetNotFound, match="no dataset at") as error:
+        Arc2FaceDataset(str(tmp_path / "nope"))
+    assert "\n" not in str(error.value)
+
+
+def test_empty_split_is_a_user_error(made) -> None:
+    with pytest.raises(EmptySplit, match=r"split 'val' of .* has no accepted images") as error:
+        Arc2FaceDataset(made.uri, split="val", val_fraction=0.0)
+    assert "val_fraction" in str(error.value) and "\n" not in str(error.value)
 
 
 def test_pickles_without_an_open_filesystem(made) -> None:

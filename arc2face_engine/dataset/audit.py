@@ -178,6 +178,7 @@ class QualitySection(BaseModel):
     unique_balls: int = 0
     inter_class_max_cosine: float | None = None
     inter_class_closest_pair: list[str] = Field(default_factory=list)
+    inter_class_close_pairs: int = 0  # centre pairs with cosine > 1 - radius
     inter_class_histogram: Histogram | None = None
     near_duplicates: Finding = Field(default_factory=Finding)
     accept_rate_min: float | None = None
@@ -756,6 +757,17 @@ def inter_class_stats(
     return (None if pair is None else best), pair, counts
 
 
+def close_pair_count(centres: np.ndarray, threshold: float, block_rows: int | None = None) -> int:
+    """Number of centre pairs i < j with cosine > `threshold`, in bounded row blocks."""
+    n, total = len(centres), 0
+    rows_per_block = block_rows or _block_rows(n)
+    for start in range(0, n, rows_per_block):
+        block = centres[start : start + rows_per_block] @ centres[start:].T
+        upper = np.arange(block.shape[1])[None, :] > np.arange(len(block))[:, None]
+        total += int((block[upper] > threshold).sum())
+    return total
+
+
 @dataclass
 class _ReverifySample:
     ordinals: np.ndarray  # sorted positions among accepted rows with a file
@@ -881,6 +893,8 @@ def measure_quality(
         quality.uniqueness = balls / len(valid_centres)
         best, pair, counts = inter_class_stats(valid_centres)
         quality.inter_class_max_cosine = best
+        if best is not None and best > 1.0 - radius:
+            quality.inter_class_close_pairs = close_pair_count(valid_centres, 1.0 - radius)
         quality.inter_class_histogram = Histogram(
             edges=COSINE_BINS.tolist(), counts=counts.tolist()
         )
@@ -1109,6 +1123,8 @@ def _collect_problems(report: AuditReport) -> None:
     quality = report.quality
     if quality is not None and quality.near_duplicates.count:
         report.warnings.append(f"quality: {quality.near_duplicates.count} near-duplicate pairs")
+    if quality is not None:
+        report.warnings.extend(_separation_warnings(quality))
     if report.leakage is not None and report.leakage.flagged:
         report.warnings.append(
             f"leakage: {len(report.leakage.flagged)} identities above cosine "
@@ -1117,6 +1133,27 @@ def _collect_problems(report: AuditReport) -> None:
     if report.reverify is not None and report.reverify.mismatches:
         report.warnings.append(f"reverify: {len(report.reverify.mismatches)} mismatches")
     report.passed = report.schemas.ok and report.integrity.ok
+
+
+def _separation_warnings(quality: QualitySection) -> list[str]:
+    """Identities that collapse together at the audit's radius (warnings, not failures)."""
+    warnings = []
+    threshold = 1.0 - quality.radius
+    if quality.uniqueness is not None and quality.uniqueness < 1.0:
+        inside = quality.identities_with_accepted - quality.unique_balls
+        warnings.append(
+            f"quality: uniqueness {quality.uniqueness:.3f}: {inside} of "
+            f"{quality.identities_with_accepted} identity centres fall inside another "
+            f"identity's radius-{quality.radius:g} ball (cosine >= {threshold:.2f})"
+        )
+    best = quality.inter_class_max_cosine
+    if best is not None and best > threshold:
+        pair = " ~ ".join(quality.inter_class_closest_pair)
+        warnings.append(
+            f"quality: inter-class max cosine {best:.3f} exceeds 1 - radius = {threshold:.2f}: "
+            f"{quality.inter_class_close_pairs} centre pairs above it (closest: {pair})"
+        )
+    return warnings
 
 
 def audit_dataset(
@@ -1139,7 +1176,7 @@ def audit_dataset(
     (row-level integrity and quality still run): for benchmarks and quick checks.
     """
     if reverify and models_dir is None:
-        raise AuditError("reverify needs the models directory: pass models_dir (--models)")
+        raise AuditError("--reverify needs the models directory: pass --models DIR")
     reader = DatasetReader(uri, storage_options)
     report = AuditReport(uri=str(uri), created_at=dt.datetime.now(dt.timezone.utc).isoformat())
     info = _read_info(reader, report)

@@ -93,6 +93,42 @@ def worker_for(spec: JobSpec, device: str = "auto") -> Worker:
         return _WORKERS[key]
 
 
+def required_components(spec: JobSpec) -> list[str]:
+    """The parts of the models directory this spec uses."""
+    components = ["core"]
+    if spec.variations.poses.kind != "none":
+        components.append("controlnet")
+    if spec.variations.expressions.kind != "none":
+        components.append("expression")
+    if spec.generation.scheduler == "lcm":
+        components.append("lcm")
+    return components
+
+
+def preflight(spec: JobSpec) -> None:
+    """Check, before any orchestration starts, everything a user can get wrong: model
+    files, devices, banks, the identity source and the output. Each failure is a
+    UserError naming the problem and the fix, and nothing has been written yet."""
+    from arc2face_engine import identities
+    from arc2face_engine.generation import resolve_device
+
+    for component in required_components(spec):
+        store.require(spec.models.dir, component)
+    for device in spec.compute.devices:
+        resolve_device(device)
+    load_pose_bank(spec.variations.poses, size=spec.generation.height)
+    load_expression_bank(spec.variations.expressions, seed=spec.seed, models_dir=spec.models.dir)
+    writer = open_writer(spec)
+    writer.check_compatible(spec_hash(spec))
+    if DatasetReader(spec.output.uri, spec.output.storage_options).has_identities():
+        return  # a resumed job keeps the identities it recorded
+    source = spec.identities
+    if source.source == "file":
+        identities.load_embedding_file(source.path, spec.output.storage_options, limit=source.count)
+    elif source.source == "images":
+        identities.list_image_files(source.path, spec.output.storage_options)
+
+
 def open_writer(spec: JobSpec) -> DatasetWriter:
     return DatasetWriter(spec.output.uri, spec.output.storage_options)
 

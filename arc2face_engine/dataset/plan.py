@@ -28,16 +28,40 @@ class Variant:
 
 
 def variant_for(
-    identity_index: int, variant_index: int, n_poses: int, n_expressions: int
+    identity_index: int,
+    variant_index: int,
+    n_poses: int,
+    n_expressions: int,
+    images_per_identity: int,
 ) -> Variant:
-    """Grid cell `(v + i) mod (P*E)`, poses outer: identities shift through the grid so
-    every identity covers it evenly and neighbouring identities start at different cells."""
-    poses, expressions = max(n_poses, 1), max(n_expressions, 1)
-    cell = (variant_index + identity_index) % (poses * expressions)
+    """The grid cell of image `v` of identity `i`.
+
+    Cell `c = (i*N + v) mod (P*E)` (N = images_per_identity); pose `c mod P`, expression
+    `(c + c // L) mod E` with L = lcm(P, E). Consecutive variants change pose and
+    expression at every step. Pose is `item mod P`, so an identity with N >= P sees every
+    pose, counts within 1. When P and E are coprime, L = P*E and the expression is
+    `item mod E`: with N >= E every expression, counts within 1 (15 poses x 8 expressions,
+    40 images: 2-3 per pose, 5 per expression). Otherwise each block of L cells shifts
+    the expressions by one, so counts may differ by 2. Within a block c -> (c mod P,
+    c mod E) reaches the pairs agreeing mod gcd(P, E), and the shifts reach the rest, so
+    c -> cell is a bijection: any P*E consecutive items in identity-major order cover the
+    grid exactly once. P == 0: expression `c mod E`; E == 0: pose `c mod P`.
+    """
+    if images_per_identity <= 0:
+        raise ValueError(f"images_per_identity must be > 0, got {images_per_identity}")
+    item = identity_index * images_per_identity + variant_index
+    if not n_poses and not n_expressions:
+        return Variant(index=variant_index, pose_index=None, expression_index=None)
+    if not n_poses:
+        return Variant(index=variant_index, pose_index=None, expression_index=item % n_expressions)
+    if not n_expressions:
+        return Variant(index=variant_index, pose_index=item % n_poses, expression_index=None)
+    cell = item % (n_poses * n_expressions)
+    block = math.lcm(n_poses, n_expressions)
     return Variant(
         index=variant_index,
-        pose_index=cell // expressions if n_poses else None,
-        expression_index=cell % expressions if n_expressions else None,
+        pose_index=cell % n_poses,
+        expression_index=(cell + cell // block) % n_expressions,
     )
 
 

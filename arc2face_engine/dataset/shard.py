@@ -207,6 +207,7 @@ def _controls(
         item.variant,
         len(poses) if poses else 0,
         len(expressions) if expressions else 0,
+        job.images_per_identity,
     )
     pose = poses[variant.pose_index] if variant.pose_index is not None else None
     expression = (

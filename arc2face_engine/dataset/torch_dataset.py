@@ -38,6 +38,10 @@ class DatasetSplitError(UserError, ValueError):
     """A split option is invalid."""
 
 
+class EmptySplit(UserError, ValueError):
+    """The dataset (or the selected split of it) has no images to serve."""
+
+
 def identity_split(identity_id: str, val_fraction: float, split_seed: int = 0) -> str:
     """The split ("train" or "val") of one identity: a hash of (seed, id), stable across runs."""
     digest = hashlib.sha256(f"{split_seed}:{identity_id}".encode()).digest()
@@ -69,7 +73,23 @@ class Arc2FaceDataset(Dataset):
         self.align, self.transform, self.include_rejected = align, transform, include_rejected
         self._reader: DatasetReader | None = None
         self._reader_pid: int | None = None
-        self._build_index(DatasetReader(self.uri, self.storage_options))
+        reader = DatasetReader(self.uri, self.storage_options)
+        reader.info()  # DatasetNotFound (naming the URI) when there is no dataset.json
+        self._build_index(reader)
+        if not len(self.labels):
+            raise EmptySplit(self._empty_message())
+
+    def _empty_message(self) -> str:
+        kind = "images" if self.include_rejected else "accepted images"
+        if self.split is None:
+            return (
+                f"{self.uri} has no {kind}: check that shards committed "
+                f"(`arc2face-synth audit {self.uri}`) or generate more identities"
+            )
+        fix = "lower val_fraction" if self.split == "train" else "raise val_fraction"
+        return (
+            f"split {self.split!r} of {self.uri} has no {kind}: {fix} or generate more identities"
+        )
 
     # --- index --------------------------------------------------------------------------------
 

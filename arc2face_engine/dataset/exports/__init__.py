@@ -21,7 +21,7 @@ import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from arc2face_engine.dataset.codec import decode_image
 from arc2face_engine.dataset.reader import DatasetReader
@@ -41,6 +41,17 @@ IO_THREADS = 8
 
 class ExportError(UserError, ValueError):
     """An export cannot run as asked (unknown format, nothing to export...)."""
+
+
+class DamagedDataset(ExportError):
+    """A manifest part or an image file of the dataset is missing or unreadable."""
+
+
+def _damaged(reader: DatasetReader, what: str) -> DamagedDataset:
+    return DamagedDataset(
+        f"{what} in dataset {reader.uri}: run `arc2face-synth audit {reader.uri}` "
+        "to locate the damage"
+    )
 
 
 @dataclass
@@ -86,25 +97,42 @@ class ExportPlan:
         return len(self.row_index)
 
 
+def _plan_batches(reader: DatasetReader, part: str) -> Iterator[tuple[pa.RecordBatch, int]]:
+    """(batch, offset of its first row) of one manifest part, read whole before yielding so
+    that a corrupt part is reported as such and not as an error of the caller."""
+    batches = []
+    try:
+        with reader.open(part) as handle:
+            batches = list(pq.ParquetFile(handle).iter_batches(columns=PLAN_COLUMNS))
+    except pa.ArrowInvalid as error:
+        raise _damaged(reader, f"manifest part {part} is corrupt ({_first_line(error)})") from None
+    offset = 0
+    for batch in batches:
+        yield batch, offset
+        offset += batch.num_rows
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def plan_export(reader: DatasetReader, include_rejected: bool = False) -> ExportPlan:
     """Stream the small columns once and decide the output order (label, part, row)."""
     parts = reader.manifest_parts()
     part_index, row_index, source_labels, identity_of_label = [], [], [], {}
     for number, part in enumerate(parts):
-        with reader.open(part) as handle:
-            offset = 0
-            for batch in pq.ParquetFile(handle).iter_batches(columns=PLAN_COLUMNS):
-                keep = batch.column("path").is_valid().to_numpy(zero_copy_only=False)
-                if not include_rejected:
-                    keep &= batch.column("accepted").to_numpy(zero_copy_only=False)
-                rows = np.flatnonzero(keep)
-                labels = batch.column("label").to_numpy(zero_copy_only=False)[rows]
-                ids = batch.column("identity_id").take(pa.array(rows)).to_pylist()
-                identity_of_label.update(zip(labels.tolist(), ids, strict=True))
-                part_index.append(np.full(len(rows), number, np.int32))
-                row_index.append(rows + offset)
-                source_labels.append(labels)
-                offset += batch.num_rows
+        for batch, offset in _plan_batches(reader, part):
+            keep = batch.column("path").is_valid().to_numpy(zero_copy_only=False)
+            if not include_rejected:
+                keep &= batch.column("accepted").to_numpy(zero_copy_only=False)
+            rows = np.flatnonzero(keep)
+            labels = batch.column("label").to_numpy(zero_copy_only=False)[rows]
+            ids = batch.column("identity_id").take(pa.array(rows)).to_pylist()
+            identity_of_label.update(zip(labels.tolist(), ids, strict=True))
+            part_index.append(np.full(len(rows), number, np.int32))
+            row_index.append(rows + offset)
+            source_labels.append(labels)
     if not part_index or not sum(len(rows) for rows in row_index):
         raise ExportError(
             f"dataset {reader.uri} has no images to export: check that shards committed"
@@ -159,8 +187,14 @@ def _iter_rows(reader: DatasetReader, plan: ExportPlan) -> Iterator[tuple[dict, 
         plan.part_index.tolist(), plan.row_index.tolist(), plan.labels.tolist(), strict=True
     ):
         if part != loaded_part:
-            with reader.open(plan.parts[part]) as handle:
-                rows = pq.read_table(handle, columns=ITEM_COLUMNS).to_pylist()  # one shard
+            try:
+                with reader.open(plan.parts[part]) as handle:
+                    rows = pq.read_table(handle, columns=ITEM_COLUMNS).to_pylist()  # one shard
+            except pa.ArrowInvalid as error:
+                detail = _first_line(error)
+                raise _damaged(
+                    reader, f"manifest part {plan.parts[part]} is corrupt ({detail})"
+                ) from None
             loaded_part = part
         yield rows[row], label
 
@@ -177,7 +211,15 @@ def iter_items(
             if row["keypoints"] is None:
                 return None
             keypoints = np.asarray(row["keypoints"], np.float32).reshape(5, 2)
-        data, width, height = _to_jpeg(reader.read_image_bytes(row["path"]), keypoints)
+        try:
+            raw = reader.read_image_bytes(row["path"])
+        except FileNotFoundError:
+            raise _damaged(reader, f"image {row['path']} is missing") from None
+        try:
+            data, width, height = _to_jpeg(raw, keypoints)
+        except (UnidentifiedImageError, OSError) as error:  # truncated files raise OSError
+            detail = _first_line(error)
+            raise _damaged(reader, f"image {row['path']} cannot be decoded ({detail})") from None
         return ExportItem(row["image_id"], row["identity_id"], label, data, width, height,
                           _metadata(row))  # fmt: skip
 
@@ -220,6 +262,7 @@ def export_dataset(
     if name not in FORMATS:
         raise ExportError(f"unknown export format {fmt!r}: use one of {', '.join(FORMATS)}")
     reader = DatasetReader(uri, storage_options)
+    reader.info()  # DatasetNotFound (naming the URI) before "nothing to export"
     plan = plan_export(reader, include_rejected)
     skipped = [0]
     items = iter_items(reader, plan, align=align, skipped=skipped)
