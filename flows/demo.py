@@ -8,7 +8,7 @@ from rich.console import Console
 
 from schemas.job import JobSpec
 
-console = Console()
+console = Console(soft_wrap=True)
 
 
 def demo_spec(out: Path, identities: int = 8) -> JobSpec:
