@@ -8,6 +8,7 @@ from prefect.runtime import flow_run
 
 from arc2face_engine.dataset import job as dataset_job
 from arc2face_engine.dataset.shard import ShardJob, ShardResult
+from arc2face_engine.errors import UserError
 from schemas.job import JobSpec
 from tasks import progress
 from tasks.devices import claim_device
@@ -24,6 +25,12 @@ def build_identities(spec: JobSpec):
     return dataset_job.build_identities(spec, dataset_job.open_writer(spec))
 
 
+def _worth_retrying(task, task_run, state) -> bool:
+    """Retry transient failures (a storage hiccup, an evicted GPU), not user errors:
+    a bad bank or a missing file fails the same way every time."""
+    return not isinstance(state.result(raise_on_failure=False), UserError)
+
+
 @task(
     name="generate-shard",
     task_run_name="shard-{job.plan.shard:05d}",
@@ -31,6 +38,7 @@ def build_identities(spec: JobSpec):
     persist_result=False,
     retries=1,
     retry_delay_seconds=5,
+    retry_condition_fn=_worth_retrying,
 )
 def generate_shard(spec: JobSpec, job: ShardJob) -> ShardResult:
     """Generate, verify and commit one shard on a device of this worker."""

@@ -262,3 +262,22 @@ def test_setup_mistakes_fail_before_anything_is_written(tiny_models, tmp_path):
     with pytest.raises(BankError, match="no-poses"):
         generate_dataset(small_spec(tiny_models, str(out), variations__poses=folder_poses))
     assert not out.exists()
+
+
+def test_shard_user_errors_are_not_retried_and_surface_as_themselves(
+    tiny_models, tmp_path, monkeypatch
+):
+    from arc2face_engine.dataset import job as dataset_job
+    from arc2face_engine.errors import BankError
+    from flows.generate import generate_dataset
+
+    calls = []
+
+    def failing(spec, job, device="auto", on_batch=None):
+        calls.append(job.plan.shard)
+        raise BankError("pose bank changed under the job: rebuild it")
+
+    monkeypatch.setattr(dataset_job, "generate_shard", failing)
+    with pytest.raises(BankError, match="rebuild it"):
+        generate_dataset(small_spec(tiny_models, str(tmp_path / "ds")))
+    assert sorted(calls) == [0, 1, 2]  # each shard tried once: no retry of a user error
