@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 from insightface.data import get_object
+from insightface.utils.face_align import arcface_dst
 from onnx import TensorProto, helper, numpy_helper
 
 DETECTOR_FILE = "scrfd_10g_bnkps.onnx"
@@ -66,17 +67,7 @@ BRIGHT_LEVEL = 0.0  # pixels brighter than mid-grey carry the blob's moments
 
 # Five keypoints (eyes, nose, mouth corners) relative to the blob centre, in units of the
 # blob radius: insightface's ArcFace template, centred on the face and scaled to it.
-_ARCFACE_TEMPLATE = np.array(
-    [
-        [38.2946, 51.6963],
-        [73.5318, 51.5014],
-        [56.0252, 71.7366],
-        [41.5493, 92.3655],
-        [70.7299, 92.2041],
-    ],
-    dtype=np.float32,
-)
-KEYPOINT_OFFSETS = (_ARCFACE_TEMPLATE - np.array([56.0, 64.0], np.float32)) / 48.0
+KEYPOINT_OFFSETS = (arcface_dst.astype(np.float32) - np.array([56.0, 64.0], np.float32)) / 48.0
 
 
 class _Graph:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
+from insightface.utils.face_align import arcface_dst
 from PIL import Image
 
 from arc2face_engine.dataset.writer import DatasetWriter
@@ -29,16 +30,7 @@ from schemas.tables import (
 )
 
 # insightface's 112x112 ArcFace template (eyes, nose, mouth corners), scaled per image size.
-ARCFACE_TEMPLATE_112 = np.array(
-    [
-        [38.2946, 51.6963],
-        [73.5318, 51.5014],
-        [56.0252, 71.7366],
-        [41.5493, 92.3655],
-        [70.7299, 92.2041],
-    ],
-    dtype=np.float32,
-)
+ARCFACE_TEMPLATE_112 = arcface_dst.astype(np.float32)
 POSES = (("frontal", 0.0), ("left", -30.0), ("right", 30.0))
 EXPRESSIONS = ("neutral", "smile")
 
