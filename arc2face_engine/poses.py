@@ -40,7 +40,7 @@ FILE_SUFFIXES = (
 )  # fmt: skip
 
 # Bump when render.py's output changes, so on-disk caches are not reused across versions.
-RENDER_VERSION = "normals-v1"
+RENDER_VERSION = "normals-v2-emoca"
 _CACHE_ENTRIES = 128  # ~100 MB of 512x512 maps
 _render_cache: OrderedDict[str, np.ndarray] = OrderedDict()
 

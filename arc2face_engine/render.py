@@ -1,16 +1,32 @@
 """Normal-map rendering for the pose ControlNet: a numpy z-buffer rasteriser, mesh IO, a head.
 
-Arc2Face's pose ControlNet is conditioned on a normal map of a FLAME head (EMOCA renders
-in the reference demo): per-pixel camera-space surface normals coloured as ``n * 0.5 + 0.5``
-on a black background, the face framed like an FFHQ crop. This module renders such maps
-from any triangle mesh without a GPU or an OpenGL context.
+Arc2Face's pose ControlNet is conditioned on EMOCA renders of a FLAME head. Its demo
+(``gradio_demo/app_controlnet.py``) turns EMOCA's ``normal_images`` into the conditioning
+image as ``uint8(clamp(n * 0.5 + 0.5, 0, 1) * 255)``, and EMOCA's renderer (DECA's
+``SRenderY`` over pytorch3d's rasteriser) makes ``normal_images`` as follows; this module
+reproduces each step without a GPU or an OpenGL context:
 
-Conventions (camera space, right-handed):
+* per-vertex normals of the posed mesh (area-weighted sums of face cross products, then
+  normalised), interpolated with the barycentric weights of the nearest triangle and NOT
+  normalised again, so values between vertices are slightly shorter than 1;
+* no back-face culling and no flipping: a visible triangle keeps the normal its winding
+  gives (seen through FLAME's mouth or eye openings, inner walls face away);
+* multiplied by the coverage mask, so the background normal is 0: colour
+  (127, 127, 127) after ``floor(127.5)``; a camera-facing normal is (127, 127, 255);
+* cast to uint8 by truncation (floor: all values are >= 0);
+* drawn into the FFHQ-aligned 512 crop that EMOCA reconstructed the reference face from
+  (``image_align`` in the demo), see :func:`ffhq_framing`.
+
+Conventions (camera space = FLAME's world frame, right-handed):
 
 * x points right, y points up, z points out of the screen towards the viewer; the camera
-  looks down -z with an orthographic projection. A normal facing the camera is (0, 0, 1),
-  coloured (128, 128, 255); a surface facing image-right is red, one facing up is green.
-* Meshes are given in the same frame, face looking towards +z, top of the head towards +y.
+  looks down -z with an orthographic projection (EMOCA's is orthographic too). A surface
+  facing image-right is red (R > 127), one facing up is green (G > 127), one facing the
+  camera is blue (B = 255).
+* Meshes are given in the same frame, face looking towards +z, top of the head towards +y,
+  triangles wound counter-clockwise seen from outside (FLAME's winding). A mesh whose
+  triangles are all wound the other way (negative signed volume) is turned around once
+  as a whole before rendering; single back-facing triangles are never flipped.
 * Angles are degrees and follow insightface's head-pose signs (``Face.pose`` = pitch, yaw,
   roll, from ``1k3d68``), so a requested pose and the pose measured on the generated image
   are directly comparable:
@@ -35,14 +51,27 @@ import numpy as np
 
 from arc2face_engine.errors import BankError
 
-BACKGROUND = (0, 0, 0)  # EMOCA's normal renders have a black background
+# EMOCA's background: normal 0 -> floor((0 * 0.5 + 0.5) * 255) = 127 in every channel.
+BACKGROUND = (127, 127, 127)
 
-# FFHQ framing (Karras et al. alignment): the crop is ~4 inter-ocular distances wide and
-# centred just below the eye line. For an adult head (about 15 cm wide, eyes about 12 cm
-# below the top of the skull, 6.3 cm apart) that is a head width of ~0.6 of the image, and
-# a crop centre ~0.8 head widths below the top of the skull.
-HEAD_WIDTH_FRACTION = 0.6
-CENTRE_BELOW_TOP = 0.8
+# FFHQ alignment (Karras et al., the ffhq-dataset script Arc2Face's demo calls as image_align):
+# with e2e = right eye - left eye and e2m = mouth - eye midpoint (eye = mean of its six
+# landmarks, mouth = mean of the two corners), the crop is a square of side
+# 2 * max(2.0 * |e2e|, 1.8 * |e2m|), centred at eye midpoint + 0.1 * e2m, resized to 512.
+FFHQ_EYE_TO_EYE_FACTOR = 2.0
+FFHQ_EYE_TO_MOUTH_FACTOR = 1.8
+FFHQ_CENTRE_TOWARDS_MOUTH = 0.1
+
+# Where a head's eyes and mouth are when its landmarks are not given (any mesh file):
+# fractions of the head width W (x extent of the neutral mesh) measured from the top of
+# the skull. For an adult head of W = 15 cm these put the eyes 11.3 cm below the vertex and
+# 6.4 cm apart (mean interpupillary distance is about 6.3 cm) and the mouth 6.6 cm below
+# the eye line, so mouth-drop / eye-distance = 1.03, as in the FFHQ 512 template (facexlib:
+# eyes (193.0, 239.9) and (318.9, 240.2), mouth corners' mean (257.2, 371.3): 131.2 / 125.9
+# = 1.04). The procedural head places its eye sockets and lips at exactly these points.
+EYE_LINE_BELOW_TOP = 0.7533
+HALF_EYE_DISTANCE = 0.2133
+EYE_TO_MOUTH = 0.44
 
 # Triangle-pixel candidates processed at once; bounds memory at any image size.
 _CANDIDATES_PER_CHUNK = 2_000_000
@@ -57,17 +86,67 @@ class Framing:
     extent: float
 
 
-def ffhq_framing(vertices: np.ndarray) -> Framing:
-    """FFHQ-like framing from the neutral mesh's bounding box (independent of any neck below)."""
+@dataclass(frozen=True)
+class Landmarks:
+    """3D points (mesh units, neutral pose) that FFHQ alignment uses: the eye centres
+    (``left_eye`` is on the image's left, the subject's right eye) and the mouth centre."""
+
+    left_eye: np.ndarray
+    right_eye: np.ndarray
+    mouth: np.ndarray
+
+    def as_array(self) -> np.ndarray:
+        return np.stack([self.left_eye, self.right_eye, self.mouth]).astype(np.float64)
+
+
+def estimate_landmarks(vertices: np.ndarray) -> Landmarks:
+    """Eyes and mouth of a head mesh from its width and the top of its skull (see
+    EYE_LINE_BELOW_TOP); each point sits on the frontmost surface near it, so turning the
+    head moves it as the face's own features move. A neck or shoulders below do not matter."""
     low, high = vertices.min(axis=0), vertices.max(axis=0)
-    head_width = float(high[0] - low[0])
-    if head_width <= 0:
+    width = float(high[0] - low[0])
+    if width <= 0:
         raise BankError("mesh has zero width; pass a head mesh with the face towards +z, y up")
-    return Framing(
-        centre_x=float(low[0] + high[0]) / 2,
-        centre_y=float(high[1]) - CENTRE_BELOW_TOP * head_width,
-        extent=head_width / HEAD_WIDTH_FRACTION,
+    centre_x = float(low[0] + high[0]) / 2
+    eye_y = float(high[1]) - EYE_LINE_BELOW_TOP * width
+    points = [
+        (centre_x - HALF_EYE_DISTANCE * width, eye_y),
+        (centre_x + HALF_EYE_DISTANCE * width, eye_y),
+        (centre_x, eye_y - EYE_TO_MOUTH * width),
+    ]
+    radius = 0.05 * width
+    surface = [_front_surface(vertices, x, y, radius) for x, y in points]
+    return Landmarks(*(np.array([x, y, z]) for (x, y), z in zip(points, surface, strict=True)))
+
+
+def _front_surface(vertices: np.ndarray, x: float, y: float, radius: float) -> float:
+    """z of the frontmost vertex within `radius` of (x, y) in the image plane (the nearest
+    vertex's z when none is that close)."""
+    distance = np.hypot(vertices[:, 0] - x, vertices[:, 1] - y)
+    near = distance <= radius
+    return float(vertices[near, 2].max() if near.any() else vertices[np.argmin(distance), 2])
+
+
+def ffhq_framing(landmarks: np.ndarray) -> Framing:
+    """The FFHQ-aligned crop of a face whose eyes and mouth project to these points.
+
+    ``landmarks`` is (3, 2+) camera-space points (left eye, right eye, mouth; x right, y up).
+    The crop's centre and size follow FFHQ alignment; its rotation does not: FFHQ would
+    turn the crop to level the eyes, which would undo a requested roll.
+    """
+    # FFHQ works in image coordinates (y down).
+    left_eye, right_eye, mouth = (np.array([p[0], -p[1]], dtype=np.float64) for p in landmarks)
+    eye_avg = (left_eye + right_eye) / 2
+    eye_to_eye = right_eye - left_eye
+    eye_to_mouth = mouth - eye_avg
+    half = max(
+        FFHQ_EYE_TO_EYE_FACTOR * float(np.hypot(*eye_to_eye)),
+        FFHQ_EYE_TO_MOUTH_FACTOR * float(np.hypot(*eye_to_mouth)),
     )
+    if half <= 0:
+        raise BankError("the head's eyes and mouth coincide; pass a head mesh, face towards +z")
+    centre = eye_avg + FFHQ_CENTRE_TOWARDS_MOUTH * eye_to_mouth
+    return Framing(centre_x=float(centre[0]), centre_y=float(-centre[1]), extent=2 * half)
 
 
 def rotation_matrix(yaw: float, pitch: float, roll: float) -> np.ndarray:
@@ -99,24 +178,26 @@ def render_normals(
     pitch: float = 0.0,
     roll: float = 0.0,
     size: int = 512,
-    background: tuple[int, int, int] = BACKGROUND,
     framing: Framing | None = None,
+    landmarks: Landmarks | None = None,
 ) -> np.ndarray:
-    """Render camera-space normals of a posed mesh as a uint8 (size, size, 3) RGB image.
+    """Render camera-space normals of a posed mesh as a uint8 (size, size, 3) RGB image,
+    with EMOCA's conventions (module docstring).
 
-    The mesh rotates about the centre of its neutral bounding box; the framing (default
-    :func:`ffhq_framing` of the neutral mesh) stays fixed, so turning does not rescale the
-    head. Normals are interpolated vertex normals, shown two-sided: a visible triangle whose
-    winding faces away from the camera has its normal flipped, so inward-wound or open meshes
-    (FLAME's neck and eye holes) still render as surfaces facing the viewer.
+    The mesh rotates about the centre of its neutral bounding box. By default each pose is
+    framed as FFHQ alignment would crop a photo of it: :func:`ffhq_framing` of the posed
+    ``landmarks`` (default :func:`estimate_landmarks`). An explicit ``framing`` is used as
+    given for every pose.
     """
     vertices = np.asarray(vertices, dtype=np.float64)
-    faces = np.asarray(faces, dtype=np.int64)
-    framing = framing or ffhq_framing(vertices)
+    faces = _outward(vertices, np.asarray(faces, dtype=np.int64))
     rotation = rotation_matrix(yaw, pitch, roll)
     pivot = (vertices.min(axis=0) + vertices.max(axis=0)) / 2
     posed = (vertices - pivot) @ rotation.T + pivot
     normals = vertex_normals(vertices, faces) @ rotation.T
+    if framing is None:
+        points = (landmarks or estimate_landmarks(vertices)).as_array()
+        framing = ffhq_framing((points - pivot) @ rotation.T + pivot)
 
     scale = size / framing.extent
     screen = np.empty((len(posed), 3))
@@ -125,7 +206,18 @@ def render_normals(
     screen[:, 2] = posed[:, 2]
 
     face_id, bary = _rasterize(screen, faces, size)
-    return _shade(face_id, bary, faces, normals, screen, size, background)
+    return _shade(face_id, bary, faces, normals, size)
+
+
+def _outward(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
+    """The triangles wound outwards: reversed, all of them, when the mesh's signed volume
+    is negative (a file exported with the other winding). FLAME, which EMOCA renders, is
+    wound outwards, so its vertex normals point out of the head; open meshes (FLAME's
+    neck and eye openings) still have a clear sign. Flat or tiny volumes are left alone."""
+    corners = vertices[faces] - vertices.mean(axis=0)
+    volume = np.einsum("ij,ij->i", corners[:, 0], np.cross(corners[:, 1], corners[:, 2])).sum()
+    extent = float(np.ptp(vertices, axis=0).max())
+    return faces[:, ::-1] if volume < -1e-6 * extent**3 else faces
 
 
 def _rasterize(screen: np.ndarray, faces: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -208,22 +300,16 @@ def _shade(
     bary: np.ndarray,
     faces: np.ndarray,
     normals: np.ndarray,
-    screen: np.ndarray,
     size: int,
-    background: tuple[int, int, int],
 ) -> np.ndarray:
-    """Colour covered pixels with their interpolated normal, n * 0.5 + 0.5, the rest background."""
-    image = np.empty((size * size, 3), dtype=np.uint8)
-    image[:] = np.asarray(background, dtype=np.uint8)
+    """EMOCA's normal image: the interpolated (not re-normalised) normal where a triangle
+    covers the pixel, 0 elsewhere; then the demo's uint8(clamp(n * 0.5 + 0.5) * 255)."""
+    normal = np.zeros((size * size, 3))
     covered = np.flatnonzero(face_id >= 0)
-    tri = faces[face_id[covered]]
-    normal = np.einsum("nk,nkd->nd", bary[covered], normals[tri])
-    # Screen rows grow downwards, so a triangle facing the camera has negative signed area.
-    facing = _edge(screen[tri[:, 0], :2], screen[tri[:, 1], :2], screen[tri[:, 2], :2]) < 0
-    normal[~facing] *= -1
-    normal /= np.maximum(np.linalg.norm(normal, axis=1, keepdims=True), 1e-12)
-    image[covered] = np.floor((normal * 0.5 + 0.5) * 255 + 0.5).clip(0, 255).astype(np.uint8)
-    return image.reshape(size, size, 3)
+    normal[covered] = np.einsum("nk,nkd->nd", bary[covered], normals[faces[face_id[covered]]])
+    # float32 as in the demo's torch tensors; astype truncates, i.e. floors these values.
+    colour = np.clip(normal.astype(np.float32) * 0.5 + 0.5, 0.0, 1.0) * np.float32(255)
+    return colour.astype(np.uint8).reshape(size, size, 3)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -470,8 +556,19 @@ def _bump(x: np.ndarray, y: np.ndarray, cx: float, cy: float, sx: float, sy: flo
     return np.exp(-(((x - cx) / sx) ** 2) / 2 - ((y - cy) / sy) ** 2 / 2)
 
 
+def procedural_landmarks() -> Landmarks:
+    """The procedural head's eye-socket and mouth centres (neutral pose, on its surface)."""
+    vertices, _ = procedural_head(64)
+    return estimate_landmarks(vertices)
+
+
 def _shape_head(unit: np.ndarray) -> np.ndarray:
     semi_axes = np.array([0.075, 0.115, 0.095])
+    width = 2 * semi_axes[0]
+    # Features at the proportions estimate_landmarks assumes, so its estimate is exact here.
+    eye_x = HALF_EYE_DISTANCE * width
+    eye_y = semi_axes[1] - EYE_LINE_BELOW_TOP * width
+    mouth_y = eye_y - EYE_TO_MOUTH * width
     points = unit * semi_axes
     x, y, z = points.T.copy()  # features are placed on the undeformed ellipsoid
     below_eyes = np.clip(-y / semi_axes[1], 0, 1)
@@ -480,10 +577,13 @@ def _shape_head(unit: np.ndarray) -> np.ndarray:
     points[:, 2] *= 1 - 0.15 * below_eyes**2 * (z < 0)
     front = np.clip(z / semi_axes[2], 0, 1) ** 2  # features only on the face side
     relief = (
-        0.022 * _bump(x, y, 0.0, -0.030, 0.010, 0.022)  # nose
-        + 0.006 * _bump(x, y, 0.0, 0.022, 0.045, 0.008)  # brow ridge
-        - 0.007 * _bump(np.abs(x), y, 0.032, 0.002, 0.012, 0.009)  # eye sockets
-        + 0.005 * _bump(np.abs(x), y, 0.045, -0.030, 0.012, 0.012)  # cheekbones
+        0.022 * _bump(x, y, 0.0, eye_y - 0.032, 0.010, 0.022)  # nose
+        + 0.006 * _bump(x, y, 0.0, eye_y + 0.020, 0.045, 0.008)  # brow ridge
+        - 0.007 * _bump(np.abs(x), y, eye_x, eye_y, 0.012, 0.009)  # eye sockets
+        + 0.005 * _bump(np.abs(x), y, 0.045, eye_y - 0.032, 0.012, 0.012)  # cheekbones
+        + 0.003 * _bump(x, y, 0.0, mouth_y + 0.007, 0.018, 0.004)  # upper lip
+        - 0.004 * _bump(x, y, 0.0, mouth_y, 0.020, 0.003)  # mouth line
+        + 0.003 * _bump(x, y, 0.0, mouth_y - 0.009, 0.016, 0.004)  # lower lip
         + 0.008 * _bump(x, y, 0.0, -0.100, 0.018, 0.012)  # chin
     )
     outward = unit / semi_axes  # ellipsoid normal direction

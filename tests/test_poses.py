@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -17,8 +19,13 @@ from arc2face_engine import poses as poses_module
 from arc2face_engine.errors import BankError
 from arc2face_engine.poses import Pose, PoseBank, load_pose_bank, pose_name
 from arc2face_engine.render import (
+    BACKGROUND,
     Framing,
+    Landmarks,
+    estimate_landmarks,
+    ffhq_framing,
     procedural_head,
+    procedural_landmarks,
     read_mesh,
     render_normals,
     rotation_matrix,
@@ -59,11 +66,17 @@ def square(half: float = 1.0, z: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
 
 
 def colour_of(normal: tuple[float, float, float]) -> np.ndarray:
-    return np.floor((np.asarray(normal) * 0.5 + 0.5) * 255 + 0.5)
+    """EMOCA's / the Arc2Face demo's colour of a normal: floor((n * 0.5 + 0.5) * 255)."""
+    return np.floor((np.asarray(normal) * 0.5 + 0.5) * 255)
 
 
 def decode(image: np.ndarray) -> np.ndarray:
     return image.astype(np.float64) / 255 * 2 - 1
+
+
+def covered(image: np.ndarray) -> np.ndarray:
+    """Pixels a surface covers: anything but the mid-grey background."""
+    return (image != np.array(BACKGROUND, np.uint8)).any(axis=2)
 
 
 def one_line(error: pytest.ExceptionInfo) -> str:
@@ -80,13 +93,12 @@ def test_sphere_head_on_normals_silhouette_and_rim():
     size = 65  # odd: the centre pixel's sample point is exactly the sphere's centre
     image = render_normals(*uv_sphere(), size=size, framing=CENTRED)
     centre, radius = size / 2, size / 3.0  # extent 3 -> unit radius is a third of the width
-    assert np.abs(image[32, 32].astype(int) - [128, 128, 255]).max() <= 1
+    assert image[32, 32].tolist() == [127, 127, 255]  # camera-facing: floor(127.5), 255
 
     rows, cols = np.mgrid[0:size, 0:size] + 0.5
     distance = np.hypot(cols - centre, rows - centre)
-    covered = image.any(axis=2)
-    assert not covered[distance > radius + 1].any()  # background is exactly (0, 0, 0)
-    assert covered[distance < radius - 1].all()
+    assert (image[distance > radius + 1] == 127).all()  # background: normal 0 -> 127
+    assert covered(image)[distance < radius - 1].all()
 
     # The whole normal field matches the sphere's (x, y up, z) away from the rim.
     inner = distance < 0.9 * radius
@@ -95,11 +107,59 @@ def test_sphere_head_on_normals_silhouette_and_rim():
     assert np.abs(decode(image)[inner] - expected[inner]).max() < 0.06
 
     middle = image[32]
-    left, right = np.flatnonzero(middle.any(axis=1))[[0, -1]]
-    assert middle[left, 0] < 40 and middle[right, 0] > 215  # rim normals point outwards
+    left, right = np.flatnonzero(covered(image)[32])[[0, -1]]
+    assert middle[left, 0] < 40 and middle[right, 0] > 215  # +x is image-right: red high
     column = image[:, 32]
-    top, bottom = np.flatnonzero(column.any(axis=1))[[0, -1]]
-    assert column[top, 1] > 215 and column[bottom, 1] < 40  # y is up
+    top, bottom = np.flatnonzero(covered(image)[:, 32])[[0, -1]]
+    assert column[top, 1] > 215 and column[bottom, 1] < 40  # +y is up: green high
+
+
+def test_axis_colours_of_planes_facing_right_up_and_camera():
+    """EMOCA's world frame: x right -> red, y up -> green, z to the camera -> blue."""
+    plane = square(0.8)
+    quarter = math.sqrt(0.5)
+    right = render_normals(*plane, yaw=45, size=33, framing=CENTRED)[16, 16]
+    assert right.tolist() == colour_of((quarter, 0, quarter)).tolist()
+    assert right[0] > 127 and right[1] == 127
+    up = render_normals(*plane, pitch=45, size=33, framing=CENTRED)[16, 16]
+    assert up.tolist() == colour_of((0, quarter, quarter)).tolist()
+    assert up[1] > 127 and up[0] == 127
+    left_down = render_normals(*plane, yaw=-60, size=33, framing=CENTRED)[16, 16]
+    assert left_down[0] < 127 and left_down[2] == colour_of((0, 0, 0.5))[2]
+
+
+def test_interpolated_normals_are_not_renormalised():
+    """EMOCA interpolates unit vertex normals and uses them as they are: inside the
+    triangles of a coarse sphere they are shorter than 1."""
+    image = render_normals(*uv_sphere(6, 12), size=65, framing=CENTRED)
+    rows, cols = np.mgrid[0:65, 0:65] + 0.5
+    inner = np.hypot(cols - 32.5, rows - 32.5) < 0.8 * 65 / 3
+    lengths = np.linalg.norm(decode(image)[inner], axis=1)
+    assert lengths.min() < 0.95  # renormalised normals would all be 1 +- quantisation
+    assert lengths.max() < 1.0 + 2 / 255
+
+
+def cube(open_front: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """[-1, 1]^3 with quads wound outwards, each with its own corners (flat normals);
+    optionally without its +z (front) face."""
+    corners = np.array([[x, y, z] for x in (-1, 1) for y in (-1, 1) for z in (-1, 1)], float)
+    quads = {
+        "-x": [0, 1, 3, 2], "+x": [4, 6, 7, 5], "-y": [0, 4, 5, 1],
+        "+y": [2, 3, 7, 6], "-z": [0, 2, 6, 4], "+z": [1, 5, 7, 3],
+    }  # fmt: skip
+    kept = [quad for side, quad in quads.items() if not (open_front and side == "+z")]
+    vertices = np.concatenate([corners[quad] for quad in kept])
+    faces = [[4 * q, 4 * q + i, 4 * q + i + 1] for q in range(len(kept)) for i in (1, 2)]
+    return vertices, np.array(faces)
+
+
+def test_back_facing_triangles_keep_their_normal():
+    """No per-triangle flipping: looking into an open box, its back wall shows the normal
+    its winding gives, pointing away (as FLAME's inner mouth walls do in EMOCA renders)."""
+    closed = render_normals(*cube(), size=33, framing=CENTRED)
+    assert closed[16, 16].tolist() == [127, 127, 255]
+    opened = render_normals(*cube(open_front=True), size=33, framing=CENTRED)
+    assert opened[16, 16].tolist() == [127, 127, 0]  # normal (0, 0, -1)
 
 
 @pytest.mark.parametrize(
@@ -126,8 +186,8 @@ def test_roll_rotates_the_silhouette_clockwise():
     size = 64
 
     def bar_centroid(roll: float) -> tuple[float, float]:
-        covered = render_normals(vertices, faces, roll=roll, size=size, framing=CENTRED).any(2)
-        rows, cols = np.nonzero(covered)
+        image = render_normals(vertices, faces, roll=roll, size=size, framing=CENTRED)
+        rows, cols = np.nonzero(covered(image))
         return rows.mean() - size / 2, cols.mean() - size / 2
 
     row, col = bar_centroid(0)
@@ -148,11 +208,11 @@ def test_angles_follow_insightface_pose_signs(angles):
     assert (measured_yaw, measured_pitch, measured_roll) == pytest.approx(angles, abs=1e-6)
 
 
-def test_inward_wound_mesh_renders_like_outward():
+def test_inward_wound_mesh_is_turned_around_as_a_whole():
     vertices, faces = uv_sphere(12, 24)
     outward = render_normals(vertices, faces, size=33, framing=CENTRED)
     inward = render_normals(vertices, faces[:, ::-1], size=33, framing=CENTRED)
-    assert np.abs(outward.astype(int) - inward).max() <= 1
+    np.testing.assert_array_equal(outward, inward)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -169,31 +229,113 @@ def test_procedural_head_is_closed_and_outward():
     assert volume > 0
 
 
-def test_procedural_head_is_framed_like_ffhq_and_symmetric():
+# FFHQ alignment of a frontal face with eyes d apart and the mouth m below them, when
+# 2.0 * d >= 1.8 * m: a crop of side 4d centred 0.1 m below the eye line, resized to 512.
+# So the eyes land at x = 256 -+ 64 and y = 256 - 12.8 m/d, the mouth at y = 256 + 115.2 m/d.
+# The FFHQ 512 five-point template (facexlib's mean over FFHQ) puts them at (193.0, 239.9),
+# (318.9, 240.2) and (257.2, 371.3), which the head must match within a few pixels.
+FFHQ_EYES_512 = np.array([[192.98, 239.95], [318.90, 240.19]])
+FFHQ_MOUTH_512 = np.array([257.18, 371.28])
+
+
+def projected(points: np.ndarray, framing: Framing, size: int) -> np.ndarray:
+    scale = size / framing.extent
+    return np.stack(
+        [(points[:, 0] - framing.centre_x) * scale, (framing.centre_y - points[:, 1]) * scale],
+        axis=1,
+    ) + size / 2
+
+
+def test_frontal_head_lands_on_the_ffhq_crop_eyes_and_mouth():
+    landmarks = procedural_landmarks()
+    pixels = projected(landmarks.as_array(), ffhq_framing(landmarks.as_array()), 512)
+    eyes, mouth = pixels[:2], pixels[2]
+    np.testing.assert_allclose(eyes[:, 0], [192, 320], atol=1e-6)  # exactly 4 eye distances
+    ratio = (landmarks.left_eye[1] - landmarks.mouth[1]) / (2 * landmarks.right_eye[0])
+    np.testing.assert_allclose(eyes[:, 1], 256 - 12.8 * ratio, atol=1e-6)
+    np.testing.assert_allclose(mouth, [256, 256 + 115.2 * ratio], atol=1e-6)
+    assert np.abs(eyes - FFHQ_EYES_512).max() < 4
+    assert np.abs(mouth - FFHQ_MOUTH_512).max() < 4
+
+
+def test_rendered_head_has_its_features_at_the_ffhq_rows():
+    """In the rendered image itself: at the template's eye columns the eye sockets, and at
+    its mouth column the mouth line, are where the template puts them. Each is a dent whose
+    upper wall faces down and lower wall faces up, so green rises fastest through it."""
+    size = 256
+    image = render_normals(*procedural_head(64), size=size).astype(int)
+
+    def steepest_green_rise(x: float, y: float) -> int:
+        row, col = round(y), round(x)
+        rows = np.arange(row - 12, row + 13)
+        return int(rows[np.argmax(image[rows + 3, col, 1] - image[rows - 3, col, 1])])
+
+    for x, y in FFHQ_EYES_512 * size / 512:
+        assert abs(steepest_green_rise(x, y) - y) <= 2
+    x, y = FFHQ_MOUTH_512 * size / 512
+    assert abs(steepest_green_rise(x, y) - y) <= 5  # lips span ~1 ring (5 px) of the mesh
+
+
+def test_estimated_landmarks_follow_the_head_not_the_neck():
+    vertices, _ = procedural_head(64)
+    neck = np.array([[0.0, -0.3, 0.0], [0.04, -0.3, 0.0]])  # a neck below changes nothing
+    with_neck = estimate_landmarks(np.concatenate([vertices, neck]))
+    alone = estimate_landmarks(vertices)
+    np.testing.assert_allclose(with_neck.as_array(), alone.as_array())
+    scaled = estimate_landmarks(vertices * 10)  # a mesh in centimetres-like units
+    np.testing.assert_allclose(scaled.as_array(), alone.as_array() * 10, rtol=1e-9)
+
+
+def test_procedural_head_is_centred_on_its_eyes_and_symmetric():
     size = 96
     image = render_normals(*procedural_head(32), size=size)
-    covered = image.any(axis=2)
-    rows, cols = np.nonzero(covered)
+    mask = covered(image)
+    rows, cols = np.nonzero(mask)
     assert cols.mean() == pytest.approx(size / 2, abs=1.0)
     width = (cols.max() - cols.min() + 1) / size
-    assert width == pytest.approx(0.6, abs=0.04)
+    assert width == pytest.approx(0.15 / 0.256, abs=0.04)  # head width / (4 eye distances)
     assert rows.min() < 0.1 * size and rows.max() > 0.85 * size
+    assert (image[0] == 127).all() and (image[-1] == 127).all()  # grey background
 
     mirrored = image[:, ::-1].astype(int)
-    assert (covered == covered[:, ::-1]).mean() > 0.99
-    both = covered & covered[:, ::-1]
-    assert np.abs(255 - mirrored[both, 0] - image[both, 0]).mean() < 3  # red flips
+    assert (mask == mask[:, ::-1]).mean() > 0.99
+    both = mask & mask[:, ::-1]
+    assert np.abs(254 - mirrored[both, 0] - image[both, 0]).mean() < 3  # red flips
     assert np.abs(mirrored[both, 1:] - image[both, 1:]).mean() < 3
+
+
+def test_each_pose_is_framed_like_an_ffhq_crop_of_it():
+    """A turned head is cropped as FFHQ alignment would crop a photo of it: around its
+    eyes and mouth, not its skull, so the eyes' midpoint stays at the centre column."""
+    vertices, faces = procedural_head(32)
+    landmarks = procedural_landmarks()
+    pivot = (vertices.min(axis=0) + vertices.max(axis=0)) / 2
+    for yaw in (-60, -30, 30, 60):
+        posed = (landmarks.as_array() - pivot) @ rotation_matrix(yaw, 10, 0).T + pivot
+        pixels = projected(posed, ffhq_framing(posed), 512)
+        eye_middle = pixels[:2].mean(axis=0)
+        assert eye_middle[0] == pytest.approx(256 - 0.1 * (pixels[2, 0] - eye_middle[0]))
+    fixed = Framing(0.0, 0.0, 0.4)
+    left = render_normals(vertices, faces, yaw=-40, size=64, framing=fixed)
+    right = render_normals(vertices, faces, yaw=40, size=64, framing=fixed)
+    assert (covered(left) == covered(right)[:, ::-1]).mean() > 0.99  # fixed stays fixed
+
+
+def test_landmarks_may_be_given():
+    vertices, faces = procedural_head(16)
+    given = Landmarks(np.array([-0.02, 0.0, 0.09]), np.array([0.02, 0.0, 0.09]), np.zeros(3))
+    image = render_normals(vertices, faces, size=64, landmarks=given)
+    assert not np.array_equal(image, render_normals(vertices, faces, size=64))
 
 
 def test_opposite_yaws_are_mirror_images():
     vertices, faces = procedural_head(32)
     right = render_normals(vertices, faces, yaw=35, roll=10, size=64).astype(int)
     left = render_normals(vertices, faces, yaw=-35, roll=-10, size=64)[:, ::-1].astype(int)
-    covered = right.any(axis=2) & left.any(axis=2)
-    assert (right.any(axis=2) == left.any(axis=2)).mean() > 0.99
-    assert np.abs(255 - left[covered, 0] - right[covered, 0]).mean() < 3
-    assert np.abs(left[covered, 1:] - right[covered, 1:]).mean() < 3
+    both = covered(right) & covered(left)
+    assert (covered(right) == covered(left)).mean() > 0.99
+    assert np.abs(254 - left[both, 0] - right[both, 0]).mean() < 3
+    assert np.abs(left[both, 1:] - right[both, 1:]).mean() < 3
     assert not np.array_equal(right, render_normals(vertices, faces, size=64))
 
 
@@ -504,3 +646,22 @@ def test_pose_is_frozen():
     pose = Pose("p", 0.0, 0.0, 0.0, np.zeros((2, 2, 3), np.uint8))
     with pytest.raises(AttributeError):
         pose.yaw = 1.0  # type: ignore[misc]
+
+
+def test_banks_poses_cli_writes_grey_background_maps(tmp_path: Path):
+    """`banks poses` as a user runs it: EMOCA's mid-grey background and camera-facing blue."""
+    out = tmp_path / "bank"
+    done = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "banks", "poses", str(out), "--yaw=-30,0",
+         "--size", "128"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    bank = PoseBank.from_folder(str(out))
+    assert bank.names == ["y-30_p+00_r+00", "y+00_p+00_r+00"]
+    for pose in bank:
+        assert pose.image[0, 0].tolist() == [127, 127, 127]
+        assert (pose.image[:, 0] == 127).all() and (pose.image[-1] == 127).all()
+    frontal = bank[1].image.reshape(-1, 3).astype(int)
+    most_facing = frontal[np.argmax(frontal[:, 2])]  # the surface point facing the camera
+    assert most_facing[2] >= 253 and np.abs(most_facing[:2] - 127).max() <= 16
