@@ -42,8 +42,9 @@ EMBEDDING_DIM = 512
 NO_FACE = "no_face"
 MULTIPLE_FACES = "multiple_faces"
 LOW_DETECTION_SCORE = "low_detection_score"
+LOW_FEATURE_NORM = "low_feature_norm"
 LOW_SIMILARITY = "low_similarity"
-REJECT_REASONS = (NO_FACE, MULTIPLE_FACES, LOW_DETECTION_SCORE, LOW_SIMILARITY)
+REJECT_REASONS = (NO_FACE, MULTIPLE_FACES, LOW_DETECTION_SCORE, LOW_FEATURE_NORM, LOW_SIMILARITY)
 
 
 # insightface's estimate_norm calls scikit-image's deprecated SimilarityTransform.estimate
@@ -203,9 +204,11 @@ def judge(
     min_similarity: float = 0.4,
     min_det_score: float = 0.5,
     require_single_face: bool = True,
+    min_feature_norm: float = 0.0,
 ) -> Verdict:
     """The verdict on one analysed image; reasons are checked in REJECT_REASONS order.
-    The similarity is reported whenever there is a face, also for rejected images."""
+    The similarity is reported whenever there is a face, also for rejected images.
+    `min_feature_norm` 0 is off; otherwise an unknown (nan) norm fails it too."""
     if record.face_count == 0 or record.embedding is None:
         return Verdict(record, math.nan, False, NO_FACE)
     similarity = float(record.embedding @ _normalise(np.asarray(identity_embedding, np.float32)))
@@ -214,9 +217,16 @@ def judge(
         reason = MULTIPLE_FACES
     elif record.det_score < min_det_score:
         reason = LOW_DETECTION_SCORE
+    elif min_feature_norm > 0 and not feature_norm(record) >= min_feature_norm:
+        reason = LOW_FEATURE_NORM
     elif similarity < min_similarity:
         reason = LOW_SIMILARITY
     return Verdict(record, similarity, reason is None, reason)
+
+
+def feature_norm(record: FaceRecord) -> float:
+    """The face's ArcFace feature norm before normalisation (nan when unknown)."""
+    return float(getattr(record, "embedding_norm", math.nan))
 
 
 class FaceAnalyzer:
@@ -304,6 +314,7 @@ class FaceAnalyzer:
         min_similarity: float = 0.4,
         min_det_score: float = 0.5,
         require_single_face: bool = True,
+        min_feature_norm: float = 0.0,
     ) -> list[Verdict]:
         """Does image i show identity i? Cosine of its largest face's embedding with
         identity_embeddings[i], after the face-count and detection-score checks."""
@@ -315,7 +326,14 @@ class FaceAnalyzer:
             )
         records = self.analyze(images)
         return [
-            judge(record, identity, min_similarity, min_det_score, require_single_face)
+            judge(
+                record,
+                identity,
+                min_similarity,
+                min_det_score,
+                require_single_face,
+                min_feature_norm,
+            )
             for record, identity in zip(records, identities, strict=True)
         ]
 

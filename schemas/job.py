@@ -285,6 +285,15 @@ class FilterSpec(_Section):
     require_single_face: bool = Field(
         True, description="Reject images in which the detector finds more than one face."
     )
+    min_feature_norm: float = Field(
+        0.0,
+        ge=0.0,
+        description="Minimum ArcFace feature norm (before normalisation) of the face, an "
+        "image-quality proxy (AdaFace): blurry or degraded faces have small norms. 0 = off. "
+        "The scale depends on the recognition model, so pick the value from the audit's "
+        "feature_norm distribution of a pilot run. Rejected images get reason "
+        "low_feature_norm.",
+    )
     max_attempts: int = Field(
         3,
         ge=1,

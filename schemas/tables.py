@@ -17,7 +17,13 @@ EMBEDDING_DIM = 512
 EXPRESSION_DIM = 55
 KEYPOINT_VALUES = 10  # 5 points x (x, y)
 
-REJECT_REASONS = ("no_face", "multiple_faces", "low_detection_score", "low_similarity")
+REJECT_REASONS = (
+    "no_face",
+    "multiple_faces",
+    "low_detection_score",
+    "low_feature_norm",
+    "low_similarity",
+)
 
 
 def _vector(size: int) -> pa.DataType:
@@ -72,6 +78,8 @@ MANIFEST_SCHEMA = pa.schema(
         pa.field("measured_pitch", pa.float32()),
         pa.field("measured_roll", pa.float32()),
         pa.field("face_embedding", _vector(EMBEDDING_DIM)),
+        # ArcFace feature norm before L2 normalisation: an image-quality proxy (AdaFace).
+        pa.field("feature_norm", pa.float32()),
         pa.field("similarity", pa.float32()),
         # verdict
         pa.field("accepted", pa.bool_(), nullable=False),

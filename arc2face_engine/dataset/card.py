@@ -84,7 +84,9 @@ def render_card(info: DatasetInfo, has_plot: bool) -> str:
         f"{generation['guidance']}, {generation['width']}x{generation['height']}",
         f"- filter: ArcFace re-verification, similarity >= {filters['min_similarity']}, "
         f"detection score >= {filters['min_det_score']}, exactly one face: "
-        f"{filters['require_single_face']}, up to {filters['max_attempts']} attempts per image",
+        f"{filters['require_single_face']}, "
+        f"feature norm >= {filters.get('min_feature_norm', 0.0)} (0 = off), "
+        f"up to {filters['max_attempts']} attempts per image",
         "",
         "## Counts",
         "",

@@ -218,6 +218,7 @@ def shard_jobs(spec: JobSpec, identities_table: pa.Table) -> Iterator[ShardJob]:
             image_format=spec.output.image_format,
             quality=spec.output.quality,
             keep_rejected_images=spec.output.keep_rejected_images,
+            min_feature_norm=spec.filter.min_feature_norm,
         )
 
 

@@ -8,6 +8,7 @@ uncommitted and a re-run redoes it from scratch with the same seeds.
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -54,6 +55,7 @@ class ShardJob:
     image_format: str = "jpeg"
     quality: int = 95
     keep_rejected_images: bool = True
+    min_feature_norm: float = 0.0
 
 
 @dataclass
@@ -132,6 +134,7 @@ def _check(job: ShardJob, analyzer, generated: _Generated, io_pool: ThreadPoolEx
         min_similarity=job.min_similarity,
         min_det_score=job.min_det_score,
         require_single_face=job.require_single_face,
+        min_feature_norm=job.min_feature_norm,
     )
     return _Checked(generated, encoded, verdicts)
 
@@ -229,6 +232,10 @@ def _request(
     )
 
 
+def _optional_float(value: float) -> float | None:
+    return None if np.isnan(value) else value
+
+
 def _optional_list(values: np.ndarray | None) -> list[float] | None:
     return None if values is None else np.asarray(values, dtype=np.float32).ravel().tolist()
 
@@ -271,6 +278,8 @@ def _row(job, item, request, pixels, verdict, poses, expressions) -> dict:
         "measured_pitch": measured[1],
         "measured_roll": measured[2],
         "face_embedding": _optional_list(record.embedding),
+        # FaceRecord.embedding_norm: the ArcFace norm before normalisation (nan: no face).
+        "feature_norm": _optional_float(getattr(record, "embedding_norm", math.nan)),
         "similarity": similarity,
         "accepted": bool(verdict.accepted),
         "reject_reason": verdict.reason,
