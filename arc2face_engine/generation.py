@@ -42,6 +42,7 @@ from peft import get_peft_model_state_dict
 from safetensors import SafetensorError
 
 from arc2face_engine import loading
+from arc2face_engine.adapter_layouts import layout_of, unusable_reason, wants_token_axis
 from arc2face_engine.conditioning import ARCFACE_DIM, IdentityConditioner
 from arc2face_engine.errors import CheckpointMismatch, SpecError, UserError
 from arc2face_engine.store import fetch_hint, require
@@ -236,8 +237,12 @@ def _load_expression_adapter(
 ) -> None:
     """diffusers' IP-Adapter loading, made strict: `low_cpu_mem_usage=False` makes it use
     `load_state_dict(strict=True)`; keys it never asks for (it silently ignores them) and
-    an input width other than the 55 FLAME values are checked here."""
+    an input width other than the 55 FLAME values are checked here. Every image-projection
+    layout diffusers builds is accepted (adapter_layouts) unless it needs more than FLAME."""
     file = models_dir / EXPRESSION_FOLDER / EXPRESSION_WEIGHTS
+    layout = layout_of(state_dict["image_proj"])
+    if unusable_reason(layout):
+        raise _adapter_mismatch(file, unusable_reason(layout), models_dir, "expression")
     try:
         with _quiet_diffusers():
             pipeline.load_ip_adapter(
@@ -262,7 +267,8 @@ def _load_expression_adapter(
     if unused:
         problem = f"{len(unused)} ip_adapter keys match no UNet layer ({', '.join(unused[:3])})"
         raise _adapter_mismatch(file, problem, models_dir, "expression")
-    probe = torch.zeros(1, 1, EXPRESSION_DIM, device=unet.device, dtype=unet.dtype)
+    shape = (1, 1, 1, EXPRESSION_DIM) if wants_token_axis(layout) else (1, 1, EXPRESSION_DIM)
+    probe = torch.zeros(shape, device=unet.device, dtype=unet.dtype)
     try:
         with torch.no_grad():
             unet.encoder_hid_proj([probe])
@@ -297,16 +303,19 @@ class _ExpressionSwitch:
         _load_expression_adapter(pipeline, state_dict, models_dir)
         self._adapter_processors = dict(self.unet.attn_processors)
         self._projection = self.unet.encoder_hid_proj
+        self.token_axis = wants_token_axis(layout_of(state_dict["image_proj"]))
         self._enabled = True
 
     def enable(self, enabled: bool) -> None:
         if enabled == self._enabled:
             return
+        # The projection first: a resampler's own attention layers count among the UNet's
+        # processors, so the processor dict must match the UNet with or without it.
+        self.unet.encoder_hid_proj = self._projection if enabled else None
+        self.unet.config.encoder_hid_dim_type = "ip_image_proj" if enabled else None
         # set_attn_processor pops from the dict it is given: hand it a copy.
         processors = self._adapter_processors if enabled else self._plain_processors
         self.unet.set_attn_processor(dict(processors))
-        self.unet.encoder_hid_proj = self._projection if enabled else None
-        self.unet.config.encoder_hid_dim_type = "ip_image_proj" if enabled else None
         self._enabled = enabled
 
 
@@ -644,9 +653,12 @@ class Arc2FaceEngine:
 
     def _expression_embeds(self, requests: Sequence[ImageRequest], guidance: bool) -> torch.Tensor:
         """(B, 1, 55), or (2B, 1, 55) under classifier-free guidance with the
-        unconditional half (first, as the pipeline chunks it) all zeros."""
+        unconditional half (first, as the pipeline chunks it) all zeros; (B, 1, 1, 55) for
+        projections that take a token sequence (adapter_layouts.wants_token_axis)."""
         values = np.stack([np.asarray(r.expression, dtype=np.float32) for r in requests])
         embeds = torch.from_numpy(values)[:, None, :]
+        if self.variants["dpmsolver++"].expression.token_axis:
+            embeds = embeds[:, :, None, :]
         if guidance:
             embeds = torch.cat([torch.zeros_like(embeds), embeds])
         unet = self.variants["dpmsolver++"].pipeline.unet

@@ -21,6 +21,7 @@ from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
 from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from arc2face_engine import adapter_layouts as layouts
 from arc2face_engine.store import write_checksums
 
 TINY_IMAGE_SIZE = 64
@@ -257,29 +258,89 @@ def _cross_attention_layers(unet: UNet2DConditionModel) -> list[tuple[str, int]]
     return layers
 
 
-def build_tiny_expression_adapter(unet: UNet2DConditionModel) -> dict[str, dict[str, torch.Tensor]]:
-    """An IP-Adapter checkpoint whose "image embedding" is a FLAME vector (55 values):
-    diffusers' plain ImageProjection (proj + norm -> 4 tokens) plus one to_k_ip/to_v_ip
-    pair per cross-attention layer. IP-Adapter numbers all attention layers from 1, self-
-    and cross-, and only the cross ones carry weights: 1, 3, 5, ..."""
+def build_tiny_expression_adapter(
+    unet: UNet2DConditionModel, layout: str = layouts.IMAGE_PROJECTION
+) -> dict[str, dict[str, torch.Tensor]]:
+    """An IP-Adapter checkpoint whose "image embedding" is a FLAME vector (55 values): an
+    image projection in one of the layouts diffusers loads (adapter_layouts; default the
+    plain ImageProjection, proj + norm -> 4 tokens), with the original IP-Adapter key
+    names, plus one to_k_ip/to_v_ip pair per cross-attention layer. IP-Adapter numbers all
+    attention layers from 1, self- and cross-, and only the cross ones carry weights: 1, 3, 5..."""
     generator = _seed(5)
     cross_dim = unet.config.cross_attention_dim
 
     def random(*shape: int) -> torch.Tensor:
         return 0.05 * torch.randn(shape, generator=generator)
 
-    image_proj = {
-        "proj.weight": random(IP_ADAPTER_TOKENS * cross_dim, EXPRESSION_DIM),
-        "proj.bias": random(IP_ADAPTER_TOKENS * cross_dim),
-        "norm.weight": 1.0 + random(cross_dim),
-        "norm.bias": random(cross_dim),
-    }
+    image_proj = _TINY_PROJECTIONS[layout](random, cross_dim)
     ip_adapter = {}
     for index, (_, hidden_size) in enumerate(_cross_attention_layers(unet)):
         layer_id = 2 * index + 1
         ip_adapter[f"{layer_id}.to_k_ip.weight"] = random(hidden_size, cross_dim)
         ip_adapter[f"{layer_id}.to_v_ip.weight"] = random(hidden_size, cross_dim)
     return {"image_proj": image_proj, "ip_adapter": ip_adapter}
+
+
+def _norm(random, prefix: str, size: int) -> dict[str, torch.Tensor]:
+    return {f"{prefix}.weight": 1.0 + random(size), f"{prefix}.bias": random(size)}
+
+
+def _linear(random, prefix: str, out: int, into: int, bias: bool = True) -> dict:
+    weights = {f"{prefix}.weight": random(out, into)}
+    return weights | ({f"{prefix}.bias": random(out)} if bias else {})
+
+
+def _tiny_image_projection(random, cross_dim: int) -> dict[str, torch.Tensor]:
+    """ImageProjection: linear to 4 tokens, LayerNorm."""
+    proj = _linear(random, "proj", IP_ADAPTER_TOKENS * cross_dim, EXPRESSION_DIM)
+    return proj | _norm(random, "norm", cross_dim)
+
+
+def _tiny_mlp(random, cross_dim: int) -> dict[str, torch.Tensor]:
+    """IP-Adapter Full's MLPProjModel: Linear(55, 55), GELU, Linear(55, cross), LayerNorm."""
+    return (
+        _linear(random, "proj.0", EXPRESSION_DIM, EXPRESSION_DIM)
+        | _linear(random, "proj.2", cross_dim, EXPRESSION_DIM)
+        | _norm(random, "proj.3", cross_dim)
+    )
+
+
+def _tiny_mlp_tokens(random, cross_dim: int) -> dict[str, torch.Tensor]:
+    """IP-Adapter FaceID's MLPProjModel: Linear(55, 2 * 55), GELU, Linear to 3 tokens, LayerNorm."""
+    hidden, tokens = 2 * EXPRESSION_DIM, 3
+    return (
+        _linear(random, "proj.0", hidden, EXPRESSION_DIM)
+        | _linear(random, "proj.2", tokens * cross_dim, hidden)
+        | _norm(random, "norm", cross_dim)
+    )
+
+
+def _tiny_resampler(random, cross_dim: int) -> dict[str, torch.Tensor]:
+    """IP-Adapter Plus's Resampler: 4 learned queries, 4 blocks (diffusers builds 4) of
+    one 64-wide attention head (diffusers reads heads as to_q rows / 64) and a 4x MLP."""
+    width, queries = 64, 4
+    weights = {"latents": random(1, queries, width)}
+    weights |= _linear(random, "proj_in", width, EXPRESSION_DIM)
+    weights |= _linear(random, "proj_out", cross_dim, width) | _norm(random, "norm_out", cross_dim)
+    for block in range(4):
+        attention, feed_forward = f"layers.{block}.0", f"layers.{block}.1"
+        weights |= _norm(random, f"{attention}.norm1", width)
+        weights |= _norm(random, f"{attention}.norm2", width)
+        weights |= _linear(random, f"{attention}.to_q", width, width, bias=False)
+        weights |= _linear(random, f"{attention}.to_kv", 2 * width, width, bias=False)
+        weights |= _linear(random, f"{attention}.to_out", width, width, bias=False)
+        weights |= _norm(random, f"{feed_forward}.0", width)
+        weights |= _linear(random, f"{feed_forward}.1", 4 * width, width, bias=False)
+        weights |= _linear(random, f"{feed_forward}.3", width, 4 * width, bias=False)
+    return weights
+
+
+_TINY_PROJECTIONS = {
+    layouts.IMAGE_PROJECTION: _tiny_image_projection,
+    layouts.MLP: _tiny_mlp,
+    layouts.MLP_TOKENS: _tiny_mlp_tokens,
+    layouts.RESAMPLER: _tiny_resampler,
+}
 
 
 # --- LCM-LoRA ---------------------------------------------------------------------------------

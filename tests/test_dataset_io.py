@@ -67,6 +67,7 @@ def manifest_rows(shard: int, identity: int, variants: int, paths: dict[str, tup
                 "measured_pitch": 2.0,
                 "measured_roll": 3.0,
                 "face_embedding": [0.0] * 512,
+                "feature_norm": 20.0 + variant,
                 "similarity": 0.5 + variant / 100,
                 "accepted": variant % 2 == 0,
                 "reject_reason": None if variant % 2 == 0 else "low_similarity",
