@@ -241,8 +241,9 @@ def _load_expression_adapter(
     layout diffusers builds is accepted (adapter_layouts) unless it needs more than FLAME."""
     file = models_dir / EXPRESSION_FOLDER / EXPRESSION_WEIGHTS
     layout = layout_of(state_dict["image_proj"])
-    if unusable_reason(layout):
-        raise _adapter_mismatch(file, unusable_reason(layout), models_dir, "expression")
+    refused = unusable_reason(layout)
+    if refused:
+        raise _adapter_mismatch(file, refused, models_dir, "expression")
     try:
         with _quiet_diffusers():
             pipeline.load_ip_adapter(
