@@ -16,7 +16,7 @@ from arc2face_engine.dataset.audit import (
     greedy_ball_count,
     load_report,
 )
-from tests.dataset_factory import make_dataset, normalise
+from tests.dataset_factory import make_dataset, normalise, rewrite_part
 
 
 @pytest.fixture
@@ -344,7 +344,7 @@ def _store_fresh_analysis(root: Path, models_dir: Path) -> list[dict]:
         row["similarity"] = (
             None if embedding is None else float(embedding @ centre[row["identity_id"]])
         )
-    pq.write_table(pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA), part)
+    rewrite_part(part, pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA))
     return rows
 
 
@@ -363,8 +363,8 @@ def test_reverify_agrees_with_stored_analysis_and_flags_tampering(
     rows[2]["face_embedding"] = (-np.asarray(rows[2]["face_embedding"])).tolist()
     from schemas.tables import MANIFEST_SCHEMA
 
-    pq.write_table(
-        pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA), root / "manifest" / "part-00000.parquet"
+    rewrite_part(
+        root / "manifest" / "part-00000.parquet", pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
     )
     report = audit_dataset(str(root), reverify=6, models_dir=tiny_models, write_report=False)
     found = {(m.image_id, m.check) for m in report.reverify.mismatches}

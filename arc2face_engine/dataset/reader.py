@@ -15,12 +15,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from arc2face_engine.dataset import layout
+from arc2face_engine.dataset.paths import check_relative, resolve_inside
 from arc2face_engine.errors import UserError
 from schemas.tables import MANIFEST_SCHEMA, DatasetInfo
 
 
 class DatasetNotFound(UserError, FileNotFoundError):
     """The URI holds no dataset (or not the file asked for)."""
+
+
+class DatasetInfoInvalid(UserError, ValueError):
+    """dataset.json is not valid JSON or does not match schemas.tables.DatasetInfo."""
 
 
 class DatasetReader:
@@ -30,12 +35,17 @@ class DatasetReader:
         self.uri = str(uri)
         self.storage_options = dict(storage_options or {})
         self.fs, self.root = layout.open_dataset_fs(self.uri, self.storage_options)
+        self.local = layout.is_local(self.fs)
 
     def __repr__(self) -> str:
         return f"DatasetReader({self.uri!r})"
 
-    def path(self, relative: str) -> str:
-        return layout.join(self.root, relative)
+    def path(self, relative: str, where: str = "dataset path") -> str:
+        """The full path of `relative`; `paths.UnsafePath` (naming `where`) when it would
+        leave the root, lexically or, on local disks, through a symlink."""
+        if self.local:
+            return resolve_inside(self.root, relative, where)
+        return layout.join(self.root, check_relative(relative, where))
 
     def exists(self, relative: str) -> bool:
         full = self.path(relative)
@@ -49,7 +59,14 @@ class DatasetReader:
             raise DatasetNotFound(
                 f"no dataset at {self.uri} (dataset.json missing): check the URI"
             ) from None
-        return DatasetInfo.model_validate(json.loads(raw))
+        try:
+            return DatasetInfo.model_validate(json.loads(raw))
+        except ValueError as error:  # JSONDecodeError and pydantic's ValidationError
+            first = " ".join(str(error).split())[:200]
+            raise DatasetInfoInvalid(
+                f"dataset.json of {self.uri} is not a valid dataset description ({first}): "
+                f"run `arc2face-synth audit {self.uri}`; the dataset is damaged"
+            ) from None
 
     def has_identities(self) -> bool:
         return self.exists(layout.IDENTITIES)
@@ -97,8 +114,8 @@ class DatasetReader:
             return schema.empty_table()
         return pa.Table.from_batches(batches)
 
-    def read_image_bytes(self, relative: str) -> bytes:
-        return self.fs.cat_file(self.path(relative))
+    def read_image_bytes(self, relative: str, where: str = "image") -> bytes:
+        return self.fs.cat_file(self.path(relative, where))
 
     def open(self, relative: str, mode: str = "rb") -> IO:
         return self.fs.open(self.path(relative), mode)

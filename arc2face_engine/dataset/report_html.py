@@ -14,8 +14,9 @@ import matplotlib.pyplot as plt
 import numpy as np
 from PIL import Image
 
+from arc2face_engine.dataset.audit.report import AuditReport, Histogram, PlotData
+
 if TYPE_CHECKING:
-    from arc2face_engine.dataset.audit import AuditReport, Histogram, PlotData
     from arc2face_engine.dataset.reader import DatasetReader
 
 THUMBNAIL = 72
