@@ -370,10 +370,10 @@ def banks_expressions(
 
 def _one_line(error: BaseException) -> tuple[str, int] | None:
     """(message, exit status) for errors a user can act on; None for bugs (traceback)."""
-    from flows.generate import ShardsFailed
-
     if isinstance(error, UserError):
         return str(error), 2
+    from flows.generate import ShardsFailed  # imports Prefect: only when it can matter
+
     if isinstance(error, ShardsFailed):
         return str(error), 1
     if isinstance(error, (FileNotFoundError, PermissionError, IsADirectoryError)):

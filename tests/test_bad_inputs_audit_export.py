@@ -347,7 +347,7 @@ def test_in_progress_is_not_a_count_failure(work: Path, monkeypatch, capsys) -> 
     (work / "dataset.json").write_text(json.dumps(info))
     (work / "images" / "00004").mkdir()
     (work / "images" / "00004" / "being-written.jpg").write_bytes(b"partial")
-    status, stdout, err = run_cli(["audit", str(work), "--no-progress"], monkeypatch, capsys)
+    status, stdout, _err = run_cli(["audit", str(work), "--no-progress"], monkeypatch, capsys)
     assert status == 0, stdout
     assert "in progress" in stdout
     report = json.loads((work / "audit" / "report.json").read_text())
@@ -376,7 +376,7 @@ def test_failed_export_leaves_no_output(work: Path, tmp_path: Path, monkeypatch,
     that looks complete: nothing at --out, no staging folder."""
     victim = sorted((work / "images" / "00001").iterdir())[-1]
     victim.unlink()
-    status, _, err = run_cli(_export("imagefolder")(work, tmp_path) + ["--no-progress"],
+    status, _, err = run_cli([*_export("imagefolder")(work, tmp_path), "--no-progress"],
                              monkeypatch, capsys)  # fmt: skip
     assert status == 2 and "is missing" in err
     assert not (tmp_path / "out").exists()
