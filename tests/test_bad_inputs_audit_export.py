@@ -242,6 +242,29 @@ AUDIT_FAILS = [
     Case("audit part without sidecar", _then(_drop_sidecar, _audit), 1, ("missing_checksums",)),
     Case("audit flipped identities byte", _then(_flip_identities, _audit), 1, ("identities",)),
 ]
+def _gallery(kind: str) -> Setup:
+    def setup(root: Path, tmp: Path) -> list[str]:
+        import numpy as np
+
+        gallery = tmp / "outside" / "gallery.npy"
+        if kind == "wrong shape":
+            np.save(gallery, np.zeros((3, 128), np.float32))
+        elif kind == "pickled":
+            np.save(gallery, np.array([{"x": 1}], dtype=object), allow_pickle=True)
+        return ["audit", str(root), "--gallery", str(gallery)]
+
+    return setup
+
+
+AUDIT_REFUSED = [
+    Case("audit --gallery missing", _gallery("missing"), 2, ("gallery", "not found")),
+    Case("audit --gallery wrong shape", _gallery("wrong shape"), 2, ("512",)),
+    Case("audit --gallery pickled .npy", _gallery("pickled"), 2, ("not a readable .npy",)),
+    Case("audit --radius 5", lambda root, tmp: ["audit", str(root), "--radius", "5"], 2,
+         ("radius",)),
+    Case("audit no dataset", lambda root, tmp: ["audit", str(tmp / "nothing")], 2,
+         ("no dataset",)),
+]  # fmt: skip
 FORMATS = ("imagefolder", "webdataset", "recordio", "hf")
 EXPORT_REFUSED = [
     *(Case(f"export {fmt} path ../", _then(_path_escape, _export(fmt)), 2, ("../",))
@@ -265,10 +288,18 @@ EXPORT_REFUSED = [
     Case("export --out unknown protocol", _out_protocol, 2, ("foo://",)),
     Case("export unknown label mode", _export("recordio", "--labels", "x"), 2, ("label mode",)),
     Case("export --dali on imagefolder", _export("imagefolder", "--dali"), 2, ("recordio",)),
+    Case("export unknown format", _export("tfrecord"), 2, ("unknown export format",)),
+    Case("export no dataset", lambda root, tmp: _export("hf")(tmp / "nothing", tmp), 2,
+         ("no dataset",)),
+    Case("export webdataset dotted key",
+         _then(lambda root, tmp: edit_first_accepted(root, image_id="id-000000.v0"),
+               _export("webdataset")), 2, ("dot",)),
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize("case", AUDIT_FAILS + EXPORT_REFUSED, ids=lambda case: case.name)
+@pytest.mark.parametrize(
+    "case", AUDIT_FAILS + AUDIT_REFUSED + EXPORT_REFUSED, ids=lambda case: case.name
+)
 def test_bad_input(case: Case, work: Path, tmp_path: Path, monkeypatch, capsys) -> None:
     args = case.setup(work, tmp_path)
     out_before = hashes(tmp_path / "out", skip_audit=False) if (tmp_path / "out").is_dir() else None
@@ -369,6 +400,17 @@ def test_live_lease_means_in_progress_expired_does_not(work: Path) -> None:
     report = audit_dataset(str(work), write_report=False)
     assert not report.in_progress and report.passed
     assert report.integrity.orphan_files.count == 0  # the lease file is not an orphan
+
+
+def test_hostile_spec_gallery_is_a_warning(work: Path) -> None:
+    """A gallery named by the dataset (not the user) that cannot be used does not stop the audit."""
+    from arc2face_engine.dataset.audit import audit_dataset
+
+    info = json.loads((work / "dataset.json").read_text())
+    info["spec"]["identities"] = {"exclusion": {"gallery": str(work / "dataset.json")}}
+    (work / "dataset.json").write_text(json.dumps(info))
+    report = audit_dataset(str(work), write_report=False)
+    assert report.leakage is None and any("unusable" in w for w in report.warnings)
 
 
 def test_failed_export_leaves_no_output(work: Path, tmp_path: Path, monkeypatch, capsys) -> None:

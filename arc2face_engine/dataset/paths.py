@@ -70,10 +70,11 @@ def check_name(name: object, where: str) -> str:
     return name  # type: ignore[return-value]
 
 
-def resolve_inside(root: str, relative: str, where: str) -> str:
-    """Local disks: the joined path, after checking that symlinks do not lead out of `root`."""
+def resolve_inside(root: str, relative: str, where: str, real_root: str | None = None) -> str:
+    """Local disks: the joined path, after checking that symlinks do not lead out of `root`
+    (`real_root`: `os.path.realpath(root)`, when the caller has it already)."""
     check_relative(relative, where)
-    real_root = os.path.realpath(root)
+    real_root = real_root or os.path.realpath(root)
     full = os.path.join(root, relative)
     real = os.path.realpath(full)
     if real != real_root and not real.startswith(real_root.rstrip(os.sep) + os.sep):

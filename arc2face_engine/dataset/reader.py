@@ -8,6 +8,7 @@ Only committed parts are read: a crashed shard's temp files are invisible.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator, Sequence
 from typing import IO, Any
 
@@ -36,6 +37,7 @@ class DatasetReader:
         self.storage_options = dict(storage_options or {})
         self.fs, self.root = layout.open_dataset_fs(self.uri, self.storage_options)
         self.local = layout.is_local(self.fs)
+        self._real_root: str | None = None  # resolved once, on the first local path
 
     def __repr__(self) -> str:
         return f"DatasetReader({self.uri!r})"
@@ -44,7 +46,9 @@ class DatasetReader:
         """The full path of `relative`; `paths.UnsafePath` (naming `where`) when it would
         leave the root, lexically or, on local disks, through a symlink."""
         if self.local:
-            return resolve_inside(self.root, relative, where)
+            if self._real_root is None:
+                self._real_root = os.path.realpath(self.root)
+            return resolve_inside(self.root, relative, where, self._real_root)
         return layout.join(self.root, check_relative(relative, where))
 
     def exists(self, relative: str) -> bool:

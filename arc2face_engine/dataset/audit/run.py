@@ -129,11 +129,18 @@ def audit_dataset(
             reader, parts, identities, radius, reverify, sample_seed, progress=stream
         )
         has_centre = np.linalg.norm(centres, axis=1) > 0
+        given = gallery
         gallery, threshold = _leakage_settings(raw, gallery, gallery_threshold, storage_options, report)
-        if gallery:
-            report.leakage = check_leakage(
-                centres, has_centre, identities, gallery, threshold, storage_options
-            )
+        try:
+            if gallery:
+                report.leakage = check_leakage(
+                    centres, has_centre, identities, gallery, threshold, storage_options
+                )
+        except AuditError as error:
+            if given:  # the user's gallery: their error to fix
+                raise
+            # the dataset named it: a bad file there must not stop the audit
+            report.warnings.append(f"leakage: the spec's exclusion gallery is unusable: {error}")
         if reverify:
             det_size, det_thresh = _reverify_detection(info, reverify_det_size)
             report.reverify = reverify_rows(
