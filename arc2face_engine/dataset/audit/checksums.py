@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Callable
 
 from arc2face_engine.dataset import layout
 from arc2face_engine.dataset.audit.report import IntegritySection
@@ -51,11 +52,15 @@ def _recorded(reader: DatasetReader, sidecar: str) -> str | None:
 
 
 def verify_parts(
-    reader: DatasetReader, parts: list[str], section: IntegritySection
+    reader: DatasetReader,
+    parts: list[str],
+    section: IntegritySection,
+    progress: Callable[[int], None] = lambda units: None,
 ) -> list[str]:
     """Check every part against its sidecar; returns the parts that can be opened."""
     good = []
     for part in parts:
+        progress(1)
         sidecar = part_checksum_path(part)
         try:
             recorded = _recorded(reader, sidecar)

@@ -19,6 +19,7 @@ from arc2face_engine.dataset.audit.quality import measure_quality
 from arc2face_engine.dataset.audit.report import (
     AuditError,
     AuditReport,
+    LeakageSection,
     PlotData,
     QualitySection,
 )
@@ -115,7 +116,7 @@ def audit_dataset(
     report.in_progress = report.in_progress_reason is not None
     report.schemas, parts = check_schemas(reader)
     all_parts = reader.manifest_parts()
-    parts = verify_parts(reader, parts, integrity)
+    parts = verify_parts(reader, parts, integrity, _stage(progress, "checksums", len(parts)))
     identities = _identities(reader, report, raw)
     stream = _stage(progress, "integrity", len(parts))
     report.integrity, parts = check_integrity(
@@ -129,18 +130,8 @@ def audit_dataset(
             reader, parts, identities, radius, reverify, sample_seed, progress=stream
         )
         has_centre = np.linalg.norm(centres, axis=1) > 0
-        given = gallery
-        gallery, threshold = _leakage_settings(raw, gallery, gallery_threshold, storage_options, report)
-        try:
-            if gallery:
-                report.leakage = check_leakage(
-                    centres, has_centre, identities, gallery, threshold, storage_options
-                )
-        except AuditError as error:
-            if given:  # the user's gallery: their error to fix
-                raise
-            # the dataset named it: a bad file there must not stop the audit
-            report.warnings.append(f"leakage: the spec's exclusion gallery is unusable: {error}")
+        report.leakage = _leakage(report, raw, identities, centres, has_centre, gallery,
+                                  gallery_threshold, storage_options)  # fmt: skip
         if reverify:
             det_size, det_thresh = _reverify_detection(info, reverify_det_size)
             report.reverify = reverify_rows(
@@ -150,6 +141,25 @@ def audit_dataset(
     if write_report:
         write_audit_report(reader, report, plots)
     return report
+
+
+def _leakage(
+    report: AuditReport, raw: dict | None, identities: Identities, centres: np.ndarray,
+    has_centre: np.ndarray, gallery: str | None, threshold: float | None,
+    storage_options: dict | None,
+) -> LeakageSection | None:  # fmt: skip
+    """The leakage check against the given gallery, else the spec's (when usable)."""
+    used, threshold = _leakage_settings(raw, gallery, threshold, storage_options, report)
+    if not used:
+        return None
+    try:
+        return check_leakage(centres, has_centre, identities, used, threshold, storage_options)
+    except AuditError as error:
+        if gallery:  # the user's gallery: their error to fix
+            raise
+        # the dataset named it: a bad file there must not stop the audit
+        report.warnings.append(f"leakage: the spec's exclusion gallery is unusable: {error}")
+        return None
 
 
 def _stage(progress: ProgressReport, stage: str, total: int) -> Callable[[int], None]:
@@ -191,7 +201,7 @@ def lease_state(reader: DatasetReader) -> str | None:
         with reader.open(LEASE_FILE) as handle:
             lease = json.loads(handle.read(MAX_LEASE_BYTES))
         expires = _expiry(lease.get("expires_at", lease.get("expires")))
-    except (ValueError, AttributeError, OSError):
+    except (ValueError, AttributeError, OSError, OverflowError, TypeError):
         return f"{LEASE_FILE} present (unreadable)"
     if expires is not None and expires < dt.datetime.now(dt.timezone.utc):
         return None
