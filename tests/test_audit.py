@@ -415,7 +415,7 @@ def _set_feature_norms(root: Path) -> list[float]:
 
 def test_feature_norm_distribution(dataset: Path) -> None:
     expected = np.asarray(_set_feature_norms(dataset), np.float32).astype(float)
-    report = audit_dataset(str(dataset), write_report=False)
+    report = audit_dataset(str(dataset))
     assert report.passed, report.problems
     stats = report.quality.feature_norm_accepted
     assert stats.count == len(expected)
@@ -424,6 +424,7 @@ def test_feature_norm_distribution(dataset: Path) -> None:
     assert sum(stats.histogram.counts) == len(expected)
     rejected = report.quality.feature_norm_rejected
     assert rejected.min == rejected.max == 5.0
+    assert "ArcFace feature norm" in (dataset / "audit" / "report.html").read_text()
 
 
 def test_leakage_defaults_to_the_specs_exclusion(dataset: Path, tmp_path: Path) -> None:

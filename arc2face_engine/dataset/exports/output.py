@@ -45,8 +45,12 @@ class ExportOutput:
             old = _sibling(self.root, ".export-old-")
             os.rename(self.root, old)
         os.rename(self.staging, self.root)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True) if os.path.isdir(old) else os.remove(old)
+        if old is None:
+            return
+        if os.path.isdir(old) and not os.path.islink(old):
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.remove(old)  # a file or a link: never follow it
 
     def abort(self) -> None:
         """Remove a local staging folder after a failure (remote files stay incomplete)."""
