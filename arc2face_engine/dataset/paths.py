@@ -8,7 +8,7 @@ somewhere else. Two levels:
 - `check_relative`: lexical, for any filesystem: a POSIX path relative to the
   root, no `..`, no empty or `.` segment, no backslash or NUL, not absolute.
 - `check_name`: one path segment usable as a file or member name (ids).
-- `resolve_inside`: on local disks, also resolve symlinks and require the real
+- `LocalRoot.resolve`: on local disks, also resolve symlinks and require the real
   path to stay under the real root (object stores have no symlinks).
 """
 
@@ -16,10 +16,13 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 
 from arc2face_engine.errors import UserError
 
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_PLAIN_PATH = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]*(?:/[A-Za-z0-9_-][A-Za-z0-9._-]*)*$")
+MAX_CACHED_DIRS = 65_536
 MAX_PATH = 4096
 
 
@@ -28,6 +31,8 @@ class UnsafePath(UserError, ValueError):
 
 
 def _why_unsafe(relative: object) -> str | None:
+    if isinstance(relative, str) and len(relative) <= MAX_PATH and _PLAIN_PATH.match(relative):
+        return None  # the common case, in one regex: no segment starts with a dot
     if not isinstance(relative, str) or not relative:
         return "is empty or not a string"
     if len(relative) > MAX_PATH:
@@ -70,16 +75,48 @@ def check_name(name: object, where: str) -> str:
     return name  # type: ignore[return-value]
 
 
-def resolve_inside(root: str, relative: str, where: str, real_root: str | None = None) -> str:
-    """Local disks: the joined path, after checking that symlinks do not lead out of `root`
-    (`real_root`: `os.path.realpath(root)`, when the caller has it already)."""
-    check_relative(relative, where)
-    real_root = real_root or os.path.realpath(root)
-    full = os.path.join(root, relative)
-    real = os.path.realpath(full)
-    if real != real_root and not real.startswith(real_root.rstrip(os.sep) + os.sep):
-        raise UnsafePath(
-            f"{where}: {relative!r} is a symlink leading out of the dataset root (to {real}): "
-            "the dataset is damaged or hostile; do not use it"
-        )
-    return full
+def _outside(real: str, real_root: str) -> bool:
+    return real != real_root and not real.startswith(real_root.rstrip(os.sep) + os.sep)
+
+
+def _escape(relative: str, real: str, where: str) -> UnsafePath:
+    return UnsafePath(
+        f"{where}: {relative!r} is a symlink leading out of the dataset root (to {real}): "
+        "the dataset is damaged or hostile; do not use it"
+    )
+
+
+class LocalRoot:
+    """Paths under one local root, symlinks resolved: each folder is resolved once (cached),
+    each file costs one lstat (and a full resolve only when it is a symlink). The path
+    returned goes through the resolved folder, so a folder swapped for a link later is
+    not followed."""
+
+    def __init__(self, root: str):
+        self.root = root
+        self.real_root = os.path.realpath(root)
+        self._folders: dict[str, str] = {"": self.real_root}
+
+    def _folder(self, folder: str, relative: str, where: str) -> str:
+        real = self._folders.get(folder)
+        if real is None:
+            real = os.path.realpath(os.path.join(self.real_root, folder))
+            if _outside(real, self.real_root):
+                raise _escape(relative, real, where)
+            if len(self._folders) < MAX_CACHED_DIRS:
+                self._folders[folder] = real
+        return real
+
+    def resolve(self, relative: str, where: str) -> str:
+        check_relative(relative, where)
+        folder, _, name = relative.rpartition("/")
+        full = os.path.join(self._folder(folder, relative, where), name)
+        try:
+            is_link = stat.S_ISLNK(os.lstat(full).st_mode)
+        except OSError:
+            return full  # missing: reading it raises FileNotFoundError, as it should
+        if is_link:
+            real = os.path.realpath(full)
+            if _outside(real, self.real_root):
+                raise _escape(relative, real, where)
+        return full

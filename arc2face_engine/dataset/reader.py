@@ -8,7 +8,6 @@ Only committed parts are read: a crashed shard's temp files are invisible.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator, Sequence
 from typing import IO, Any
 
@@ -16,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from arc2face_engine.dataset import layout
-from arc2face_engine.dataset.paths import check_relative, resolve_inside
+from arc2face_engine.dataset.paths import LocalRoot, check_relative
 from arc2face_engine.errors import UserError
 from schemas.tables import MANIFEST_SCHEMA, DatasetInfo
 
@@ -37,7 +36,7 @@ class DatasetReader:
         self.storage_options = dict(storage_options or {})
         self.fs, self.root = layout.open_dataset_fs(self.uri, self.storage_options)
         self.local = layout.is_local(self.fs)
-        self._real_root: str | None = None  # resolved once, on the first local path
+        self._local_root: LocalRoot | None = None  # made on the first local path
 
     def __repr__(self) -> str:
         return f"DatasetReader({self.uri!r})"
@@ -46,9 +45,9 @@ class DatasetReader:
         """The full path of `relative`; `paths.UnsafePath` (naming `where`) when it would
         leave the root, lexically or, on local disks, through a symlink."""
         if self.local:
-            if self._real_root is None:
-                self._real_root = os.path.realpath(self.root)
-            return resolve_inside(self.root, relative, where, self._real_root)
+            if self._local_root is None:
+                self._local_root = LocalRoot(self.root)
+            return self._local_root.resolve(relative, where)
         return layout.join(self.root, check_relative(relative, where))
 
     def exists(self, relative: str) -> bool:

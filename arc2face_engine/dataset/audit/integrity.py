@@ -161,8 +161,8 @@ def _list_files(reader: DatasetReader, relative: str) -> list[str]:
         found = reader.fs.find(full)
     except FileNotFoundError:
         return []
-    root = reader.root.rstrip("/") + "/"
-    return [path[len(root) :] if path.startswith(root) else path for path in found]
+    base = full.rstrip("/") + "/"  # the listing is under the (resolved) folder asked for
+    return [f"{relative}/{path[len(base):]}" if path.startswith(base) else path for path in found]
 
 
 def _check_shard_orphans(
