@@ -157,7 +157,7 @@ class DatasetWriter:
     def _remove_stale_temps(self, shard: int) -> None:
         part = self.path(layout.manifest_part(shard))
         folder, name = part.rsplit("/", 1)
-        for stale in self.fs.glob(f"{folder}/.{name}{TEMP_MARKER}*"):
+        for stale in self.fs.glob(f"{folder}/.{name}*{TEMP_MARKER}*"):  # part and its sidecar
             self.fs.rm(stale)
 
     # --- dataset.json ---------------------------------------------------------------------
