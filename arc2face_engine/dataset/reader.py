@@ -74,13 +74,14 @@ class DatasetReader:
     def has_identities(self) -> bool:
         return self.exists(layout.IDENTITIES)
 
-    def identities(self) -> pa.Table:
+    def identities(self, columns: Sequence[str] | None = None) -> pa.Table:
+        """identities.parquet (only `columns` when given: the embeddings are the bulk)."""
         if not self.has_identities():
             raise DatasetNotFound(
                 f"no identities.parquet at {self.uri}: run the generate job first or check the URI"
             )
         with self.open(layout.IDENTITIES) as handle:
-            return pq.read_table(handle)
+            return pq.read_table(handle, columns=list(columns) if columns is not None else None)
 
     def manifest_parts(self) -> list[str]:
         """Relative paths of the committed manifest parts, in shard order."""

@@ -199,7 +199,7 @@ def _collect_batch(
 def _dataset_labels(reader: DatasetReader) -> list[str]:
     """identities.parquet's identity ids in label order (labels are 0..N-1 by contract)."""
     try:
-        table = reader.identities().select(["identity_id", "label"])
+        table = reader.identities(["identity_id", "label"])
     except (pa.ArrowException, OSError, KeyError) as error:
         if isinstance(error, UserError):
             raise
@@ -257,7 +257,7 @@ def plan_export(
 def _dropped(reader: DatasetReader, exported: set[str]) -> list[str]:
     """Identities of identities.parquet with no exported image (none when it is unreadable)."""
     try:
-        ids = reader.identities().column("identity_id").to_pylist()
+        ids = reader.identities(["identity_id"]).column("identity_id").to_pylist()
     except (pa.ArrowException, OSError, KeyError):
         return []
     return [identity_id for identity_id in ids if identity_id not in exported]
