@@ -264,6 +264,8 @@ AUDIT_REFUSED = [
          ("radius",)),
     Case("audit no dataset", lambda root, tmp: ["audit", str(tmp / "nothing")], 2,
          ("no dataset",)),
+    Case("audit unknown protocol", lambda root, tmp: ["audit", "foo://bucket/ds"], 2,
+         ("foo://",)),
 ]  # fmt: skip
 FORMATS = ("imagefolder", "webdataset", "recordio", "hf")
 EXPORT_REFUSED = [
@@ -289,6 +291,9 @@ EXPORT_REFUSED = [
     Case("export unknown label mode", _export("recordio", "--labels", "x"), 2, ("label mode",)),
     Case("export --dali on imagefolder", _export("imagefolder", "--dali"), 2, ("recordio",)),
     Case("export unknown format", _export("tfrecord"), 2, ("unknown export format",)),
+    Case("export from unknown protocol",
+         lambda root, tmp: ["export", "foo://b/ds", "--format", "hf", "--out", str(tmp / "out")],
+         2, ("foo://",)),
     Case("export no dataset", lambda root, tmp: _export("hf")(tmp / "nothing", tmp), 2,
          ("no dataset",)),
     Case("export webdataset dotted key",

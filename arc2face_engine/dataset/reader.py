@@ -24,6 +24,10 @@ class DatasetNotFound(UserError, FileNotFoundError):
     """The URI holds no dataset (or not the file asked for)."""
 
 
+class DatasetUriError(UserError, ValueError):
+    """The dataset URI names no filesystem fsspec can open (unknown protocol, bad options)."""
+
+
 class DatasetInfoInvalid(UserError, ValueError):
     """dataset.json is not valid JSON or does not match schemas.tables.DatasetInfo."""
 
@@ -34,7 +38,14 @@ class DatasetReader:
     def __init__(self, uri: str, storage_options: dict[str, Any] | None = None):
         self.uri = str(uri)
         self.storage_options = dict(storage_options or {})
-        self.fs, self.root = layout.open_dataset_fs(self.uri, self.storage_options)
+        try:
+            self.fs, self.root = layout.open_dataset_fs(self.uri, self.storage_options)
+        except (ValueError, ImportError, TypeError) as error:  # unknown protocol, bad options
+            first = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise DatasetUriError(
+                f"cannot open dataset {self.uri} ({first}): pass a local folder or an fsspec "
+                "URI such as s3://bucket/prefix"
+            ) from None
         self.local = layout.is_local(self.fs)
         self._local_root: LocalRoot | None = None  # made on the first local path
 
