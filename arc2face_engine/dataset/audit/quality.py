@@ -121,7 +121,8 @@ class _NormAccumulator:
         if count:
             sample = np.concatenate(self.sample[accepted])
             p1, p5, p50, p95 = np.percentile(sample, [1, 5, 50, 95]).tolist()
-            stats.mean, stats.min, stats.max = self.total[accepted] / count, self.low[accepted], self.high[accepted]
+            stats.mean = self.total[accepted] / count
+            stats.min, stats.max = self.low[accepted], self.high[accepted]
             stats.p1, stats.p5, stats.median, stats.p95 = p1, p5, p50, p95
         return stats
 
