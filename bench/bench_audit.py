@@ -96,6 +96,19 @@ def _part(shard: int, identity_start: int, n_identities: int, per_identity: int,
     return pa.Table.from_arrays(arrays, schema=MANIFEST_SCHEMA)
 
 
+def _ensure_checksum(writer: DatasetWriter, shard: int) -> None:
+    """The part's sha256 sidecar, which the audit verifies (unless the writer wrote it)."""
+    import hashlib
+
+    from arc2face_engine.dataset import layout
+
+    part = layout.manifest_part(shard)
+    sidecar = f"{part}.sha256"
+    if not writer.fs.exists(writer.path(sidecar)):
+        digest = hashlib.sha256(writer.fs.cat_file(writer.path(part))).hexdigest()
+        writer.write_bytes(sidecar, f"{digest}\n".encode())
+
+
 def build(root: str, rows: int, per_identity: int, rows_per_part: int, seed: int = 0) -> int:
     """Write a file-less dataset of `rows` manifest rows; returns the number of parts."""
     rng = np.random.default_rng(seed)
@@ -112,6 +125,7 @@ def build(root: str, rows: int, per_identity: int, rows_per_part: int, seed: int
     for start in range(0, n_identities, per_part):
         table = _part(shard, start, min(per_part, n_identities - start), per_identity, centres, rng)
         writer.commit_shard(shard, table)
+        _ensure_checksum(writer, shard)
         total += table.num_rows
         accepted += int(np.asarray(table.column("accepted")).sum())
         shard += 1

@@ -185,15 +185,56 @@ def demo(
         raise typer.Exit(1)
 
 
+def _progress_bar(show: bool):
+    """A rich progress bar fed by the engine's `ProgressReport` callbacks (one row per stage);
+    off when stdout is not a terminal, so logs and pipes get no bar frames."""
+    from contextlib import contextmanager
+
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    @contextmanager
+    def bar():
+        progress = Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+            console=console, disable=not show or not console.is_terminal,
+        )  # fmt: skip
+        tasks: dict[str, int] = {}
+
+        def report(stage: str, completed: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = progress.add_task(stage, total=total)
+            progress.update(tasks[stage], completed=completed, total=total)
+
+        with progress:
+            yield report
+
+    return bar()
+
+
 @app.command("audit")
 def audit(
     uri: Annotated[str, typer.Argument(help="Dataset folder or URI.")],
-    gallery: Annotated[str | None, typer.Option(help="Parquet of real-person embeddings.")] = None,
-    gallery_threshold: Annotated[float, typer.Option(help="Leak flag above this cosine.")] = 0.5,
+    gallery: Annotated[
+        str | None,
+        typer.Option(help="Parquet/.npy of real-person embeddings; default: the spec's exclusion gallery."),
+    ] = None,
+    gallery_threshold: Annotated[
+        float | None,
+        typer.Option(help="Leak flag above this cosine; default: the spec's exclusion max_cosine, else 0.5."),
+    ] = None,
     reverify: Annotated[int, typer.Option(help="Re-run face analysis on N images.")] = 0,
     models: Annotated[Path | None, typer.Option(help="Models dir for --reverify.")] = None,
     radius: Annotated[float, typer.Option(help="Cosine-distance radius for quality.")] = 0.3,
     prefect: Annotated[bool, typer.Option(help="Run as a Prefect flow (artifacts).")] = False,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
     storage_options: StorageOptions = None,
 ) -> None:
     """Audit a dataset: schema, integrity, quality, leakage. Exit 1 when integrity fails."""
@@ -211,7 +252,8 @@ def audit(
     else:
         from arc2face_engine.dataset.audit import audit_dataset
 
-        report = audit_dataset(uri, _storage_options(storage_options), **options)
+        with _progress_bar(progress) as bar:
+            report = audit_dataset(uri, _storage_options(storage_options), **options, progress=bar)
     _print_audit(report)
     if not report.passed:
         raise typer.Exit(1)
@@ -219,6 +261,8 @@ def audit(
 
 def _print_audit(report) -> None:
     verdict = "[green]PASSED[/green]" if report.passed else "[red]FAILED[/red]"
+    if report.in_progress:
+        verdict += f" [yellow](dataset in progress: {report.in_progress_reason})[/yellow]"
     console.print(f"audit {verdict}: {report.report_uri}")
     for problem in report.problems[:20]:
         console.print(f"  - {problem}")
@@ -230,24 +274,46 @@ def export(
     format_: Annotated[
         str, typer.Option("--format", help="recordio | imagefolder | webdataset | hf")
     ],
-    out: Annotated[str, typer.Option(help="Output folder or URI.")],
-    align: Annotated[bool, typer.Option(help="Align faces to 112x112 from keypoints.")] = False,
+    out: Annotated[str, typer.Option(help="Output folder or URI (new or empty).")],
+    align: Annotated[
+        bool, typer.Option(help="Align faces to 112x112 from keypoints (--no-align keeps the size).")
+    ] = True,
     include_rejected: Annotated[bool, typer.Option(help="Export rejected images too.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace a non-empty --out.")] = False,
+    labels: Annotated[
+        str,
+        typer.Option(help="contiguous: 0..K-1 over identities with an image; dataset: keep identities.parquet's labels."),
+    ] = "contiguous",
+    dali: Annotated[
+        bool, typer.Option(help="recordio: images only, shuffled, keys 0..N-1 (shuffle_rec.py's layout, for DALI).")
+    ] = False,
+    shuffle_seed: Annotated[int, typer.Option(help="recordio --dali: seed of the order.")] = 0,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
     storage_options: StorageOptions = None,
 ) -> None:
-    """Export accepted images for face-recognition training."""
-    from arc2face_engine.dataset.exports import export_dataset
+    """Export accepted images for face-recognition training (label_map.csv maps labels to ids)."""
+    from arc2face_engine.dataset.exports import ExportError, export_dataset
 
     options = _storage_options(storage_options)
-    result = export_dataset(
-        uri,
-        out,
-        format_,
-        storage_options=options,
-        align=align,
-        include_rejected=include_rejected,
-        out_storage_options=options,
-    )
+    extra = {}
+    if dali or shuffle_seed:
+        if format_.lower() not in ("recordio", "rec"):
+            raise ExportError("--dali and --shuffle-seed are recordio options: use --format recordio")
+        extra = {"dali": dali, "shuffle_seed": shuffle_seed}
+    with _progress_bar(progress) as bar:
+        result = export_dataset(
+            uri,
+            out,
+            format_,
+            storage_options=options,
+            align=align,
+            include_rejected=include_rejected,
+            out_storage_options=options,
+            overwrite=overwrite,
+            labels=labels,
+            progress=bar,
+            **extra,
+        )
     console.print(f"exported {result}")
 
 
@@ -304,10 +370,10 @@ def banks_expressions(
 
 def _one_line(error: BaseException) -> tuple[str, int] | None:
     """(message, exit status) for errors a user can act on; None for bugs (traceback)."""
-    from flows.generate import ShardsFailed
-
     if isinstance(error, UserError):
         return str(error), 2
+    from flows.generate import ShardsFailed  # imports Prefect: only when it can matter
+
     if isinstance(error, ShardsFailed):
         return str(error), 1
     if isinstance(error, (FileNotFoundError, PermissionError, IsADirectoryError)):

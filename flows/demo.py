@@ -69,8 +69,8 @@ def run_demo(out: Path, identities: int = 8, show_progress: bool = True):
     )
     report = audit_dataset_flow(spec.output.uri, models_dir=str(models), reverify=4)
     console.print(f"audit {'PASSED' if report.passed else 'FAILED'}: {report.report_uri}")
-    exported = export_dataset_flow(
-        spec.output.uri, str(out / "export-recordio"), "recordio", align=True
+    exported = export_dataset_flow(  # the demo owns its folder: a re-run replaces the export
+        spec.output.uri, str(out / "export-recordio"), "recordio", overwrite=True
     )
     console.print(f"RecordIO export: {exported}")
     return report

@@ -366,6 +366,14 @@ class JobSpec(_Section):
     """A whole generation job: what to make, how, and where to write it."""
 
     name: str = Field(..., min_length=1, description="Free-text job name (dataset card title).")
+    license: str | None = Field(
+        None,
+        min_length=1,
+        max_length=100,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9.+-]*$",
+        description="License of the dataset as a Hugging Face license id (e.g. cc-by-nc-4.0); "
+        "exports write it into dataset cards ('other' when unset).",
+    )
     seed: int = Field(
         0,
         ge=0,
@@ -484,9 +492,10 @@ def _yaml_problem(error: yaml.YAMLError) -> str:
 # Fields that do not change which bytes end up in the dataset, so changing them must not
 # block a resume: where the models and output live (model files are hashed separately into
 # dataset.json), credentials, the device and runner, the batch size (batching never changes
-# which image a seed produces) and the free-text name.
+# which image a seed produces), the free-text name and the license.
 HASH_EXCLUDED: dict[str, Any] = {
     "name": True,
+    "license": True,
     "models": {"dir": True, "device": True},
     "generation": {"batch_size": True},
     "output": {"uri": True, "storage_options": True},

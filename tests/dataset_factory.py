@@ -10,7 +10,9 @@ around each identity embedding and keypoints inside the image.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import io
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -19,6 +21,7 @@ import pyarrow as pa
 from insightface.utils.face_align import arcface_dst
 from PIL import Image
 
+from arc2face_engine.dataset import layout
 from arc2face_engine.dataset.writer import DatasetWriter
 from schemas.tables import (
     EXPRESSION_DIM,
@@ -135,9 +138,41 @@ def make_dataset(
                     attempt += 1
         rows.sort(key=lambda row: row["image_id"])
         writer.commit_shard(shard, pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA))
+        _ensure_checksum(writer, layout.manifest_part(shard))
     made.shards = len(shard_members)
     writer.write_dataset_json(_info(made, n_identities))
+    _ensure_identities_sha256(writer)
     return made
+
+
+def rewrite_part(path, table: pa.Table) -> None:
+    """Replace a local manifest part and its checksum sidecar, as a (buggy) writer would."""
+    import pyarrow.parquet as pq
+
+    pq.write_table(table, path)
+    with open(path, "rb") as handle:
+        digest = hashlib.sha256(handle.read()).hexdigest()
+    with open(f"{path}.sha256", "w") as handle:
+        handle.write(digest + "\n")
+
+
+def _sha256(writer: DatasetWriter, relative: str) -> str:
+    return hashlib.sha256(writer.fs.cat_file(writer.path(relative))).hexdigest()
+
+
+def _ensure_checksum(writer: DatasetWriter, part: str) -> None:
+    """The part's sha256 sidecar (CONTRACTS.md), unless the writer already recorded it."""
+    sidecar = f"{part}.sha256"
+    if not writer.fs.exists(writer.path(sidecar)):
+        writer.write_bytes(sidecar, (_sha256(writer, part) + "\n").encode())
+
+
+def _ensure_identities_sha256(writer: DatasetWriter) -> None:
+    """dataset.json's identities_sha256 (CONTRACTS.md), unless the writer already recorded it."""
+    info = json.loads(writer.fs.cat_file(writer.path(layout.DATASET_JSON)))
+    if info.get("identities_sha256") is None:
+        info["identities_sha256"] = _sha256(writer, layout.IDENTITIES)
+        writer.write_bytes(layout.DATASET_JSON, json.dumps(info, indent=2).encode())
 
 
 def _identities_table(identity_ids: list[str], embeddings: np.ndarray, seed: int) -> pa.Table:

@@ -16,7 +16,7 @@ from arc2face_engine.dataset.audit import (
     greedy_ball_count,
     load_report,
 )
-from tests.dataset_factory import make_dataset, normalise
+from tests.dataset_factory import make_dataset, normalise, rewrite_part
 
 
 @pytest.fixture
@@ -344,7 +344,7 @@ def _store_fresh_analysis(root: Path, models_dir: Path) -> list[dict]:
         row["similarity"] = (
             None if embedding is None else float(embedding @ centre[row["identity_id"]])
         )
-    pq.write_table(pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA), part)
+    rewrite_part(part, pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA))
     return rows
 
 
@@ -363,8 +363,8 @@ def test_reverify_agrees_with_stored_analysis_and_flags_tampering(
     rows[2]["face_embedding"] = (-np.asarray(rows[2]["face_embedding"])).tolist()
     from schemas.tables import MANIFEST_SCHEMA
 
-    pq.write_table(
-        pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA), root / "manifest" / "part-00000.parquet"
+    rewrite_part(
+        root / "manifest" / "part-00000.parquet", pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
     )
     report = audit_dataset(str(root), reverify=6, models_dir=tiny_models, write_report=False)
     found = {(m.image_id, m.check) for m in report.reverify.mismatches}
@@ -392,3 +392,53 @@ def test_inter_class_blocks_agree_with_dense() -> None:
     assert dense[pair] == pytest.approx(best, abs=1e-6) and pair[0] < pair[1]
     assert counts.tolist() == np.histogram(dense[i, j], COSINE_BINS)[0].tolist()
     assert inter_class_stats(centres)[1] == pair
+
+
+def _set_feature_norms(root: Path) -> list[float]:
+    """Give every row a feature_norm (accepted: 20 + row, rejected: 5, one NaN); returns the
+    accepted values that are finite."""
+    accepted_values = []
+    for part in sorted((root / "manifest").glob("part-*.parquet")):
+        table = pq.read_table(part)
+        accepted = table.column("accepted").to_pylist()
+        values = [20.0 + i if ok else 5.0 for i, ok in enumerate(accepted)]
+        values[0] = float("nan")
+        accepted_values += [v for v, ok in zip(values, accepted, strict=True) if ok and v == v]
+        column = pa.array(values, pa.float32())
+        if "feature_norm" in table.column_names:
+            table = table.set_column(table.column_names.index("feature_norm"), "feature_norm", column)
+        else:
+            table = table.append_column(pa.field("feature_norm", pa.float32()), column)
+        rewrite_part(part, table)
+    return accepted_values
+
+
+def test_feature_norm_distribution(dataset: Path) -> None:
+    expected = np.asarray(_set_feature_norms(dataset), np.float32).astype(float)
+    report = audit_dataset(str(dataset))
+    assert report.passed, report.problems
+    stats = report.quality.feature_norm_accepted
+    assert stats.count == len(expected)
+    assert stats.mean == pytest.approx(expected.mean()) and stats.min == expected.min()
+    assert stats.max == expected.max() and stats.median == pytest.approx(np.median(expected))
+    assert sum(stats.histogram.counts) == len(expected)
+    rejected = report.quality.feature_norm_rejected
+    assert rejected.min == rejected.max == 5.0
+    assert "ArcFace feature norm" in (dataset / "audit" / "report.html").read_text()
+
+
+def test_leakage_defaults_to_the_specs_exclusion(dataset: Path, tmp_path: Path) -> None:
+    identities = pq.read_table(dataset / "identities.parquet")
+    gallery = tmp_path / "gallery.npy"
+    np.save(gallery, np.asarray(identities.column("embedding")[0].as_py(), np.float32)[None])
+    info = json.loads((dataset / "dataset.json").read_text())
+    info["spec"]["identities"] = {"exclusion": {"gallery": str(gallery), "max_cosine": 0.9}}
+    (dataset / "dataset.json").write_text(json.dumps(info))
+    report = audit_dataset(str(dataset), write_report=False)
+    assert report.leakage.gallery == str(gallery) and report.leakage.threshold == 0.9
+    assert [flag.identity_id for flag in report.leakage.flagged] == ["id-000000"]
+    strict = audit_dataset(str(dataset), gallery_threshold=0.9999, write_report=False)
+    assert strict.leakage.flagged == []
+    gallery.unlink()  # the spec's gallery is not readable here: a warning, no leakage section
+    missing = audit_dataset(str(dataset), write_report=False)
+    assert missing.leakage is None and any("not readable" in w for w in missing.warnings)

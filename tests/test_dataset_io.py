@@ -206,7 +206,10 @@ def test_half_written_temp_file_is_ignored_and_cleared(tmp_path):
     writer.clear_uncommitted(3)
     assert not stale.exists()
     write_shard(writer, 3, identity=3)
-    assert sorted(os.listdir(tmp_path / "manifest")) == ["part-00003.parquet"]
+    assert sorted(os.listdir(tmp_path / "manifest")) == [
+        "part-00003.parquet",
+        "part-00003.parquet.sha256",
+    ]
 
 
 def test_object_store_commit_is_one_put(s3_uri, monkeypatch):
@@ -223,8 +226,12 @@ def test_object_store_commit_is_one_put(s3_uri, monkeypatch):
     monkeypatch.setattr(writer.fs, "pipe_file", record)
     table = pa.Table.from_pylist(manifest_rows(0, 0, 2, {}), schema=MANIFEST_SCHEMA)
     writer.commit_shard(0, table)
-    assert [path.rsplit("/", 2)[-2:] for path, _ in puts] == [["manifest", "part-00000.parquet"]]
-    assert writer.fs.size(puts[0][0]) == puts[0][1]
+    # the checksum sidecar first (CONTRACTS.md), then the part: the part stays the commit
+    assert [path.rsplit("/", 2)[-2:] for path, _ in puts] == [
+        ["manifest", "part-00000.parquet.sha256"],
+        ["manifest", "part-00000.parquet"],
+    ]
+    assert writer.fs.size(puts[-1][0]) == puts[-1][1]
 
 
 def test_commit_validates_the_table(tmp_path):

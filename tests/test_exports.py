@@ -116,7 +116,7 @@ def test_recordio_round_trip(dataset, tmp_path: Path) -> None:
     first = sorted(_accepted_ids(dataset.uri))[0]  # identity 0 lives in shard 0
     _insert_magic_comment(Path(dataset.uri) / f"images/00000/{first}.jpg")
     out = tmp_path / "rec"
-    result = export_dataset(dataset.uri, str(out), "recordio")
+    result = export_dataset(dataset.uri, str(out), "recordio", align=False)
     accepted = _accepted_ids(dataset.uri)
     assert result.images == len(accepted) == 12 and result.identities == 4
     assert (out / "property").read_text() == "4,64,64\n"
@@ -180,8 +180,8 @@ def test_webdataset_read_back_with_library(dataset, tmp_path: Path) -> None:
     import webdataset as wds
 
     out = tmp_path / "wds"
-    result = export_dataset(dataset.uri, str(out), "webdataset", samples_per_shard=5)
-    assert len(result.files) == 3  # 12 samples, 5 per shard
+    result = export_dataset(dataset.uri, str(out), "webdataset", samples_per_shard=5, align=False)
+    assert len(result.files) == 4  # 12 samples, 5 per shard, and label_map.csv
     urls = [str(out / f"shard-{i:06d}.tar") for i in range(3)]
     samples = list(
         wds.WebDataset(urls, shardshuffle=False)
@@ -202,8 +202,8 @@ def test_hf_parquet_loads_with_datasets(dataset, tmp_path: Path, monkeypatch) ->
     import datasets
 
     out = tmp_path / "hf"
-    result = export_dataset(dataset.uri, str(out), "hf", rows_per_file=7)
-    assert len(result.files) == 2
+    result = export_dataset(dataset.uri, str(out), "hf", rows_per_file=7, align=False)
+    assert len(result.files) == 4  # two Parquet files, label_map.csv, README.md
     loaded = datasets.load_dataset(
         "parquet", data_files=sorted(str(p) for p in (out / "data").glob("*.parquet")),
         split="train", cache_dir=str(tmp_path / "hf-cache"),
@@ -275,10 +275,9 @@ def test_damaged_images_name_the_image(tmp_path: Path) -> None:
     _one_line_naming(e, f"images/00000/{first}.jpg")
 
 
-def test_align_exports_112_crops(dataset, tmp_path: Path) -> None:
-    pytest.importorskip("arc2face_engine.face_analysis")
+def test_align_exports_112_crops_by_default(dataset, tmp_path: Path) -> None:
     out = tmp_path / "aligned"
-    result = export_dataset(dataset.uri, str(out), "recordio", align=True)
+    result = export_dataset(dataset.uri, str(out), "recordio")
     assert (out / "property").read_text() == "4,112,112\n"
     records = read_indexed(out)
     body = unpack_irheader(records[1])[4]

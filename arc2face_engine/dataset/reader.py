@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from arc2face_engine.dataset import layout
+from arc2face_engine.dataset.paths import LocalRoot, check_relative
 from arc2face_engine.errors import UserError
 from schemas.tables import MANIFEST_SCHEMA, DatasetInfo
 
@@ -23,19 +24,42 @@ class DatasetNotFound(UserError, FileNotFoundError):
     """The URI holds no dataset (or not the file asked for)."""
 
 
+class DatasetUriError(UserError, ValueError):
+    """The dataset URI names no filesystem fsspec can open (unknown protocol, bad options)."""
+
+
+class DatasetInfoInvalid(UserError, ValueError):
+    """dataset.json is not valid JSON or does not match schemas.tables.DatasetInfo."""
+
+
 class DatasetReader:
     """Reads one dataset (local folder or object-store prefix)."""
 
     def __init__(self, uri: str, storage_options: dict[str, Any] | None = None):
         self.uri = str(uri)
         self.storage_options = dict(storage_options or {})
-        self.fs, self.root = layout.open_dataset_fs(self.uri, self.storage_options)
+        try:
+            self.fs, self.root = layout.open_dataset_fs(self.uri, self.storage_options)
+        except (ValueError, ImportError, TypeError) as error:  # unknown protocol, bad options
+            first = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise DatasetUriError(
+                f"cannot open dataset {self.uri} ({first}): pass a local folder or an fsspec "
+                "URI such as s3://bucket/prefix"
+            ) from None
+        self.local = layout.is_local(self.fs)
+        self._local_root: LocalRoot | None = None  # made on the first local path
 
     def __repr__(self) -> str:
         return f"DatasetReader({self.uri!r})"
 
-    def path(self, relative: str) -> str:
-        return layout.join(self.root, relative)
+    def path(self, relative: str, where: str = "dataset path") -> str:
+        """The full path of `relative`; `paths.UnsafePath` (naming `where`) when it would
+        leave the root, lexically or, on local disks, through a symlink."""
+        if self.local:
+            if self._local_root is None:
+                self._local_root = LocalRoot(self.root)
+            return self._local_root.resolve(relative, where)
+        return layout.join(self.root, check_relative(relative, where))
 
     def exists(self, relative: str) -> bool:
         full = self.path(relative)
@@ -49,18 +73,26 @@ class DatasetReader:
             raise DatasetNotFound(
                 f"no dataset at {self.uri} (dataset.json missing): check the URI"
             ) from None
-        return DatasetInfo.model_validate(json.loads(raw))
+        try:
+            return DatasetInfo.model_validate(json.loads(raw))
+        except ValueError as error:  # JSONDecodeError and pydantic's ValidationError
+            first = " ".join(str(error).split())[:200]
+            raise DatasetInfoInvalid(
+                f"dataset.json of {self.uri} is not a valid dataset description ({first}): "
+                f"run `arc2face-synth audit {self.uri}`; the dataset is damaged"
+            ) from None
 
     def has_identities(self) -> bool:
         return self.exists(layout.IDENTITIES)
 
-    def identities(self) -> pa.Table:
+    def identities(self, columns: Sequence[str] | None = None) -> pa.Table:
+        """identities.parquet (only `columns` when given: the embeddings are the bulk)."""
         if not self.has_identities():
             raise DatasetNotFound(
                 f"no identities.parquet at {self.uri}: run the generate job first or check the URI"
             )
         with self.open(layout.IDENTITIES) as handle:
-            return pq.read_table(handle)
+            return pq.read_table(handle, columns=list(columns) if columns is not None else None)
 
     def manifest_parts(self) -> list[str]:
         """Relative paths of the committed manifest parts, in shard order."""
@@ -97,8 +129,8 @@ class DatasetReader:
             return schema.empty_table()
         return pa.Table.from_batches(batches)
 
-    def read_image_bytes(self, relative: str) -> bytes:
-        return self.fs.cat_file(self.path(relative))
+    def read_image_bytes(self, relative: str, where: str = "image") -> bytes:
+        return self.fs.cat_file(self.path(relative, where))
 
     def open(self, relative: str, mode: str = "rb") -> IO:
         return self.fs.open(self.path(relative), mode)

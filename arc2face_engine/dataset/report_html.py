@@ -14,8 +14,9 @@ import matplotlib.pyplot as plt
 import numpy as np
 from PIL import Image
 
+from arc2face_engine.dataset.audit.report import AuditReport, Histogram, PlotData
+
 if TYPE_CHECKING:
-    from arc2face_engine.dataset.audit import AuditReport, Histogram, PlotData
     from arc2face_engine.dataset.reader import DatasetReader
 
 THUMBNAIL = 72
@@ -91,6 +92,21 @@ def _inter_class_plot(report: AuditReport) -> str | None:
     return _png(figure)
 
 
+def _feature_norm_plot(report: AuditReport) -> str | None:
+    quality = report.quality
+    accepted = quality.feature_norm_accepted if quality is not None else None
+    if accepted is None or accepted.histogram is None:
+        return None
+    figure, ax = plt.subplots(figsize=(5, 3.2))
+    _bars(ax, accepted.histogram, "accepted")
+    rejected = quality.feature_norm_rejected
+    if rejected is not None and rejected.histogram is not None and rejected.count:
+        _bars(ax, rejected.histogram, "rejected")
+    ax.set(title="ArcFace feature norm (before normalisation)", xlabel="norm", ylabel="images")
+    ax.legend()
+    return _png(figure)
+
+
 def _thumbnail(reader: DatasetReader, path: str) -> str:
     try:
         with Image.open(io.BytesIO(reader.read_image_bytes(path))) as image:
@@ -160,12 +176,13 @@ def render_html(report: AuditReport, plots: PlotData, reader: DatasetReader | No
         "<span class='pass'>PASSED</span>" if report.passed else "<span class='fail'>FAILED</span>"
     )
     images = [
-        _similarity_plot(report),
-        _accept_rate_plot(plots),
-        _yaw_plot(plots),
-        _inter_class_plot(report),
+        (_similarity_plot(report), "similarity to identity"),
+        (_accept_rate_plot(plots), "accept rate per identity"),
+        (_yaw_plot(plots), "yaw: requested vs measured"),
+        (_inter_class_plot(report), "inter-class cosine"),
+        (_feature_norm_plot(report), "ArcFace feature norm"),
     ]
-    plot_html = "".join(_img(data) for data in images if data)
+    plot_html = "".join(_img(data, alt=alt) for data, alt in images if data)
     leakage = ""
     if report.leakage is not None:
         flagged = [

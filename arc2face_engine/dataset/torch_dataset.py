@@ -29,7 +29,7 @@ from arc2face_engine.dataset.reader import DatasetReader
 from arc2face_engine.errors import UserError
 from schemas.tables import KEYPOINT_VALUES, vector_matrix
 
-INDEX_COLUMNS = ["identity_id", "label", "path", "keypoints", "accepted"]
+INDEX_COLUMNS = ["image_id", "identity_id", "label", "path", "keypoints", "accepted"]
 SPLITS = (None, "train", "val")
 ALIGNED_SIZE = 112
 
@@ -115,6 +115,7 @@ class Arc2FaceDataset(Dataset):
             if not len(rows):
                 continue
             batch = batch.take(rows)
+            self._check_paths(reader, batch)
             paths.append(batch.column("path"))
             source = batch.column("label").to_numpy(zero_copy_only=False).astype(np.int64)
             labels.append(source)
@@ -128,6 +129,14 @@ class Arc2FaceDataset(Dataset):
         self.identity_ids = [identity_of[int(label)] for label in unique_sources]
         self.paths = pa.concat_arrays(paths) if paths else pa.array([], pa.string())
         self.keypoints = np.concatenate(keypoints) if keypoints else None
+
+    @staticmethod
+    def _check_paths(reader: DatasetReader, batch: pa.RecordBatch) -> None:
+        """Refuse (naming the row) a path that leaves the dataset root, lexically or through
+        a symlink on local disks: items must never read outside the dataset."""
+        image_ids = batch.column("image_id").to_pylist()
+        for image_id, path in zip(image_ids, batch.column("path").to_pylist(), strict=True):
+            reader.path(path, f"manifest row {image_id!r}")
 
     @staticmethod
     def _keypoints(column: pa.Array) -> np.ndarray:
@@ -158,7 +167,7 @@ class Arc2FaceDataset(Dataset):
         return state
 
     def load_image(self, index: int) -> Image.Image:
-        data = self._get_reader().read_image_bytes(self.paths[index].as_py())
+        data = self._get_reader().read_image_bytes(self.paths[index].as_py(), f"item {index}")
         with Image.open(io.BytesIO(data)) as image:
             image = image.convert("RGB")
         if not self.align:

@@ -125,7 +125,12 @@ class DatasetWriter:
             raise ValueError(f"manifest for shard {shard} holds rows of shards {shards}")
         if pc.count_distinct(table.column("image_id")).as_py() != table.num_rows:
             raise ValueError(f"manifest for shard {shard} repeats an image_id")
-        return self.write_bytes(layout.manifest_part(shard), table_to_parquet_bytes(table))
+        data = table_to_parquet_bytes(table)
+        part = layout.manifest_part(shard)
+        # The sha256 sidecar the audit verifies (CONTRACTS.md), written before the part so
+        # that the part stays the commit.
+        self.write_bytes(f"{part}.sha256", f"{hashlib.sha256(data).hexdigest()}\n".encode())
+        return self.write_bytes(part, data)
 
     def committed_shards(self) -> set[int]:
         """Shards whose manifest part exists; temp files of a crashed write do not count."""
@@ -152,7 +157,7 @@ class DatasetWriter:
     def _remove_stale_temps(self, shard: int) -> None:
         part = self.path(layout.manifest_part(shard))
         folder, name = part.rsplit("/", 1)
-        for stale in self.fs.glob(f"{folder}/.{name}{TEMP_MARKER}*"):
+        for stale in self.fs.glob(f"{folder}/.{name}*{TEMP_MARKER}*"):  # part and its sidecar
             self.fs.rm(stale)
 
     # --- dataset.json ---------------------------------------------------------------------

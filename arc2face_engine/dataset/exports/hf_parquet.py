@@ -3,18 +3,29 @@
 The features travel in the Parquet schema metadata under the "huggingface" key
 (the format `datasets` itself writes), so `load_dataset("parquet", data_files=...)`
 decodes `image` to PIL images and `label` to a ClassLabel named by identity id.
-Files are data/train-00000-of-0000N.parquet (the Hub's naming).
+Files are data/train-00000-of-0000N.parquet (the Hub's naming), then
+label_map.csv, then the dataset card README.md (YAML metadata: license, features,
+splits, configs), written last.
 """
 
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Iterable, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from arc2face_engine.dataset.exports import ExportItem, ExportPlan, ExportResult
+from arc2face_engine.dataset.exports.base import (
+    ExportError,
+    ExportItem,
+    ExportPlan,
+    ExportResult,
+    check_options,
+    write_label_map,
+)
+from arc2face_engine.dataset.exports.hf_card import render_hf_card
 
 STRING_COLUMNS = ("image_id", "identity_id", "pose_name", "expression_name", "reject_reason")
 
@@ -67,15 +78,17 @@ def _chunks(items: Iterable[ExportItem], size: int) -> Iterator[list[ExportItem]
 
 
 def write_hf_parquet(
-    items: Iterable[ExportItem], plan: ExportPlan, fs, root: str, rows_per_file: int = 5000
-) -> ExportResult:
+    items: Iterable[ExportItem], plan: ExportPlan, fs, root: str, info=None,
+    rows_per_file: int = 5000, **options,
+) -> ExportResult:  # fmt: skip
     """One Parquet file per `rows_per_file` rows (the count of files is known from the plan)."""
-    if rows_per_file < 1:
-        raise ValueError(f"rows_per_file must be >= 1, got {rows_per_file}")
+    check_options("hf", options, ("rows_per_file",))
+    if not isinstance(rows_per_file, int) or rows_per_file < 1:
+        raise ExportError(f"rows_per_file must be an integer >= 1, got {rows_per_file!r}")
     schema = hf_schema(plan.identity_ids)
     n_files = max(1, -(-len(plan) // rows_per_file))  # upper bound when align skips rows
     fs.makedirs(f"{root}/data", exist_ok=True)
-    files, labels, images = [], set(), 0
+    files, labels, images = [], Counter(), 0
     for number, chunk in enumerate(_chunks(items, rows_per_file)):
         table = pa.Table.from_pylist([_row(item) for item in chunk], schema=schema)
         files.append(f"{root}/data/train-{number:05d}-of-{n_files:05d}.parquet")
@@ -83,6 +96,10 @@ def write_hf_parquet(
             pq.write_table(table, handle, row_group_size=1000)
         labels.update(item.label for item in chunk)
         images += len(chunk)
+    files.append(write_label_map(fs, root, plan, labels))
+    card = render_hf_card(info, plan, labels, schema, images, STRING_COLUMNS)
+    fs.pipe_file(f"{root}/README.md", card.encode("utf-8"))  # last: the marker
+    files.append(f"{root}/README.md")
     result = ExportResult(fmt="hf", out_uri=root, images=images, identities=len(labels))
     result.files = files
     return result

@@ -1,21 +1,31 @@
-"""torchvision ImageFolder layout: out/<label:05d>/<image_id>.jpg plus labels.csv."""
+"""torchvision ImageFolder layout: out/<label:05d>/<image_id>.jpg plus label_map.csv and labels.csv.
+
+labels.csv (what ImageFolder users look for first) is written last, after
+label_map.csv; both hold label, identity_id, source_label, images.
+"""
 
 from __future__ import annotations
 
-import csv
-import io
 from collections import Counter
 from collections.abc import Iterable
 
-from arc2face_engine.dataset.exports import ExportItem, ExportPlan, ExportResult
+from arc2face_engine.dataset.exports.base import (
+    ExportItem,
+    ExportPlan,
+    ExportResult,
+    check_options,
+    label_map_csv,
+    write_label_map,
+)
+
+LABELS_CSV = "labels.csv"
 
 
 def write_imagefolder(
-    items: Iterable[ExportItem], plan: ExportPlan, fs, root: str, **options
+    items: Iterable[ExportItem], plan: ExportPlan, fs, root: str, info=None, **options
 ) -> ExportResult:
     """Folder names are zero-padded labels, so ImageFolder's sorted class order is the label order."""
-    if options:
-        raise TypeError(f"unexpected imagefolder options {sorted(options)}")
+    check_options("imagefolder", options, ())
     per_label: Counter = Counter()
     for item in items:
         folder = f"{root}/{item.label:05d}"
@@ -23,13 +33,9 @@ def write_imagefolder(
             fs.makedirs(folder, exist_ok=True)
         fs.pipe_file(f"{folder}/{item.image_id}.jpg", item.data)
         per_label[item.label] += 1
-    buffer = io.StringIO()
-    table = csv.writer(buffer, lineterminator="\n")
-    table.writerow(["label", "identity_id", "images"])
-    for label, identity_id in enumerate(plan.identity_ids):
-        table.writerow([label, identity_id, per_label[label]])
-    fs.pipe_file(f"{root}/labels.csv", buffer.getvalue().encode())
+    label_map = write_label_map(fs, root, plan, per_label)
+    fs.pipe_file(f"{root}/{LABELS_CSV}", label_map_csv(plan, per_label))  # last: the marker
     return ExportResult(
         fmt="imagefolder", out_uri=root, images=sum(per_label.values()),
-        identities=len(per_label), files=[f"{root}/labels.csv"],
+        identities=len(per_label), files=[label_map, f"{root}/{LABELS_CSV}"],
     )  # fmt: skip

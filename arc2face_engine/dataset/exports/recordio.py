@@ -17,17 +17,35 @@ records N+1..N+K are one per identity with labels (first, end) of its image
 indices (end exclusive); record 0, written last, has labels (N+1, N+K+1), the
 range of identity records, so `range(1, header0.label[0])` lists the images.
 `property` is "num_classes,height,width".
+
+`dali=True` writes what arcface_torch's `scripts/shuffle_rec.py` makes of that
+layout, which DALI's `fn.readers.mxnet` reads (it would return the header and
+identity records above as empty samples): image records only, in a seeded
+random order, with idx keys 0..N-1; each keeps its header (0, label, index, 0).
+The records are first written in label order to a local temporary file, then
+copied in the shuffled order.
+
+label_map.csv is written after train.rec and train.idx, `property` last.
 """
 
 from __future__ import annotations
 
 import struct
+import tempfile
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from typing import IO
 
 import numpy as np
 
-from arc2face_engine.dataset.exports import ExportItem, ExportPlan, ExportResult
+from arc2face_engine.dataset.exports.base import (
+    ExportError,
+    ExportItem,
+    ExportPlan,
+    ExportResult,
+    check_options,
+    write_label_map,
+)
 
 MAGIC = 0xCED7230A
 MAGIC_BYTES = struct.pack("<I", MAGIC)
@@ -92,37 +110,83 @@ class IndexedRecordWriter:
         self.position += len(data)
 
 
-def write_recordio(
-    items: Iterable[ExportItem], plan: ExportPlan, fs, root: str, **options
-) -> ExportResult:
-    """Write train.rec, train.idx and property under `root` (items arrive grouped by label)."""
-    if options:
-        raise TypeError(f"unexpected recordio options {sorted(options)}")
-    if len(plan) + len(plan.identity_ids) + 1 >= MAX_FLOAT_INDEX:
-        raise ValueError("RecordIO stores record indices as float32: at most 2**24 records")
-    ranges: list[tuple[int, int]] = []  # per label: [first, end) image record indices
+def _write_images(
+    items: Iterable[ExportItem], n_labels: int, writer: IndexedRecordWriter, per_label: Counter
+) -> tuple[list[tuple[int, int]], tuple[int, int], list[tuple[int, int]]]:
+    """Image records 1..N grouped by label; returns the per-label [first, end) ranges, the
+    (height, width) of the first image and each record's (offset, length) in the file."""
+    ranges: list[tuple[int, int]] = []
+    spans: list[tuple[int, int]] = []
     size = (0, 0)
-    with fs.open(f"{root}/train.rec", "wb") as rec, fs.open(f"{root}/train.idx", "wb") as idx:
-        writer = IndexedRecordWriter(rec, idx)
-        index = 1
-        for item in items:
-            if item.label < len(ranges) - 1:
-                raise ValueError("RecordIO needs the items grouped by label in increasing order")
-            while item.label >= len(ranges):  # an identity whose every row was skipped: empty range
-                ranges.append((index, index))
-            writer.write(index, pack(item.label, item.data, index))
-            ranges[-1] = (ranges[-1][0], index + 1)
-            size = size if size != (0, 0) else (item.height, item.width)
-            index += 1
-        ranges += [(index, index)] * (len(plan.identity_ids) - len(ranges))
-        first_identity_record = index
-        for start, end in ranges:
-            writer.write(index, pack((start, end), b"", index))
-            index += 1
-        writer.write(0, pack((first_identity_record, index), b"", 0, 1))
-    with fs.open(f"{root}/property", "w") as handle:
-        handle.write(f"{len(ranges)},{size[0]},{size[1]}\n")
+    index = 1
+    for item in items:
+        if item.label < len(ranges) - 1:
+            raise ValueError("RecordIO needs the items grouped by label in increasing order")
+        while item.label >= len(ranges):  # an identity whose every row was skipped: empty range
+            ranges.append((index, index))
+        start = writer.position
+        writer.write(index, pack(item.label, item.data, index))
+        spans.append((start, writer.position - start))
+        ranges[-1] = (ranges[-1][0], index + 1)
+        size = size if size != (0, 0) else (item.height, item.width)
+        per_label[item.label] += 1
+        index += 1
+    ranges += [(index, index)] * (n_labels - len(ranges))
+    return ranges, size, spans
+
+
+def _shuffled_copy(source: IO[bytes], spans: list[tuple[int, int]], rec: IO[bytes],
+                   idx: IO[bytes], seed: int) -> None:  # fmt: skip
+    """shuffle_rec.py's output: the image records in a seeded random order, keys 0..N-1."""
+    order = np.random.default_rng(seed).permutation(len(spans))
+    position = 0
+    for key, record in enumerate(order.tolist()):
+        offset, length = spans[record]
+        source.seek(offset)
+        data = source.read(length)
+        idx.write(f"{key}\t{position}\n".encode())
+        rec.write(data)
+        position += length
+
+
+def write_recordio(
+    items: Iterable[ExportItem], plan: ExportPlan, fs, root: str, info=None, *,
+    dali: bool = False, shuffle_seed: int = 0, **options,
+) -> ExportResult:  # fmt: skip
+    """Write train.rec, train.idx, label_map.csv and property under `root` (items arrive
+    grouped by label); `dali=True` writes the shuffled images-only layout instead."""
+    check_options("recordio", options, ("dali", "shuffle_seed"))
+    if len(plan) + len(plan.identity_ids) + 1 >= MAX_FLOAT_INDEX:
+        raise ExportError("RecordIO stores record indices as float32: at most 2**24 records")
+    per_label: Counter = Counter()
+    if dali:
+        with tempfile.TemporaryFile(prefix="arc2face-rec-") as source:
+            _, size, spans = _write_images(items, len(plan.identity_ids),
+                                           IndexedRecordWriter(source, _Discard()), per_label)  # fmt: skip
+            with fs.open(f"{root}/train.rec", "wb") as rec, fs.open(f"{root}/train.idx", "wb") as idx:
+                _shuffled_copy(source, spans, rec, idx, shuffle_seed)
+        images = len(spans)
+    else:
+        with fs.open(f"{root}/train.rec", "wb") as rec, fs.open(f"{root}/train.idx", "wb") as idx:
+            writer = IndexedRecordWriter(rec, idx)
+            ranges, size, spans = _write_images(items, len(plan.identity_ids), writer, per_label)
+            index = first_identity_record = len(spans) + 1
+            for start, end in ranges:
+                writer.write(index, pack((start, end), b"", index))
+                index += 1
+            writer.write(0, pack((first_identity_record, index), b"", 0, 1))
+        images = len(spans)
+    label_map = write_label_map(fs, root, plan, per_label)
+    with fs.open(f"{root}/property", "w") as handle:  # last: the marker
+        handle.write(f"{len(plan.identity_ids)},{size[0]},{size[1]}\n")
     return ExportResult(
-        fmt="recordio", out_uri=root, images=first_identity_record - 1, identities=len(ranges),
-        files=[f"{root}/{name}" for name in ("train.rec", "train.idx", "property")],
+        fmt="recordio", out_uri=root, images=images, identities=len(plan.identity_ids),
+        files=[f"{root}/{name}" for name in ("train.rec", "train.idx", "property")] + [label_map],
     )  # fmt: skip
+
+
+class _Discard:
+    """An idx sink for the temporary file (its offsets are kept in memory instead)."""
+
+    def write(self, data: bytes) -> int:
+        return len(data)

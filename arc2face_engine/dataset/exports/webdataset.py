@@ -4,6 +4,7 @@ Written with the standard tarfile module in streaming mode ("w|"), so object
 stores get one sequential upload per shard. Keys are image ids (no dots, so
 WebDataset's key/extension split is unambiguous). Shards are
 `shard-000000.tar`, ...; the brace pattern for WebDataset is in the result.
+label_map.csv is written after the last shard.
 """
 
 from __future__ import annotations
@@ -12,9 +13,17 @@ import io
 import itertools
 import json
 import tarfile
+from collections import Counter
 from collections.abc import Iterable
 
-from arc2face_engine.dataset.exports import ExportItem, ExportPlan, ExportResult
+from arc2face_engine.dataset.exports.base import (
+    ExportError,
+    ExportItem,
+    ExportPlan,
+    ExportResult,
+    check_options,
+    write_label_map,
+)
 
 MTIME = 0  # fixed: the same dataset exports to the same bytes
 
@@ -27,6 +36,11 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 def _add_sample(tar: tarfile.TarFile, item: ExportItem) -> None:
     key = item.image_id
+    if "." in key:  # WebDataset splits key and extension at the first dot
+        raise ExportError(
+            f"image_id {key!r} holds a dot, which WebDataset would read as an extension: "
+            "export as imagefolder, recordio or hf"
+        )
     _add(tar, f"{key}.jpg", item.data)
     _add(tar, f"{key}.cls", str(item.label).encode())
     metadata = {**item.metadata, "label": item.label, "width": item.width, "height": item.height}
@@ -39,12 +53,14 @@ def shard_pattern(root: str, shards: int) -> str:
 
 
 def write_webdataset(
-    items: Iterable[ExportItem], plan: ExportPlan, fs, root: str, samples_per_shard: int = 1000
-) -> ExportResult:
-    if samples_per_shard < 1:
-        raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
+    items: Iterable[ExportItem], plan: ExportPlan, fs, root: str, info=None,
+    samples_per_shard: int = 1000, **options,
+) -> ExportResult:  # fmt: skip
+    check_options("webdataset", options, ("samples_per_shard",))
+    if not isinstance(samples_per_shard, int) or samples_per_shard < 1:
+        raise ExportError(f"samples_per_shard must be an integer >= 1, got {samples_per_shard!r}")
     files: list[str] = []
-    labels: set[int] = set()
+    labels: Counter = Counter()
     images = 0
     stream = iter(items)
     while first := next(stream, None):
@@ -55,8 +71,9 @@ def write_webdataset(
         ):
             for item in itertools.chain([first], itertools.islice(stream, samples_per_shard - 1)):
                 _add_sample(tar, item)
-                labels.add(item.label)
+                labels[item.label] += 1
                 images += 1
+    files.append(write_label_map(fs, root, plan, labels))  # last: the marker
     result = ExportResult(fmt="webdataset", out_uri=root, images=images, identities=len(labels))
     result.files = files
     return result
