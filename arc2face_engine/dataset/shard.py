@@ -54,6 +54,9 @@ class ShardJob:
     image_format: str = "jpeg"
     quality: int = 95
     keep_rejected_images: bool = True
+    # The writer lease this shard runs under: its writer checks the lease before it deletes
+    # leftovers or commits (see dataset/lease.py).
+    lease_token: str | None = None
 
 
 @dataclass
