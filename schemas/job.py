@@ -16,7 +16,15 @@ from typing import Any, Literal
 
 import fsspec
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from schemas.errors import SpecError
 
@@ -181,16 +189,15 @@ class PosesSpec(_Section):
     check_pitch = field_validator("pitch")(_angle_list(-90, 90, "pitch"))
     check_roll = field_validator("roll")(_angle_list(-180, 180, "roll"))
 
-    @field_validator("roll")
-    @classmethod
-    def _bounded_grid(cls, roll: list[float], info: ValidationInfo) -> list[float]:
-        cells = len(info.data.get("yaw") or [0]) * len(info.data.get("pitch") or [0]) * len(roll)
+    @model_validator(mode="after")
+    def _bounded_grid(self) -> PosesSpec:
+        cells = len(self.yaw) * len(self.pitch) * len(self.roll)
         if cells > MAX_POSE_GRID:
             raise ValueError(
                 f"the yaw x pitch x roll grid has {cells} poses, more than {MAX_POSE_GRID}: "
                 "use fewer angles"
             )
-        return roll
+        return self
 
 
 class ExpressionsSpec(_Section):
