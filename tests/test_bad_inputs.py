@@ -828,3 +828,22 @@ def test_lease_on_an_object_store(s3_uri):
             DatasetWriter(uri + "/ds", options, lease_token=stale.token).commit_shard(
                 0, MANIFEST_SCHEMA.empty_table()
             )
+
+
+def test_skipped_photos_are_listed_before_anything_is_written(ctx: Ctx, capsys):
+    """Identities from photos are built at preflight, in plain Python: the skipped files
+    reach the console (not Prefect's log) and nothing is written yet."""
+    from arc2face_engine.dataset import job as dataset_job
+    from tests.test_job_identities import _disc_photo
+
+    folder = ctx.tmp / "photos"
+    folder.mkdir()
+    _disc_photo(folder / "a.png", (64, 64))
+    _disc_photo(folder / "empty.png", None)
+    (folder / "broken.jpg").write_bytes(b"not a jpeg")
+    raw = spec_dict(ctx.models, ctx.fresh(), identities={"source": "images", "path": str(folder)})
+    dataset_job.preflight(JobSpec.model_validate(raw))
+    printed = capsys.readouterr().out
+    assert "skipped empty.png: no face detected" in printed
+    assert "skipped broken.jpg: cannot decode" in printed
+    assert not ctx.fresh().exists()
