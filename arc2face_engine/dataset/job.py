@@ -134,16 +134,17 @@ def preflight(spec: JobSpec) -> None:
     if info is not None:
         safety.check_resume(spec, info, components, precision)
     if DatasetReader(spec.output.uri, spec.output.storage_options).has_identities():
-        # A resumed job keeps the identities it recorded, if they are intact.
-        _PREPARED[_prepared_key(spec)] = safety.read_recorded_identities(writer, info)
+        # A resumed job keeps the identities it recorded, if they are intact (the job
+        # reads them again under the lease).
+        safety.read_recorded_identities(writer, info)
         return
     if spec.identities.source == "random" and spec.identities.project_to_manifold:
         return  # needs the engine: built by the job (the candidates are bounded by count)
     _PREPARED[_prepared_key(spec)] = make_identities(spec)
 
 
-# Identities built (or read and verified) by preflight, handed to build_identities in the
-# same process so they are made once; keyed by output and spec hash.
+# Identities built by preflight for a new dataset, handed to build_identities in the same
+# process so they are made once; keyed by output and spec hash.
 _PREPARED: dict[tuple[str, str], pa.Table] = {}
 
 
