@@ -274,6 +274,7 @@ def _read_parquet(data: bytes, uri: str) -> tuple[list[str], list[np.ndarray]]:
         else _default_names(table.num_rows)
     )
     if "values" in table.column_names:
+        _require_numeric(table, "values", uri)
         rows = [
             np.asarray(v if v is not None else [], dtype=np.float64)
             for v in table.column("values").to_pylist()
@@ -291,11 +292,25 @@ def _read_parquet(data: bytes, uri: str) -> tuple[list[str], list[np.ndarray]]:
             f"expression file {uri} has {len(present)} of the columns e0..e54; "
             f"write all {EXPRESSION_DIM} or use one 'values' list column"
         )
+    for column in scalar_columns:
+        _require_numeric(table, column, uri)
     matrix = np.stack(
         [np.asarray(table.column(c).to_pylist(), dtype=np.float64) for c in scalar_columns],
         axis=1,
     )
     return names, list(matrix)
+
+
+def _require_numeric(table: pa.Table, column: str, uri: str) -> None:
+    """Raise BankError unless `column` holds numbers (or lists of numbers)."""
+    kind = table.schema.field(column).type
+    nested = pa.types.is_list(kind) or pa.types.is_large_list(kind)
+    values = kind.value_type if nested or pa.types.is_fixed_size_list(kind) else kind
+    if not (pa.types.is_integer(values) or pa.types.is_floating(values)):
+        raise BankError(
+            f"expression file {uri} column {column!r} holds {kind}, not numbers; "
+            f"write {EXPRESSION_DIM} floats per expression"
+        )
 
 
 def _read_npy(data: bytes, uri: str) -> tuple[list[str], list[np.ndarray]]:

@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 from fsspec import AbstractFileSystem
 from PIL import Image, ImageOps
 
+from arc2face_engine.dataset.layout import SAFE_ID_RULE, is_safe_id
 from arc2face_engine.errors import EmbeddingFileError, SpecError
 from schemas.tables import EMBEDDING_DIM, IDENTITIES_SCHEMA, vector_matrix
 
@@ -292,6 +293,12 @@ def _parquet_ids(column: pa.ChunkedArray, uri: str) -> list[str]:
         )
     seen: set[str] = set()
     for row, value in enumerate(ids):
+        if not is_safe_id(value):
+            shown = value if len(value) <= 40 else value[:37] + "..."
+            raise EmbeddingFileError(
+                f"embedding file {uri} row {row} has identity_id {shown!r}, which cannot name "
+                f"image files: use {SAFE_ID_RULE}"
+            )
         if value in seen:
             raise EmbeddingFileError(
                 f"embedding file {uri} repeats identity_id {value!r} at row {row}: make ids unique"

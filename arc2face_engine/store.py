@@ -18,7 +18,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from arc2face_engine.errors import ModelFileMissing, UserError
+from arc2face_engine.errors import ModelFileCorrupt, ModelFileMissing, UserError
 
 CHECKSUMS_FILE = "checksums.json"
 
@@ -135,6 +135,83 @@ def require(root: str | os.PathLike, component: str, *, under: str | None = None
             )
 
 
+# --- readability ------------------------------------------------------------------------
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:200] if text else type(error).__name__
+
+
+def _open_safetensors(path: Path) -> None:
+    from safetensors import safe_open
+
+    # The header lists every tensor's byte range; safetensors checks they cover the file,
+    # so a truncated download fails here without reading the weights.
+    with safe_open(str(path), framework="pt") as handle:
+        handle.keys()
+
+
+def _open_torch_zip(path: Path) -> None:
+    import torch
+
+    # mmap: the zip directory and pickle are read, tensor bytes are not.
+    torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+
+
+def _open_onnx(path: Path) -> None:
+    import onnx
+
+    onnx.load_model(str(path), load_external_data=False)
+
+
+def _open_json(path: Path) -> None:
+    json.loads(path.read_text(encoding="utf-8"))
+
+
+def _open_tokenizer(folder: Path) -> None:
+    from transformers import CLIPTokenizer
+
+    CLIPTokenizer.from_pretrained(folder)
+
+
+_OPENERS = {
+    ".safetensors": ("safetensors", _open_safetensors),
+    ".bin": ("PyTorch checkpoint", _open_torch_zip),
+    ".pt": ("PyTorch checkpoint", _open_torch_zip),
+    ".onnx": ("ONNX model", _open_onnx),
+    ".json": ("JSON", _open_json),
+}
+
+
+def check_model_files(root: str | os.PathLike, components: Iterable[str] = ("core",)) -> None:
+    """Open every file of `components` the way its loader will (headers, zip directories,
+    protobufs, JSON, the tokenizer) and raise ModelFileCorrupt for the first that does not
+    open: a truncated or wrong file fails here, before a job writes anything, instead of
+    inside a shard. Missing files raise ModelFileMissing (see `require`)."""
+    root = Path(root)
+    for component in _check_components(components):
+        require(root, component)
+        for relative in COMPONENT_FILES[component]:
+            kind, opener = _OPENERS.get(Path(relative).suffix, (None, None))
+            if opener is not None:
+                _try_open(root, relative, component, kind, opener)
+        if component == "core":
+            _try_open(root, "tokenizer", component, "CLIP tokenizer", _open_tokenizer)
+
+
+def _try_open(root: Path, relative: str, component: str, kind: str, opener) -> None:
+    try:
+        opener(root / relative)
+    except (ModelFileMissing, MemoryError):
+        raise
+    except Exception as error:  # every parser has its own error types
+        raise ModelFileCorrupt(
+            f"model file {root / relative} does not open as {kind} ({_first_line(error)}): "
+            f"it is truncated or corrupt; {fetch_hint(root, component)} to fetch it again"
+        ) from None
+
+
 # --- checksums -------------------------------------------------------------------------
 
 
@@ -170,6 +247,17 @@ def _cached_sha256(path: Path) -> str:
     if key not in _HASH_CACHE:
         _HASH_CACHE[key] = _sha256(path)
     return _HASH_CACHE[key]
+
+
+def component_hashes(root: str | os.PathLike, components: Iterable[str]) -> dict[str, str]:
+    """{relative path: sha256} of the files of `components`: the files that decide pixels."""
+    root = Path(root)
+    return {
+        relative: _cached_sha256(root / relative)
+        for component in _check_components(components)
+        for relative in COMPONENT_FILES[component]
+        if (root / relative).is_file()
+    }
 
 
 def file_hashes(root: str | os.PathLike) -> dict[str, str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
@@ -378,6 +379,8 @@ def _one_line(error: BaseException) -> tuple[str, int] | None:
         return str(error), 1
     if isinstance(error, (FileNotFoundError, PermissionError, IsADirectoryError)):
         return f"{error}: check the path and its permissions", 2
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+        return f"{error}: free space or use a writable location, then re-run", 2
     if type(error).__name__ in ("NoCredentialsError", "PartialCredentialsError"):
         return (
             f"{error}: give credentials in output.storage_options (generate) or "

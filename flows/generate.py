@@ -158,16 +158,29 @@ def _fan_out(
 
 
 @flow(name="generate-dataset", log_prints=True)
-def generate_dataset_flow(spec: JobSpec, show_progress: bool = False) -> DatasetInfo:
-    """Turn a job spec into a dataset: identities, shards, verification, finalise."""
-    committed = prepare_dataset(spec)
-    identities = build_identities(spec)
+def generate_dataset_flow(
+    spec: JobSpec, show_progress: bool = False, lease_token: str | None = None
+) -> DatasetInfo:
+    """Turn a job spec into a dataset: identities, shards, verification, finalise.
+
+    `lease_token`: the writer lease the caller holds on the output (generate_dataset);
+    without one (a deployment run) the flow checks the spec and takes the lease itself.
+    """
+    if lease_token is None:
+        dataset_job.preflight(spec)
+        with dataset_job.writer_lease(spec) as lease:
+            return _generate(spec, show_progress, lease.token)
+    return _generate(spec, show_progress, lease_token)
+
+
+def _generate(spec: JobSpec, show_progress: bool, lease_token: str) -> DatasetInfo:
+    committed = prepare_dataset(spec, lease_token)
+    identities = build_identities(spec, lease_token)
     shards = shard_count(
         len(identities), spec.variations.images_per_identity, spec.output.shard_size
     )
-    todo = (
-        job for job in dataset_job.shard_jobs(spec, identities) if job.plan.shard not in committed
-    )
+    jobs = dataset_job.shard_jobs(spec, identities, lease_token)
+    todo = (job for job in jobs if job.plan.shard not in committed)
     if committed:
         print(f"resuming: {len(committed)} of {shards} shards already committed, skipped")
     finished = ShardResult(shard=-1)  # counts of finished shards
@@ -197,7 +210,7 @@ def generate_dataset_flow(spec: JobSpec, show_progress: bool = False) -> Dataset
                 finished.merge(result)
                 progress.advance(bar)
                 live.at_least(finished, show)
-    info = finalize_dataset(spec)
+    info = finalize_dataset(spec, lease_token)
     create_table_artifact(
         key="dataset-summary",
         table=_summary_rows(info, finished, time.perf_counter() - started),
@@ -212,10 +225,13 @@ def generate_dataset(spec: JobSpec | str, show_progress: bool = False) -> Datase
     """Run the generate flow for a spec object or a spec file URI.
 
     The spec is checked against the models, devices, banks and output first, so a
-    mistake is one error line before any orchestration starts or anything is written.
+    mistake is one error line before any orchestration starts or anything is written;
+    then the output's writer lease is held (heartbeat thread) until the flow ends.
     """
     if not isinstance(spec, JobSpec):
         spec = load_spec(spec)
     dataset_job.preflight(spec)
     runner = task_runner_for(spec)
-    return generate_dataset_flow.with_options(task_runner=runner)(spec, show_progress)
+    with dataset_job.writer_lease(spec) as lease:
+        flow_ = generate_dataset_flow.with_options(task_runner=runner)
+        return flow_(spec, show_progress, lease.token)

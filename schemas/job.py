@@ -16,12 +16,30 @@ from typing import Any, Literal
 
 import fsspec
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
-from arc2face_engine.errors import SpecError
+from schemas.errors import SpecError
 
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 DEFAULT_RANDOM_COUNT = 100
+# Bounds that keep memory bounded whatever a spec asks for: identities are held in memory
+# (1M x 512 float32 = 2 GiB), a shard's rows and images too (at most
+# max(shard_size, images_per_identity) x max_attempts rows), banks are rendered up front.
+MAX_IDENTITIES = 1_000_000
+MAX_IMAGES_PER_IDENTITY = 10_000
+MAX_SHARD_SIZE = 65_536
+MAX_ATTEMPTS = 100
+MAX_EXPRESSIONS = 100_000
+MAX_IMAGE_SIDE = 4096
+MAX_POSE_GRID = 4096  # rendered normal maps, each height x width x 3 bytes
 # Arc2Face defaults (DPM-Solver++ 25 steps, CFG 3.0) and the LCM-LoRA sweet spot (4 steps, no CFG).
 DPM_STEPS, DPM_GUIDANCE, LCM_STEPS = 25, 3.0, 4
 
@@ -62,6 +80,7 @@ class IdentitiesSpec(_Section):
     count: int | None = Field(
         None,
         gt=0,
+        le=MAX_IDENTITIES,
         validate_default=True,
         description=f"random: how many identities (default {DEFAULT_RANDOM_COUNT}); "
         "file/images: optional cap on how many rows/photos are used (default all).",
@@ -170,6 +189,16 @@ class PosesSpec(_Section):
     check_pitch = field_validator("pitch")(_angle_list(-90, 90, "pitch"))
     check_roll = field_validator("roll")(_angle_list(-180, 180, "roll"))
 
+    @model_validator(mode="after")
+    def _bounded_grid(self) -> PosesSpec:
+        cells = len(self.yaw) * len(self.pitch) * len(self.roll)
+        if cells > MAX_POSE_GRID:
+            raise ValueError(
+                f"the yaw x pitch x roll grid has {cells} poses, more than {MAX_POSE_GRID}: "
+                "use fewer angles"
+            )
+        return self
+
 
 class ExpressionsSpec(_Section):
     kind: Literal["none", "neutral", "file", "random"] = Field(
@@ -182,7 +211,9 @@ class ExpressionsSpec(_Section):
         validate_default=True,
         description="file: .parquet/.npy/.yaml of 55-value FLAME expression vectors.",
     )
-    count: int = Field(8, gt=0, description="random: how many expressions to sample.")
+    count: int = Field(
+        8, gt=0, le=MAX_EXPRESSIONS, description="random: how many expressions to sample."
+    )
     spread: float = Field(
         1.0, gt=0.0, description="random: multiplier of the per-component prior std."
     )
@@ -197,7 +228,10 @@ class ExpressionsSpec(_Section):
 
 class VariationsSpec(_Section):
     images_per_identity: int = Field(
-        20, gt=0, description="Wanted images per identity (before top-ups of rejected ones)."
+        20,
+        gt=0,
+        le=MAX_IMAGES_PER_IDENTITY,
+        description="Wanted images per identity (before top-ups of rejected ones).",
     )
     poses: PosesSpec = Field(default_factory=PosesSpec, description="Head-pose control.")
     expressions: ExpressionsSpec = Field(
@@ -227,8 +261,12 @@ class GenerationSpec(_Section):
     batch_size: int = Field(
         16, gt=0, description="Images per forward pass; does not change which image a seed gives."
     )
-    height: int = Field(512, gt=0, description="Image height in pixels, a multiple of 8.")
-    width: int = Field(512, gt=0, description="Image width in pixels, a multiple of 8.")
+    height: int = Field(
+        512, gt=0, le=MAX_IMAGE_SIDE, description="Image height in pixels, a multiple of 8."
+    )
+    width: int = Field(
+        512, gt=0, le=MAX_IMAGE_SIDE, description="Image width in pixels, a multiple of 8."
+    )
     controlnet_scale: float = Field(
         1.0,
         ge=0.0,
@@ -297,6 +335,7 @@ class FilterSpec(_Section):
     max_attempts: int = Field(
         3,
         ge=1,
+        le=MAX_ATTEMPTS,
         description="Tries per wanted image: a rejected image is regenerated with a new seed "
         "until accepted or this many attempts were made.",
     )
@@ -315,6 +354,7 @@ class OutputSpec(_Section):
     shard_size: int = Field(
         256,
         gt=0,
+        le=MAX_SHARD_SIZE,
         description="Target images per shard; shards hold whole identities "
         "(max(1, shard_size // images_per_identity) identities each).",
     )

@@ -135,6 +135,11 @@ class DatasetInfo(BaseModel):
     spec_hash: str
     versions: dict[str, str] = Field(default_factory=dict)
     model_hashes: dict[str, str] = Field(default_factory=dict)
+    # The dtype the weights ran at ("fp32", "fp16", "bf16"): with the model hashes, what
+    # decides the pixels beyond the spec; a resume must match both.
+    precision: str | None = None
+    # sha256 of identities.parquet's bytes, recorded when it is written (audits verify it).
+    identities_sha256: str | None = None
     counts: DatasetCounts = Field(default_factory=DatasetCounts)
     created_at: str
     finished_at: str | None = None

@@ -15,14 +15,14 @@ from tasks.devices import claim_device
 
 
 @task(name="prepare-dataset", cache_policy=NO_CACHE, persist_result=False)
-def prepare_dataset(spec: JobSpec) -> set[int]:
+def prepare_dataset(spec: JobSpec, lease_token: str | None = None) -> set[int]:
     """Check the output, write dataset.json; return the already committed shards."""
-    return dataset_job.prepare_dataset(spec).committed_shards()
+    return dataset_job.prepare_dataset(spec, lease_token).committed_shards()
 
 
 @task(name="build-identities", cache_policy=NO_CACHE, persist_result=False)
-def build_identities(spec: JobSpec):
-    return dataset_job.build_identities(spec, dataset_job.open_writer(spec))
+def build_identities(spec: JobSpec, lease_token: str | None = None):
+    return dataset_job.build_identities(spec, dataset_job.open_writer(spec, lease_token))
 
 
 def _worth_retrying(task, task_run, state) -> bool:
@@ -48,5 +48,5 @@ def generate_shard(spec: JobSpec, job: ShardJob) -> ShardResult:
 
 
 @task(name="finalize-dataset", cache_policy=NO_CACHE, persist_result=False)
-def finalize_dataset(spec: JobSpec):
-    return dataset_job.finalize_dataset(spec)
+def finalize_dataset(spec: JobSpec, lease_token: str | None = None):
+    return dataset_job.finalize_dataset(spec, lease_token)

@@ -11,9 +11,10 @@ import pyarrow as pa
 import pytest
 
 from arc2face_engine.dataset import layout
+from arc2face_engine.dataset.lease import WriterLease
 from arc2face_engine.dataset.reader import DatasetNotFound, DatasetReader
 from arc2face_engine.dataset.writer import DatasetWriter
-from arc2face_engine.errors import SpecError, UserError
+from arc2face_engine.errors import DatasetCorrupt, LeaseLost, SpecError, UserError
 from arc2face_engine.identities import build_identities_table
 from schemas.tables import IDENTITIES_SCHEMA, MANIFEST_SCHEMA, DatasetInfo
 
@@ -167,18 +168,34 @@ def test_empty_dataset_reads_as_empty(tmp_path):
     assert issubclass(DatasetNotFound, UserError)
 
 
+def leased(writer: DatasetWriter) -> WriterLease:
+    return WriterLease(writer.fs, writer.root, writer.uri, settle_s=0.0)
+
+
 def test_crash_before_commit_leaves_shard_uncommitted_and_rewritable(target):
     uri, options = target
-    writer = DatasetWriter(uri, options)
-    writer.write_image(4, "id-000004-v0000-a00", b"half a shard", "jpg")
-    assert writer.committed_shards() == set()
-    assert DatasetReader(uri, options).manifest_parts() == []
-    writer.clear_uncommitted(4)
-    assert not writer.fs.exists(writer.path(layout.image_dir(4)))
-    write_shard(writer, 4, identity=4)
-    assert writer.committed_shards() == {4}
-    with pytest.raises(ValueError, match="is committed"):
+    with leased(DatasetWriter(uri, options)) as lease:
+        writer = DatasetWriter(uri, options, lease.token)
+        writer.write_image(4, "id-000004-v0000-a00", b"half a shard", "jpg")
+        assert writer.committed_shards() == set()
+        assert DatasetReader(uri, options).manifest_parts() == []
         writer.clear_uncommitted(4)
+        assert not writer.fs.exists(writer.path(layout.image_dir(4)))
+        write_shard(writer, 4, identity=4)
+        assert writer.committed_shards() == {4}
+        with pytest.raises(ValueError, match="is committed"):
+            writer.clear_uncommitted(4)
+
+
+def test_clear_uncommitted_only_under_a_live_lease(tmp_path):
+    unleased = DatasetWriter(str(tmp_path))
+    unleased.write_image(1, "id-000001-v0000-a00", b"another run's file", "jpg")
+    with pytest.raises(ValueError, match="hold the writer lease"):
+        unleased.clear_uncommitted(1)
+    stale = DatasetWriter(str(tmp_path), lease_token="not-the-holder")
+    with leased(unleased), pytest.raises(LeaseLost, match="no longer holds"):
+        stale.clear_uncommitted(1)
+    assert (tmp_path / "images" / "00001" / "id-000001-v0000-a00.jpg").exists()
 
 
 def test_interrupted_local_rename_is_not_a_commit(tmp_path, monkeypatch):
@@ -197,23 +214,29 @@ def test_interrupted_local_rename_is_not_a_commit(tmp_path, monkeypatch):
 
 
 def test_half_written_temp_file_is_ignored_and_cleared(tmp_path):
-    writer = DatasetWriter(str(tmp_path))
     (tmp_path / "manifest").mkdir()
     stale = tmp_path / "manifest" / ".part-00003.parquet.tmp-deadbeef"
     stale.write_bytes(b"PAR1 truncated")  # a process killed mid-write left this
-    assert writer.committed_shards() == set()
-    assert DatasetReader(str(tmp_path)).manifest_parts() == []
-    writer.clear_uncommitted(3)
-    assert not stale.exists()
-    write_shard(writer, 3, identity=3)
+    sidecar = tmp_path / "manifest" / "part-00003.parquet.sha256"
+    sidecar.write_text("0" * 64 + "\n")  # killed between the checksum and the part
+    with leased(DatasetWriter(str(tmp_path))) as lease:
+        writer = DatasetWriter(str(tmp_path), lease_token=lease.token)
+        assert writer.committed_shards() == set()
+        assert DatasetReader(str(tmp_path)).manifest_parts() == []
+        writer.clear_uncommitted(3)
+        assert not stale.exists() and not sidecar.exists()
+        write_shard(writer, 3, identity=3)
     assert sorted(os.listdir(tmp_path / "manifest")) == [
         "part-00003.parquet",
         "part-00003.parquet.sha256",
     ]
+    part = (tmp_path / "manifest" / "part-00003.parquet").read_bytes()
+    assert sidecar.read_text() == hashlib.sha256(part).hexdigest() + "\n"
 
 
 def test_object_store_commit_is_one_put(s3_uri, monkeypatch):
-    """On S3 the part is written by a single pipe_file call of the complete bytes."""
+    """On S3 the part is written by a single pipe_file call of the complete bytes,
+    after its checksum sidecar."""
     uri, options = s3_uri
     writer = DatasetWriter(uri + "/ds", options)
     puts = []
@@ -231,7 +254,7 @@ def test_object_store_commit_is_one_put(s3_uri, monkeypatch):
         ["manifest", "part-00000.parquet.sha256"],
         ["manifest", "part-00000.parquet"],
     ]
-    assert writer.fs.size(puts[-1][0]) == puts[-1][1]
+    assert writer.fs.size(puts[1][0]) == puts[1][1]
 
 
 def test_commit_validates_the_table(tmp_path):
@@ -289,7 +312,10 @@ def test_non_empty_output_without_dataset_json_is_refused(target):
 def test_corrupt_dataset_json_is_a_user_error(tmp_path):
     writer = DatasetWriter(str(tmp_path))
     writer.write_bytes(layout.DATASET_JSON, b"{not json")
-    with pytest.raises(SpecError, match=r"unreadable dataset\.json"):
+    with pytest.raises(DatasetCorrupt, match=r"corrupt dataset\.json \(top level: Invalid JSON"):
+        writer.check_compatible("a" * 64)
+    writer.write_bytes(layout.DATASET_JSON, b'{"name": 3}')
+    with pytest.raises(DatasetCorrupt, match=r"corrupt dataset\.json \(name: Input should be"):
         writer.check_compatible("a" * 64)
 
 

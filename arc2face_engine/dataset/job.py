@@ -7,6 +7,7 @@ overhead benchmark compares the two.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -16,7 +17,9 @@ import numpy as np
 import pyarrow as pa
 
 from arc2face_engine import store
+from arc2face_engine.dataset import layout, safety
 from arc2face_engine.dataset.card import write_dataset_card
+from arc2face_engine.dataset.lease import WriterLease, check_free
 from arc2face_engine.dataset.plan import iter_shards
 from arc2face_engine.dataset.reader import DatasetReader
 from arc2face_engine.dataset.shard import (
@@ -27,10 +30,11 @@ from arc2face_engine.dataset.shard import (
     shard_identities,
 )
 from arc2face_engine.dataset.writer import DatasetWriter
+from arc2face_engine.errors import SpecError, UserError
 from arc2face_engine.expressions import ExpressionBank, load_expression_bank
 from arc2face_engine.poses import PoseBank, load_pose_bank
 from arc2face_engine.seeding import image_seed
-from schemas.job import JobSpec, recorded_spec, spec_hash
+from schemas.job import MAX_IDENTITIES, JobSpec, recorded_spec, spec_hash
 from schemas.tables import DatasetCounts, DatasetInfo
 
 PACKAGES = ("arc2face-synth", "torch", "diffusers", "transformers", "insightface", "onnxruntime")
@@ -107,37 +111,67 @@ def required_components(spec: JobSpec) -> list[str]:
 
 def preflight(spec: JobSpec) -> None:
     """Check, before any orchestration starts, everything a user can get wrong: model
-    files, devices, banks, the identity source and the output. Each failure is a
-    UserError naming the problem and the fix, and nothing has been written yet."""
-    from arc2face_engine import identities
+    files (present and opening), devices, banks, the output (a folder, writable, not in
+    use by a live run, and on resume made with the same models and precision) and the
+    identity source (identities are built here, so photos with no face or an unusable
+    file fail now). Each failure is a UserError naming the problem and the fix, and
+    nothing has been written yet."""
     from arc2face_engine.generation import resolve_device
 
-    for component in required_components(spec):
+    components = required_components(spec)
+    for component in components:
         store.require(spec.models.dir, component)
+    store.check_model_files(spec.models.dir, components)
     for device in spec.compute.devices:
         resolve_device(device)
+    precision = safety.resolved_precision(spec)
     load_pose_bank(spec.variations.poses, size=spec.generation.height)
     load_expression_bank(spec.variations.expressions, seed=spec.seed, models_dir=spec.models.dir)
     writer = open_writer(spec)
-    writer.check_compatible(spec_hash(spec))
+    safety.check_output_location(writer)
+    check_free(writer.fs, writer.root, writer.uri)
+    info = writer.check_compatible(spec_hash(spec))
+    if info is not None:
+        safety.check_resume(spec, info, components, precision)
     if DatasetReader(spec.output.uri, spec.output.storage_options).has_identities():
-        return  # a resumed job keeps the identities it recorded
-    source = spec.identities
-    if source.source == "file":
-        identities.load_embedding_file(source.path, spec.output.storage_options, limit=source.count)
-    elif source.source == "images":
-        identities.list_image_files(source.path, spec.output.storage_options)
+        # A resumed job keeps the identities it recorded, if they are intact (the job
+        # reads them again under the lease).
+        safety.read_recorded_identities(writer, info)
+        return
+    if spec.identities.source == "random" and spec.identities.project_to_manifold:
+        return  # needs the engine: built by the job (the candidates are bounded by count)
+    _PREPARED[_prepared_key(spec)] = make_identities(spec)
 
 
-def open_writer(spec: JobSpec) -> DatasetWriter:
-    return DatasetWriter(spec.output.uri, spec.output.storage_options)
+# Identities built by preflight for a new dataset, handed to build_identities in the same
+# process so they are made once; keyed by output and spec hash.
+_PREPARED: dict[tuple[str, str], pa.Table] = {}
 
 
-def prepare_dataset(spec: JobSpec) -> DatasetWriter:
-    """Refuse an output made from another spec; mark the dataset in progress."""
+def _prepared_key(spec: JobSpec) -> tuple[str, str]:
+    return spec.output.uri, spec_hash(spec)
+
+
+def open_writer(spec: JobSpec, lease_token: str | None = None) -> DatasetWriter:
+    return DatasetWriter(spec.output.uri, spec.output.storage_options, lease_token)
+
+
+def writer_lease(spec: JobSpec) -> WriterLease:
+    """The output's writer lease; hold it (`with`) around everything a job writes."""
     writer = open_writer(spec)
+    return WriterLease(writer.fs, writer.root, writer.uri)
+
+
+def prepare_dataset(spec: JobSpec, lease_token: str | None = None) -> DatasetWriter:
+    """Refuse an output made from another spec, other models or another precision; mark
+    the dataset in progress."""
+    writer = open_writer(spec, lease_token)
     digest = spec_hash(spec)
-    if writer.check_compatible(digest) is None:
+    precision = safety.resolved_precision(spec)
+    info = writer.check_compatible(digest)
+    if info is not None:
+        safety.check_resume(spec, info, required_components(spec), precision)
+    else:
         writer.write_dataset_json(
             DatasetInfo(
                 name=spec.name,
@@ -146,6 +180,7 @@ def prepare_dataset(spec: JobSpec) -> DatasetWriter:
                 spec_hash=digest,
                 versions=package_versions(),
                 model_hashes=store.file_hashes(spec.models.dir),
+                precision=precision,
                 created_at=_now(),
             )
         )
@@ -153,31 +188,62 @@ def prepare_dataset(spec: JobSpec) -> DatasetWriter:
 
 
 def build_identities(spec: JobSpec, writer: DatasetWriter) -> pa.Table:
-    """Read identities.parquet if a previous run wrote it, else make and write it."""
+    """Read identities.parquet if a previous run wrote it (checked against its recorded
+    sha256), else make it (or take what preflight made) and write it."""
+    prepared = _PREPARED.pop(_prepared_key(spec), None)
     reader = DatasetReader(spec.output.uri, spec.output.storage_options)
+    info = writer.read_dataset_json()
     if reader.has_identities():
-        return reader.identities()
+        table = safety.read_recorded_identities(writer, info)
+        if info is not None and info.identities_sha256 is None:
+            # A run stopped between writing identities.parquet and recording its checksum.
+            data = writer.fs.cat_file(writer.path(layout.IDENTITIES))
+            info.identities_sha256 = hashlib.sha256(data).hexdigest()
+            writer.write_dataset_json(info)
+        return table
+    table = prepared if prepared is not None else make_identities(spec)
+    digest = writer.write_identities(table)
+    if info is not None:
+        info.identities_sha256 = digest
+        writer.write_dataset_json(info)
+    return table
+
+
+def make_identities(spec: JobSpec) -> pa.Table:
+    """The identities table from the spec's source; skipped photos are printed (with their
+    reason) on the console of the process that runs this."""
     from arc2face_engine import identities
 
     source = spec.identities
     if source.source == "random":
         project = _manifold_projector(spec) if source.project_to_manifold else None
-        table = identities.sample_random(
-            source.count, source.separation, spec.seed, project=project
-        )
-    elif source.source == "file":
-        table = identities.load_embedding_file(
+        return identities.sample_random(source.count, source.separation, spec.seed, project=project)
+    if source.source == "file":
+        rows = identities.embedding_file_rows(source.path, spec.output.storage_options)
+        if source.count is None and rows > MAX_IDENTITIES:
+            raise SpecError(
+                f"embedding file {source.path} holds {rows:,} identities, more than "
+                f"{MAX_IDENTITIES:,}: set identities.count to use the first ones"
+            )
+        return identities.load_embedding_file(
             source.path, spec.output.storage_options, limit=source.count
         )
-    else:
-        analyzer = worker_for(spec).analyzer
-        table, skipped = identities.embed_image_folder(
-            source.path, analyzer, spec.output.storage_options, limit=source.count
-        )
-        for path, reason in skipped:
-            print(f"skipped {path}: {reason}")
-    writer.write_identities(table)
+    table, skipped = identities.embed_image_folder(
+        source.path, _photo_analyzer(spec), spec.output.storage_options, limit=source.count
+    )
+    for path, reason in skipped:
+        print(f"skipped {path}: {reason}", flush=True)
     return table
+
+
+def _photo_analyzer(spec: JobSpec):
+    """The face analyzer alone (no diffusion models) for embedding identity photos."""
+    from arc2face_engine.face_analysis import FaceAnalyzer, detection_settings
+
+    det_size, det_thresh = detection_settings(
+        spec.generation.height, spec.generation.width, spec.filter.min_det_score
+    )
+    return FaceAnalyzer.from_models_dir(spec.models.dir, det_size=det_size, det_thresh=det_thresh)
 
 
 def _manifold_projector(spec: JobSpec) -> Callable[[np.ndarray], np.ndarray | None]:
@@ -199,7 +265,9 @@ def _manifold_projector(spec: JobSpec) -> Callable[[np.ndarray], np.ndarray | No
     return project
 
 
-def shard_jobs(spec: JobSpec, identities_table: pa.Table) -> Iterator[ShardJob]:
+def shard_jobs(
+    spec: JobSpec, identities_table: pa.Table, lease_token: str | None = None
+) -> Iterator[ShardJob]:
     settings = settings_from_spec(spec.generation)
     for plan in iter_shards(
         len(identities_table), spec.variations.images_per_identity, spec.output.shard_size
@@ -219,6 +287,7 @@ def shard_jobs(spec: JobSpec, identities_table: pa.Table) -> Iterator[ShardJob]:
             quality=spec.output.quality,
             keep_rejected_images=spec.output.keep_rejected_images,
             min_feature_norm=spec.filter.min_feature_norm,
+            lease_token=lease_token,
         )
 
 
@@ -229,11 +298,19 @@ def generate_shard(
     on_batch: Callable[[int, int], None] | None = None,
 ) -> ShardResult:
     """Run one shard on this process's worker for `device`."""
-    worker = worker_for(spec, device)
+    try:
+        worker = worker_for(spec, device)
+    except UserError:
+        raise
+    except Exception:
+        # A model file that broke after preflight: name it as a user error (not retried,
+        # says what to fix) when it no longer opens; anything else propagates unchanged.
+        store.check_model_files(spec.models.dir, required_components(spec))
+        raise
     with worker.lock:  # one generation at a time per device
         return run_shard(
             job,
-            open_writer(spec),
+            open_writer(spec, job.lease_token),
             worker.engine,
             worker.analyzer,
             worker.poses,
@@ -242,9 +319,9 @@ def generate_shard(
         )
 
 
-def finalize_dataset(spec: JobSpec) -> DatasetInfo:
+def finalize_dataset(spec: JobSpec, lease_token: str | None = None) -> DatasetInfo:
     """Count the committed manifest, write dataset.json (complete) and the card."""
-    writer = open_writer(spec)
+    writer = open_writer(spec, lease_token)
     reader = DatasetReader(spec.output.uri, spec.output.storage_options)
     counts = count_manifest(reader)
     counts.identities = reader.identities().num_rows
@@ -278,13 +355,15 @@ def count_manifest(reader: DatasetReader) -> DatasetCounts:
 
 def run_job_directly(spec: JobSpec) -> DatasetInfo:
     """The whole job with no orchestrator: same functions, a plain loop."""
-    writer = prepare_dataset(spec)
-    table = build_identities(spec, writer)
-    committed = writer.committed_shards()
-    for job in shard_jobs(spec, table):
-        if job.plan.shard not in committed:
-            generate_shard(spec, job)
-    return finalize_dataset(spec)
+    preflight(spec)
+    with writer_lease(spec) as lease:
+        writer = prepare_dataset(spec, lease.token)
+        table = build_identities(spec, writer)
+        committed = writer.committed_shards()
+        for job in shard_jobs(spec, table, lease.token):
+            if job.plan.shard not in committed:
+                generate_shard(spec, job)
+        return finalize_dataset(spec, lease.token)
 
 
 def package_versions() -> dict[str, str]:

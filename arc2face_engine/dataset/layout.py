@@ -4,9 +4,11 @@
 dataset.json
 identities.parquet
 manifest/part-00000.parquet   one per committed shard (its presence is the commit)
+manifest/part-00000.parquet.sha256   its checksum, written just before it
 images/00000/<image_id>.jpg
 README.md
 audit/report.json, audit/report.html
+.writer-lease.json            who is writing the dataset now (see lease.py)
 ```
 
 Paths here are POSIX and relative; `join` anchors them under the root that
@@ -15,11 +17,14 @@ Paths here are POSIX and relative; `join` anchors them under the root that
 
 from __future__ import annotations
 
+import errno
 import re
 from typing import Any
 
 import fsspec
 from fsspec import AbstractFileSystem
+
+from schemas.errors import OutputError, UserError
 
 DATASET_JSON = "dataset.json"
 IDENTITIES = "identities.parquet"
@@ -29,9 +34,28 @@ IMAGES_DIR = "images"
 AUDIT_DIR = "audit"
 AUDIT_REPORT_JSON = f"{AUDIT_DIR}/report.json"
 AUDIT_REPORT_HTML = f"{AUDIT_DIR}/report.html"
+LEASE_FILE = ".writer-lease.json"
+CHECKSUM_SUFFIX = ".sha256"
 
 _PART_NAME = re.compile(r"^part-(\d{5,})\.parquet$")
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+# Identity ids become part of image file names, so they are held to a conservative
+# file-name alphabet on every filesystem and object store: no '/', no spaces, no '..'.
+MAX_ID_LENGTH = 128
+SAFE_ID_RULE = (
+    f"1-{MAX_ID_LENGTH} letters, digits, '.', '_' or '-', starting with a letter or digit, "
+    "without '..'"
+)
+
+
+def is_safe_id(name: object) -> bool:
+    """Whether `name` may be an identity id (and so part of an image file name)."""
+    return (
+        isinstance(name, str)
+        and len(name) <= MAX_ID_LENGTH
+        and ".." not in name
+        and _SAFE_NAME.match(name) is not None
+    )
 
 
 def shard_name(shard: int) -> str:
@@ -42,6 +66,11 @@ def shard_name(shard: int) -> str:
 
 def manifest_part(shard: int) -> str:
     return f"{MANIFEST_DIR}/part-{shard_name(shard)}.parquet"
+
+
+def part_checksum_path(shard: int) -> str:
+    """The sidecar holding the hex sha256 of the committed part's bytes."""
+    return manifest_part(shard) + CHECKSUM_SUFFIX
 
 
 def shard_of_part(name: str) -> int | None:
@@ -73,7 +102,17 @@ def open_dataset_fs(
     uri: str, storage_options: dict[str, Any] | None = None
 ) -> tuple[AbstractFileSystem, str]:
     """(filesystem, root path without protocol) for a local folder or fsspec URI."""
-    fs, root = fsspec.core.url_to_fs(str(uri), **(storage_options or {}))
+    try:
+        fs, root = fsspec.core.url_to_fs(str(uri), **(storage_options or {}))
+    except ImportError as error:  # a known protocol whose package is not installed
+        raise UserError(
+            f"cannot open {uri}: {str(error).splitlines()[0]}: install that package"
+        ) from None
+    except ValueError as error:  # "Protocol not known: foo"
+        raise UserError(
+            f"cannot open {uri} ({str(error).splitlines()[0]}): use a local path or a URI "
+            f"whose protocol fsspec knows (s3://, gs://, az://, ...)"
+        ) from None
     return fs, root.rstrip("/")
 
 
@@ -81,3 +120,33 @@ def is_local(fs: AbstractFileSystem) -> bool:
     """Local disks need temp-file + rename for atomic writes; object-store PUTs are atomic."""
     protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
     return "file" in protocols or "local" in protocols
+
+
+# errno -> (what happened, what to do): write failures a user fixes, not bugs.
+_WRITE_FAILURES = {
+    errno.ENOSPC: ("no space left on the device", "free space or choose another output.uri"),
+    errno.EDQUOT: ("disk quota exceeded", "free space or choose another output.uri"),
+    errno.EROFS: ("the filesystem is read-only", "choose a writable output.uri"),
+    errno.EACCES: ("permission denied", "choose an output.uri you may write to"),
+    errno.EPERM: ("operation not permitted", "choose an output.uri you may write to"),
+    errno.ENOTDIR: ("a parent of it is a file", "choose an output.uri under a folder"),
+    errno.EEXIST: ("a file is in the way", "choose an output.uri under a folder"),
+    errno.EISDIR: ("a folder is in the way", "choose another output.uri"),
+    errno.EFBIG: ("the file is too large for the filesystem", "choose another output.uri"),
+}
+
+
+def write_failure(uri: str, path: str, error: OSError) -> UserError | None:
+    """A one-line UserError for a write to `path` (under dataset `uri`) that failed for a
+    reason the user fixes (full, read-only, not permitted, path through a file); None for
+    anything else. Nothing committed is touched by a failed write: commits are atomic."""
+    known = _WRITE_FAILURES.get(error.errno) if error.errno is not None else None
+    if known is None and isinstance(error, PermissionError):
+        known = _WRITE_FAILURES[errno.EACCES]
+    if known is None:
+        return None
+    problem, fix = known
+    return OutputError(
+        f"cannot write {path} in output {uri}: {problem}: {fix}, then re-run "
+        "(committed shards are kept)"
+    )

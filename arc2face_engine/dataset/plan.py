@@ -15,6 +15,7 @@ from typing import Any
 
 import fsspec
 
+from schemas.errors import SpecError
 from schemas.job import JobSpec
 
 
@@ -220,8 +221,11 @@ def _throughput(
     table: Mapping[tuple[str, int, int, int], Mapping[str, Any]] | None,
 ) -> tuple[float | None, str]:
     if given is not None:
-        if given <= 0:
-            raise ValueError(f"throughput must be > 0 images/s, got {given}")
+        if not (math.isfinite(given) and given > 0):
+            raise SpecError(
+                f"--throughput must be a positive number of images/s, got {given:g}: "
+                "give the rate bench/bench_engine.py measured"
+            )
         return float(given), "given"
     generation = spec.generation
     key = (generation.scheduler, generation.steps, generation.height, generation.width)

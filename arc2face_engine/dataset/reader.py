@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 
 from arc2face_engine.dataset import layout
 from arc2face_engine.dataset.paths import LocalRoot, check_relative
-from arc2face_engine.errors import UserError
+from arc2face_engine.errors import DatasetCorrupt, UserError
 from schemas.tables import MANIFEST_SCHEMA, DatasetInfo
 
 
@@ -28,7 +28,7 @@ class DatasetUriError(UserError, ValueError):
     """The dataset URI names no filesystem fsspec can open (unknown protocol, bad options)."""
 
 
-class DatasetInfoInvalid(UserError, ValueError):
+class DatasetInfoInvalid(DatasetCorrupt):
     """dataset.json is not valid JSON or does not match schemas.tables.DatasetInfo."""
 
 

@@ -56,6 +56,9 @@ class ShardJob:
     quality: int = 95
     keep_rejected_images: bool = True
     min_feature_norm: float = 0.0
+    # The writer lease this shard runs under: its writer checks the lease before it deletes
+    # leftovers or commits (see dataset/lease.py).
+    lease_token: str | None = None
 
 
 @dataclass

@@ -6,13 +6,18 @@ image the part points at was written before it". Local disks get a temp file in
 the same folder plus `os.replace` (atomic rename); object stores get a single
 put of the complete bytes (an S3 PUT, or a multipart upload, only becomes
 visible when complete). A re-run lists the committed parts and redoes the rest.
+
+Each part's sha256 goes into a sidecar `part-NNNNN.parquet.sha256` written just
+before the part, and identities.parquet's into dataset.json, so an audit can tell
+a damaged file from a committed one. A writer that holds the output's lease
+(`lease.py`) passes its token: deleting an uncommitted shard's leftovers and every
+commit first check the lease is still this run's.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
-import json
 import os
 import uuid
 from typing import Any
@@ -22,11 +27,12 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import ValidationError
 
-from arc2face_engine.dataset import layout
-from arc2face_engine.errors import SpecError
+from arc2face_engine.dataset import layout, lease
+from arc2face_engine.errors import DatasetCorrupt, SpecError
 from schemas.tables import IDENTITIES_SCHEMA, MANIFEST_SCHEMA, DatasetInfo
 
 TEMP_MARKER = ".tmp-"
+MAX_DATASET_JSON_BYTES = 64 * 1024 * 1024
 
 
 def table_to_parquet_bytes(table: pa.Table) -> bytes:
@@ -55,17 +61,28 @@ def check_table(table: pa.Table, schema: pa.Schema, what: str) -> None:
 class DatasetWriter:
     """Writes one dataset (local folder or object-store prefix)."""
 
-    def __init__(self, uri: str, storage_options: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        uri: str,
+        storage_options: dict[str, Any] | None = None,
+        lease_token: str | None = None,
+    ):
         self.uri = str(uri)
         self.storage_options = dict(storage_options or {})
         self.fs, self.root = layout.open_dataset_fs(self.uri, self.storage_options)
         self.local = layout.is_local(self.fs)
+        self.lease_token = lease_token  # the writer lease this writer works under, if any
 
     def __repr__(self) -> str:
         return f"DatasetWriter({self.uri!r})"
 
     def path(self, relative: str) -> str:
         return layout.join(self.root, relative)
+
+    def check_lease(self) -> None:
+        """Raise LeaseLost unless this writer's lease is live (no-op without a lease)."""
+        if self.lease_token is not None:
+            lease.verify(self.fs, self.root, self.uri, self.lease_token)
 
     # --- plain and atomic writes ----------------------------------------------------------
 
@@ -77,6 +94,12 @@ class DatasetWriter:
     def write_bytes(self, relative: str, data: bytes) -> str:
         """Write a whole file atomically: readers see the old file or the new one, never half."""
         full = self.path(relative)
+        try:
+            return self._write_atomic(full, data)
+        except OSError as error:  # a full or read-only disk is the user's to fix
+            raise (layout.write_failure(self.uri, full, error) or error) from None
+
+    def _write_atomic(self, full: str, data: bytes) -> str:
         self._ensure_parent(full)
         if not self.local:
             self.fs.pipe_file(full, data)  # one PUT: the object appears complete or not at all
@@ -102,20 +125,31 @@ class DatasetWriter:
         """
         relative = layout.image_path(shard, image_id, ext)
         full = self.path(relative)
-        self._ensure_parent(full)
-        self.fs.pipe_file(full, data)
+        try:
+            self._ensure_parent(full)
+            self.fs.pipe_file(full, data)
+        except OSError as error:
+            raise (layout.write_failure(self.uri, full, error) or error) from None
         return relative, hashlib.sha256(data).hexdigest(), len(data)
 
     # --- tables ---------------------------------------------------------------------------
 
-    def write_identities(self, table: pa.Table) -> None:
+    def write_identities(self, table: pa.Table) -> str:
+        """Validate and write identities.parquet; returns the sha256 of its bytes."""
         check_table(table, IDENTITIES_SCHEMA, "identities")
         labels = table.column("label")
         if table.num_rows and labels.to_pylist() != list(range(table.num_rows)):
             raise ValueError("identity labels must be 0..N-1 in row order")
         if pc.count_distinct(table.column("identity_id")).as_py() != table.num_rows:
             raise ValueError("identity_id values must be unique")
-        self.write_bytes(layout.IDENTITIES, table_to_parquet_bytes(table))
+        ids = table.column("identity_id").to_pylist()
+        unsafe = next((value for value in ids if not layout.is_safe_id(value)), None)
+        if unsafe is not None:
+            raise ValueError(f"identity_id {unsafe!r} is not a safe name: {layout.SAFE_ID_RULE}")
+        data = table_to_parquet_bytes(table)
+        self.check_lease()
+        self.write_bytes(layout.IDENTITIES, data)
+        return hashlib.sha256(data).hexdigest()
 
     def commit_shard(self, shard: int, table: pa.Table) -> str:
         """Validate and write the shard's manifest part in one atomic step (the commit)."""
@@ -126,11 +160,12 @@ class DatasetWriter:
         if pc.count_distinct(table.column("image_id")).as_py() != table.num_rows:
             raise ValueError(f"manifest for shard {shard} repeats an image_id")
         data = table_to_parquet_bytes(table)
-        part = layout.manifest_part(shard)
-        # The sha256 sidecar the audit verifies (CONTRACTS.md), written before the part so
-        # that the part stays the commit.
-        self.write_bytes(f"{part}.sha256", f"{hashlib.sha256(data).hexdigest()}\n".encode())
-        return self.write_bytes(part, data)
+        self.check_lease()
+        # The checksum first: a crash between the two leaves a sidecar without a part,
+        # which is not a commit and is cleared with the shard's other leftovers.
+        digest = hashlib.sha256(data).hexdigest()
+        self.write_bytes(layout.part_checksum_path(shard), f"{digest}\n".encode("ascii"))
+        return self.write_bytes(layout.manifest_part(shard), data)
 
     def committed_shards(self) -> set[int]:
         """Shards whose manifest part exists; temp files of a crashed write do not count."""
@@ -144,13 +179,23 @@ class DatasetWriter:
         return {shard for shard in shards if shard is not None}
 
     def clear_uncommitted(self, shard: int) -> None:
-        """Remove leftovers of an interrupted attempt at `shard` before redoing it."""
+        """Remove leftovers of an interrupted attempt at `shard` before redoing it.
+
+        Only under the writer lease: without it another live run could be producing
+        exactly these files.
+        """
+        if self.lease_token is None:
+            raise ValueError("clear_uncommitted deletes files: hold the writer lease first")
+        self.check_lease()
         if shard in self.committed_shards():
             raise ValueError(f"shard {shard} is committed; refusing to delete its images")
         folder = self.path(layout.image_dir(shard))
         self.fs.invalidate_cache(folder)
         if self.fs.exists(folder):
             self.fs.rm(folder, recursive=True)
+        sidecar = self.path(layout.part_checksum_path(shard))
+        if self.fs.exists(sidecar):
+            self.fs.rm_file(sidecar)
         if self.local:
             self._remove_stale_temps(shard)
 
@@ -163,6 +208,7 @@ class DatasetWriter:
     # --- dataset.json ---------------------------------------------------------------------
 
     def write_dataset_json(self, info: DatasetInfo) -> None:
+        self.check_lease()
         self.write_bytes(layout.DATASET_JSON, info.model_dump_json(indent=2).encode("utf-8"))
 
     def read_dataset_json(self) -> DatasetInfo | None:
@@ -170,16 +216,22 @@ class DatasetWriter:
         full = self.path(layout.DATASET_JSON)
         self.fs.invalidate_cache(self.root)
         try:
+            if self.fs.size(full) > MAX_DATASET_JSON_BYTES:
+                raise DatasetCorrupt(
+                    f"output {self.uri} has a dataset.json over {MAX_DATASET_JSON_BYTES} bytes: "
+                    "it is not one this tool wrote; choose a new output.uri"
+                )
             raw = self.fs.cat_file(full)
         except FileNotFoundError:
             return None
+        except IsADirectoryError:
+            raw = b""
         try:
-            return DatasetInfo.model_validate(json.loads(raw))
-        except (ValueError, ValidationError) as error:
-            first = str(error).splitlines()[0]
-            raise SpecError(
-                f"output {self.uri} has an unreadable dataset.json ({first}): "
-                "choose a new output.uri or delete it"
+            return DatasetInfo.model_validate_json(raw)
+        except ValidationError as error:
+            raise DatasetCorrupt(
+                f"output {self.uri} has a corrupt dataset.json ({_first_problem(error)}): "
+                "restore it from a copy, or choose a new output.uri to start a new dataset"
             ) from None
 
     def check_compatible(self, spec_hash: str) -> DatasetInfo | None:
@@ -201,8 +253,17 @@ class DatasetWriter:
         return None
 
     def _has_content(self) -> bool:
+        """Whether the output holds anything but a writer lease."""
         self.fs.invalidate_cache(self.root)
         try:
-            return bool(self.fs.ls(self.root, detail=False))
-        except FileNotFoundError:
+            names = self.fs.ls(self.root, detail=False)
+        except (FileNotFoundError, NotADirectoryError):
             return False
+        return any(not name.rsplit("/", 1)[-1].startswith(layout.LEASE_FILE) for name in names)
+
+
+def _first_problem(error: ValidationError) -> str:
+    """pydantic's first problem as 'field: message' (its str() spans several lines)."""
+    first = error.errors()[0]
+    where = ".".join(str(part) for part in first["loc"]) or "top level"
+    return f"{where}: {first['msg']}"

@@ -1,0 +1,53 @@
+"""Errors a user can cause. Each message is one line: the problem, then the fix.
+
+They live in `schemas` (which imports nothing of the engine) so that both the spec
+models and the engine can raise them; `arc2face_engine.errors` re-exports them.
+"""
+
+
+class UserError(Exception):
+    """Bad input from the user; the CLI prints the message and exits with status 2."""
+
+
+class ModelFileMissing(UserError, FileNotFoundError):
+    """A file the models directory should hold is not there."""
+
+
+class ModelFileCorrupt(UserError, ValueError):
+    """A model file is there but does not open (truncated, wrong format, bad checksum)."""
+
+
+class CheckpointMismatch(UserError, RuntimeError):
+    """A checkpoint's keys or shapes do not match the model it is loaded into."""
+
+
+class BankError(UserError, ValueError):
+    """A pose or expression bank is malformed."""
+
+
+class SpecError(UserError, ValueError):
+    """A job spec is invalid or does not match the existing dataset."""
+
+
+class ResumeMismatch(SpecError):
+    """Resuming would mix models or precisions inside one dataset."""
+
+
+class EmbeddingFileError(UserError, ValueError):
+    """An identity embedding file is malformed."""
+
+
+class DatasetCorrupt(UserError, ValueError):
+    """A file of an existing dataset is unreadable or does not match its recorded checksum."""
+
+
+class OutputError(UserError):
+    """The output location cannot hold a dataset (a file, unknown protocol, not writable, full)."""
+
+
+class OutputInUse(OutputError):
+    """Another live writer holds the output's lease."""
+
+
+class LeaseLost(OutputError):
+    """This run's lease on the output was taken over (it expired while the run was stalled)."""
