@@ -39,7 +39,7 @@ def resize_linear_u8(images: torch.Tensor, height: int, width: int) -> torch.Ten
 
     Horizontal pass in int32, vertical pass with OpenCV's SIMD rounding
     ((((a >> 4) * b0) >> 16) + (((c >> 4) * b1) >> 16) + 2) >> 2."""
-    batch, size_h, size_w, channels = images.shape
+    size_h, size_w = images.shape[1:3]
     if (size_h, size_w) == (height, width):
         return images.clone()
     x0, x1, ax0, ax1 = _resize_taps(size_w, width, images.device)

@@ -264,7 +264,7 @@ def _resize(inputs: list, attrs: Attrs) -> list:
         if len(sizes) == 4 and int(sizes[1]) != x.shape[1]:
             raise UnsupportedOnnxGraph("Resize along channels is not supported")
     else:
-        out = [int(math.floor(x.shape[2] * scales[-2])), int(math.floor(x.shape[3] * scales[-1]))]
+        out = [math.floor(x.shape[2] * scales[-2]), math.floor(x.shape[3] * scales[-1])]
     mode = _text(attrs.get("mode", b"nearest"))
     transform = _text(attrs.get("coordinate_transformation_mode", b"half_pixel"))
     antialias = bool(attrs.get("antialias", 0))

@@ -11,6 +11,7 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from importlib import metadata
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -27,11 +28,15 @@ from arc2face_engine.dataset.shard import (
     shard_identities,
 )
 from arc2face_engine.dataset.writer import DatasetWriter
+from arc2face_engine.errors import SpecError
 from arc2face_engine.expressions import ExpressionBank, load_expression_bank
 from arc2face_engine.poses import PoseBank, load_pose_bank
 from arc2face_engine.seeding import image_seed
 from schemas.job import JobSpec, recorded_spec, spec_hash
 from schemas.tables import DatasetCounts, DatasetInfo
+
+if TYPE_CHECKING:
+    import torch
 
 PACKAGES = ("arc2face-synth", "torch", "diffusers", "transformers", "insightface", "onnxruntime")
 
@@ -86,8 +91,14 @@ def worker_for(spec: JobSpec, device: str = "auto") -> Worker:
             det_size, det_thresh = detection_settings(
                 spec.generation.height, spec.generation.width, spec.filter.min_det_score
             )
+            # On a GPU the analyzer runs there too (batched torch, fp16): verification must
+            # keep up with generation. On CPU, the onnxruntime reference.
             analyzer = FaceAnalyzer.from_models_dir(
-                spec.models.dir, det_size=det_size, det_thresh=det_thresh
+                spec.models.dir,
+                det_size=det_size,
+                det_thresh=det_thresh,
+                device=str(engine.device),
+                batch_size=max(32, spec.generation.batch_size),
             )
             _WORKERS[key] = Worker(engine, analyzer, poses, expressions, threading.Lock())
         return _WORKERS[key]
@@ -115,7 +126,7 @@ def preflight(spec: JobSpec) -> None:
     for component in required_components(spec):
         store.require(spec.models.dir, component)
     for device in spec.compute.devices:
-        resolve_device(device)
+        check_face_analysis_device(spec, resolve_device(device))
     load_pose_bank(spec.variations.poses, size=spec.generation.height)
     load_expression_bank(spec.variations.expressions, seed=spec.seed, models_dir=spec.models.dir)
     writer = open_writer(spec)
@@ -127,6 +138,24 @@ def preflight(spec: JobSpec) -> None:
         identities.load_embedding_file(source.path, spec.output.storage_options, limit=source.count)
     elif source.source == "images":
         identities.list_image_files(source.path, spec.output.storage_options)
+
+
+def check_face_analysis_device(spec: JobSpec, device: torch.device) -> None:
+    """Refuse a GPU job whose face analysis would run on the CPU, unless the spec allows it:
+    verification would then cap the whole job at a few images/s."""
+    from arc2face_engine.face_analysis import face_analysis_placement, unsupported_ops
+
+    if device.type != "cuda" or spec.compute.allow_cpu_face_analysis:
+        return
+    runtime, where = face_analysis_placement(spec.models.dir, str(device))
+    if where == "cpu":
+        missing = "; ".join(f"{name}: {', '.join(ops)}" for name, ops in unsupported_ops(spec.models.dir).items())
+        raise SpecError(
+            f"generation runs on {device} but face analysis would run on the CPU ({runtime}; "
+            f"the GPU runner lacks ONNX ops {missing}) and cap the job at a few images/s: "
+            f"install onnxruntime-gpu in place of onnxruntime, or set "
+            f"compute.allow_cpu_face_analysis: true"
+        )
 
 
 def open_writer(spec: JobSpec) -> DatasetWriter:
