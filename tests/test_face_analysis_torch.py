@@ -21,7 +21,7 @@ from insightface.model_zoo.arcface_onnx import ArcFaceONNX
 from insightface.model_zoo.landmark import Landmark
 from insightface.model_zoo.scrfd import SCRFD
 from insightface.utils import face_align
-from onnx import TensorProto, helper
+from onnx import helper
 
 from arc2face_engine.errors import SpecError
 from arc2face_engine.face_analysis import (
@@ -86,7 +86,7 @@ def assert_agree(reference: list[FaceRecord], candidate: list[FaceRecord]) -> No
             continue
         assert np.abs(got.bbox - ref.bbox).max() <= BOX_TOLERANCE, index
         assert np.abs(got.keypoints - ref.keypoints).max() <= BOX_TOLERANCE, index
-        assert abs(got.det_score - ref.det_score) < 1e-3, index
+        assert abs(got.det_score - ref.det_score) < 5e-3, index
         assert np.allclose(got.pose, ref.pose, atol=0.5), index
         assert got.embedding_norm == pytest.approx(ref.embedding_norm, rel=1e-3)
         for target in (0.2, 0.38, 0.42, 0.7):
@@ -218,12 +218,12 @@ def test_full_size_stand_ins_route_and_agree(full_face_models: Path) -> None:
         assert isinstance(model, cls), name
     assert get_model(str(pack / "1k3d68.onnx"), providers=CPU).input_mean == 0.0  # bn_data
     # Three photos: several faces, one face, none (random weights fire where they fire).
-    images = [photo("Tom_Hanks_54745.png"), photo("mask_white.jpg"), photo("t1.jpg")]
+    images = [photo("Tom_Hanks_54745.png"), photo("mask_blue.jpg"), photo("t1.jpg")]
     reference = FaceAnalyzer.from_models_dir(full_face_models, providers=CPU, det_size=640)
     want = reference.analyze(images)
     del reference
     got = TorchFaceAnalyzer.from_models_dir(full_face_models, det_size=640).analyze(images)
-    assert [record.face_count > 0 for record in want] == [True, True, False]
+    assert [min(record.face_count, 2) for record in want] == [2, 1, 0]
     assert_agree(want, got)
 
 
