@@ -114,7 +114,9 @@ class _Builder(_Graph):
         return self.op("Conv", *inputs, kernel_shape=[kernel, kernel], strides=[stride, stride],
                        pads=[pad] * 4)  # fmt: skip
 
-    def batch_norm(self, x: str, channels: int, gamma: float = 1.0, output: str | None = None) -> str:
+    def batch_norm(
+        self, x: str, channels: int, gamma: float = 1.0, output: str | None = None
+    ) -> str:
         # Node names must not start with Sub/Mul (insightface would read an in-graph
         # normalisation); _Graph's generated names never do.
         return self.op(
@@ -293,7 +295,9 @@ def count_flops(model: onnx.ModelProto, input_shape: tuple[int, ...]) -> int:
     """2 x multiply-accumulates of every Conv, Gemm and MatMul for one input of
     `input_shape` (shapes from ONNX shape inference)."""
     source = model.graph
-    image = helper.make_tensor_value_info(source.input[0].name, TensorProto.FLOAT, list(input_shape))
+    image = helper.make_tensor_value_info(
+        source.input[0].name, TensorProto.FLOAT, list(input_shape)
+    )
     # Large initializers enter as shape-only inputs: inference needs their dims, not data.
     small = [t for t in source.initializer if np.prod(t.dims) <= 1024]
     large = [
@@ -312,7 +316,9 @@ def count_flops(model: onnx.ModelProto, input_shape: tuple[int, ...]) -> int:
         for info in list(inferred.value_info) + list(inferred.input) + list(inferred.output)
     }
     shapes.update({t.name: list(t.dims) for t in inferred.initializer})
-    shapes.update({info.name: [d.dim_value for d in info.type.tensor_type.shape.dim] for info in large})
+    shapes.update(
+        {info.name: [d.dim_value for d in info.type.tensor_type.shape.dim] for info in large}
+    )
     macs = 0
     for node in inferred.node:
         if node.op_type == "Conv":

@@ -78,7 +78,9 @@ def _load_network(path: Path, default_std: float, bn_data: bool, device, dtype) 
     graph = model.graph
     initializers = {tensor.name for tensor in graph.initializer}
     image = next(i for i in graph.input if i.name not in initializers)
-    dims = [d.dim_value if d.HasField("dim_value") else None for d in image.type.tensor_type.shape.dim]
+    dims = [
+        d.dim_value if d.HasField("dim_value") else None for d in image.type.tensor_type.shape.dim
+    ]
     out_dims = graph.output[0].type.tensor_type.shape.dim
     width = out_dims[-1].dim_value if out_dims and out_dims[-1].HasField("dim_value") else None
     mean, std = _normalisation(graph, default_std, bn_data)
@@ -113,9 +115,13 @@ def greedy_nms(boxes: torch.Tensor, valid: torch.Tensor, threshold: float) -> to
     IoU > threshold, areas counted as (x2 - x1 + 1) * (y2 - y1 + 1)."""
     x1, y1, x2, y2 = boxes.unbind(-1)
     areas = (x2 - x1 + 1) * (y2 - y1 + 1)
-    width = (torch.minimum(x2[:, :, None], x2[:, None, :]) - torch.maximum(x1[:, :, None], x1[:, None, :]) + 1).clamp(min=0)  # fmt: skip
-    height = (torch.minimum(y2[:, :, None], y2[:, None, :]) - torch.maximum(y1[:, :, None], y1[:, None, :]) + 1).clamp(min=0)  # fmt: skip
-    inter = width * height
+
+    def overlap(low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+        inner = torch.minimum(high[:, :, None], high[:, None, :])
+        outer = torch.maximum(low[:, :, None], low[:, None, :])
+        return (inner - outer + 1).clamp(min=0)
+
+    inter = overlap(x1, x2) * overlap(y1, y2)
     overlaps = inter / (areas[:, :, None] + areas[:, None, :] - inter) > threshold
     kept = torch.zeros_like(valid)
     alive = valid.clone()
@@ -143,7 +149,9 @@ def pose_angles(landmarks: torch.Tensor, mean_shape_pinv: torch.Tensor) -> torch
         torch.atan2(rotation[:, 2, 1], rotation[:, 2, 2]),
     )
     yaw = torch.atan2(-rotation[:, 2, 0], sy)
-    roll = torch.where(singular, torch.zeros_like(sy), torch.atan2(rotation[:, 1, 0], rotation[:, 0, 0]))
+    roll = torch.where(
+        singular, torch.zeros_like(sy), torch.atan2(rotation[:, 1, 0], rotation[:, 0, 0])
+    )
     return torch.stack([yaw, pitch, roll], dim=1) * (180.0 / math.pi)
 
 
@@ -177,7 +185,9 @@ class TorchFaceAnalyzer(AnalyzerBase):
         self.dtype = next(iter(recognizer.module.buffers())).dtype
         self.batch_size = int(batch_size)
         crop = recognizer.input_size
-        ratio, shift = (crop / 112.0, 0.0) if crop % 112 == 0 else (crop / 128.0, 8.0 * crop / 128.0)
+        ratio, shift = (
+            (crop / 112.0, 0.0) if crop % 112 == 0 else (crop / 128.0, 8.0 * crop / 128.0)
+        )
         template = arcface_dst.astype(np.float64) * ratio
         template[:, 0] += shift
         self.template = torch.from_numpy(template).to(self.device)
@@ -244,11 +254,10 @@ class TorchFaceAnalyzer(AnalyzerBase):
 
     def _records(self, size, detections, faces, embeddings, norms, poses) -> list[FaceRecord]:
         """One copy to the host, then plain FaceRecords."""
-        host = [
-            t.detach().to("cpu", torch.float64 if t.dtype == torch.float64 else None)
+        count, score, box, keypoints = (
+            t.detach().cpu().numpy()
             for t in (detections.count, detections.score, detections.box, detections.keypoints)
-        ]
-        count, score, box, keypoints = (t.numpy() for t in host)
+        )
         embeddings, norms, poses = (t.float().cpu().numpy() for t in (embeddings, norms, poses))
         records = [FaceRecord.no_face() for _ in range(size)]
         for row, index in enumerate(faces.cpu().tolist()):
@@ -275,7 +284,9 @@ class TorchFaceAnalyzer(AnalyzerBase):
         else:
             new_w, new_h = canvas_w, int(canvas_w * (height / width))
         scale = new_h / height
-        canvas = torch.zeros((len(batch), canvas_h, canvas_w, 3), dtype=torch.uint8, device=batch.device)
+        canvas = torch.zeros(
+            (len(batch), canvas_h, canvas_w, 3), dtype=torch.uint8, device=batch.device
+        )
         canvas[:, :new_h, :new_w] = resize_linear_u8(batch, new_h, new_w)
         return _to_blob(canvas, self.detector.mean, self.detector.std, self.dtype), scale
 
@@ -288,7 +299,9 @@ class TorchFaceAnalyzer(AnalyzerBase):
         for level, stride in enumerate(strides):
             rows, cols = blob.shape[2] // stride, blob.shape[3] // stride
             ys, xs = torch.meshgrid(
-                torch.arange(rows, device=self.device), torch.arange(cols, device=self.device), indexing="ij"
+                torch.arange(rows, device=self.device),
+                torch.arange(cols, device=self.device),
+                indexing="ij",
             )
             centers = (torch.stack([xs, ys], -1).reshape(-1, 2) * stride).to(torch.float32)
             centers = centers.repeat_interleave(anchors, dim=0)
@@ -302,7 +315,9 @@ class TorchFaceAnalyzer(AnalyzerBase):
         kps = torch.cat(keypoints, 1) / scale
         valid = score >= self.det_thresh
         candidates = max(int(valid.sum(1).max()), 1)  # one host sync per batch
-        top_score, order = torch.sort(torch.where(valid, score, -1.0), dim=1, descending=True, stable=True)
+        top_score, order = torch.sort(
+            torch.where(valid, score, -1.0), dim=1, descending=True, stable=True
+        )
         order, top_score = order[:, :candidates], top_score[:, :candidates]
         top_box = box.gather(1, order[..., None].expand(-1, -1, 4))
         top_kps = kps.gather(1, order[..., None, None].expand(-1, -1, 5, 2))
@@ -353,7 +368,10 @@ class TorchFaceAnalyzer(AnalyzerBase):
         points = torch.cat([points[..., :2] + 1, points[..., 2:]], -1) * float(size // 2)
         # Back to image pixels with the inverse crop map (insightface trans_points3d).
         inverse = invert_affine(matrices)
-        xy = points[..., :2].to(torch.float64) @ inverse[:, :, :2].transpose(1, 2) + inverse[:, None, :, 2]
+        xy = (
+            points[..., :2].to(torch.float64) @ inverse[:, :, :2].transpose(1, 2)
+            + inverse[:, None, :, 2]
+        )
         z = points[..., 2:] * inverse[:, 0, :2].norm(dim=1)[:, None, None]
         landmarks = torch.cat([xy.to(torch.float32), z.to(torch.float32)], -1)
         return pose_angles(landmarks, self.mean_shape_pinv)

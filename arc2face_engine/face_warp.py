@@ -2,9 +2,10 @@
 
 insightface resizes the detector input with `cv2.resize` (INTER_LINEAR) and crops faces
 with `cv2.warpAffine` (INTER_LINEAR, constant black border). Resize works in fixed point
-(11-bit coefficients); OpenCV 5's warp blends in float32 and rounds. These functions reproduce that arithmetic on whole batches on any device, so the
-GPU path feeds the networks the same pixels as the onnxruntime path (the tests compare
-them with OpenCV).
+(11-bit coefficients); OpenCV 5's warp blends in float32 and rounds. These functions
+reproduce that arithmetic on whole batches on any device, so the GPU path feeds the
+networks the same pixels as the onnxruntime path (the tests compare them with OpenCV:
+at most 1 grey level apart, on well under 1% of the pixels).
 """
 
 from __future__ import annotations
@@ -61,9 +62,7 @@ def invert_affine(matrices: torch.Tensor) -> torch.Tensor:
     m00, m01, m10, m11 = e * inv, -b * inv, -d * inv, a * inv
     m02 = -m00 * c - m01 * f
     m12 = -m10 * c - m11 * f
-    return torch.stack(
-        [torch.stack([m00, m01, m02], -1), torch.stack([m10, m11, m12], -1)], dim=1
-    )
+    return torch.stack([torch.stack([m00, m01, m02], -1), torch.stack([m10, m11, m12], -1)], dim=1)
 
 
 def warp_affine_u8(

@@ -506,9 +506,3 @@ def _last_uses(nodes: list, keep: set[str]) -> dict[int, list[str]]:
         if name not in keep:
             by_step.setdefault(step, []).append(name)
     return by_step
-
-
-def load_onnx_module(path: str, device: torch.device | str, dtype: torch.dtype) -> OnnxModule:
-    """The ONNX file as an eval-mode module on `device` in `dtype`."""
-    module = OnnxModule(onnx.load(str(path)), name=str(path))
-    return module.to(device=device, dtype=dtype).eval()

@@ -57,7 +57,11 @@ warnings.filterwarnings("ignore", message="`estimate` is deprecated", category=F
 def sample_images(count: int) -> list[np.ndarray]:
     """`count` 512x512 RGB images cycled from insightface's sample photos."""
     folder = Path(insightface.__file__).parent / "data" / "images"
-    photos = [cv2.imread(str(path)) for path in sorted(folder.iterdir()) if path.suffix in (".jpg", ".png")]
+    photos = [
+        cv2.imread(str(path))
+        for path in sorted(folder.iterdir())
+        if path.suffix in (".jpg", ".png")
+    ]
     images = [cv2.resize(photo, (IMAGE_SIZE, IMAGE_SIZE))[:, :, ::-1] for photo in photos]
     return [np.ascontiguousarray(images[i % len(images)]) for i in range(count)]
 
@@ -74,7 +78,11 @@ def timed(run: Callable[[], list], device: str) -> tuple[float, list]:
 
 def reference_run(root: Path, images: list[np.ndarray], device: str) -> tuple[float, int, int]:
     """The model card's usage: FaceAnalysis with its defaults, one image per call (BGR)."""
-    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
+    providers = (
+        ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        if device == "cuda"
+        else ["CPUExecutionProvider"]
+    )
     app = FaceAnalysis(name="antelopev2", root=str(root), providers=providers)
     app.prepare(ctx_id=0, det_size=(DET_SIZE, DET_SIZE))
     frames = [image[:, :, ::-1].copy() for image in images]
@@ -107,10 +115,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--images", type=int, default=None, help="default: 2 on cpu, 512 on cuda")
-    parser.add_argument("--reference-images", type=int, default=None,
-                        help="images for the image-by-image reference (default: --images, at most 64)")  # fmt: skip
+    parser.add_argument(
+        "--reference-images",
+        type=int,
+        default=None,
+        help="images for the image-by-image reference (default: --images, at most 64)",
+    )
     parser.add_argument("--batch-sizes", default=None, help="default: 2 on cpu, 16,32,64 on cuda")
-    parser.add_argument("--threads", type=int, default=1, help="CPU threads (torch and onnxruntime)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="CPU threads (torch and onnxruntime)"
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here")
     args = parser.parse_args()
     device = args.device
@@ -119,7 +133,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     count = args.images or (512 if device == "cuda" else 2)
     reference_count = args.reference_images or min(count, 64)
-    batches = [int(b) for b in (args.batch_sizes or ("16,32,64" if device == "cuda" else "2")).split(",")]
+    batches = [
+        int(b) for b in (args.batch_sizes or ("16,32,64" if device == "cuda" else "2")).split(",")
+    ]
     images = sample_images(count)
 
     root = Path(tempfile.mkdtemp(prefix="bench-face-"))
@@ -132,18 +148,35 @@ def main() -> None:
 
         def add(runtime: str, batch: int | None, n: int, result: tuple[float, int, int]) -> None:
             seconds, faces, detections = result
-            rows.append({"runtime": runtime, "batch_size": batch, "images": n, "faces": faces,
-                         "detections": detections, "seconds": round(seconds, 3),
-                         "images_per_s": round(n / seconds, 3)})  # fmt: skip
+            rows.append(
+                {
+                    "runtime": runtime,
+                    "batch_size": batch,
+                    "images": n,
+                    "faces": faces,
+                    "detections": detections,
+                    "seconds": round(seconds, 3),
+                    "images_per_s": round(n / seconds, 3),
+                }
+            )
 
         result = reference_run(root, images[:reference_count], device)
         add("insightface FaceAnalysis.get (model card)", 1, reference_count, result)
         if device == "cpu":
-            analyzer = FaceAnalyzer.from_models_dir(models, providers=["CPUExecutionProvider"], det_size=DET_SIZE)
+            analyzer = FaceAnalyzer.from_models_dir(
+                models, providers=["CPUExecutionProvider"], det_size=DET_SIZE
+            )
             result = ours_run(analyzer, images, batches[0], device)
-            add("FaceAnalyzer (onnxruntime, batched landmarks + recognition)", batches[0], count, result)
+            add(
+                "FaceAnalyzer (onnxruntime, batched landmarks + recognition)",
+                batches[0],
+                count,
+                result,
+            )
             del analyzer
-        analyzer = TorchFaceAnalyzer.from_models_dir(models, det_size=DET_SIZE, device=device, batch_size=max(batches))
+        analyzer = TorchFaceAnalyzer.from_models_dir(
+            models, det_size=DET_SIZE, device=device, batch_size=max(batches)
+        )
         precision = "fp16" if device == "cuda" else "fp32"
         for batch in batches:
             result = ours_run(analyzer, images, batch, device)
@@ -152,15 +185,21 @@ def main() -> None:
         shutil.rmtree(root, ignore_errors=True)
 
     reference_rate = rows[0]["images_per_s"]
-    print(f"\nverify stage, full-size face stand-ins, {IMAGE_SIZE}px images, det {DET_SIZE}x{DET_SIZE}, "
-          f"{hardware(device)}")  # fmt: skip
-    print(f"per image: SCRFD-10G {SCRFD_10G_GFLOP} GFLOP + per face IResNet-100 {IRESNET100_GFLOP} GFLOP + 1k3d68")
+    print(
+        f"\nverify stage, full-size face stand-ins, {IMAGE_SIZE}px images, det {DET_SIZE}x{DET_SIZE}, "
+        f"{hardware(device)}"
+    )
+    print(
+        f"per image: SCRFD-10G {SCRFD_10G_GFLOP} GFLOP + per face IResNet-100 {IRESNET100_GFLOP} GFLOP + 1k3d68"
+    )
     header = f"{'runtime':62} {'batch':>5} {'images':>6} {'faces':>5} {'dets':>5} {'s':>8} {'img/s':>8} {'x ref':>6}"
     print(header)
     print("-" * len(header))
     for row in rows:
-        print(f"{row['runtime']:62} {row['batch_size'] or '-':>5} {row['images']:>6} {row['faces']:>5} {row['detections']:>5} "
-              f"{row['seconds']:>8.2f} {row['images_per_s']:>8.2f} {row['images_per_s'] / reference_rate:>6.2f}")  # fmt: skip
+        print(
+            f"{row['runtime']:62} {row['batch_size'] or '-':>5} {row['images']:>6} {row['faces']:>5} {row['detections']:>5} "
+            f"{row['seconds']:>8.2f} {row['images_per_s']:>8.2f} {row['images_per_s'] / reference_rate:>6.2f}"
+        )
     if args.json:
         report = {
             "benchmark": "bench_face",

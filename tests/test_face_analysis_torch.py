@@ -71,7 +71,9 @@ def generated(tiny_models: Path) -> list[np.ndarray]:
     engine = Arc2FaceEngine.from_pretrained(tiny_models, device="cpu")
     rng = np.random.default_rng(5)
     requests = [ImageRequest(rng.normal(size=512).astype(np.float32), seed) for seed in range(4)]
-    settings = GenerationSettings(num_inference_steps=2, height=TINY_IMAGE_SIZE, width=TINY_IMAGE_SIZE)
+    settings = GenerationSettings(
+        num_inference_steps=2, height=TINY_IMAGE_SIZE, width=TINY_IMAGE_SIZE
+    )
     return list(engine.generate(requests, settings))
 
 
@@ -92,7 +94,9 @@ def assert_agree(reference: list[FaceRecord], candidate: list[FaceRecord]) -> No
         for target in (0.2, 0.38, 0.42, 0.7):
             noise = rng.normal(size=512)
             noise -= (noise @ ref.embedding) * ref.embedding
-            identity = target * ref.embedding + math.sqrt(1 - target**2) * noise / np.linalg.norm(noise)
+            identity = target * ref.embedding + math.sqrt(1 - target**2) * noise / np.linalg.norm(
+                noise
+            )
             for single in (True, False):
                 want = judge(ref, identity, require_single_face=single)
                 have = judge(got, identity, require_single_face=single)
@@ -118,7 +122,11 @@ def test_onnx_runner_matches_onnxruntime_batched_on_tiny_graphs() -> None:
             expected = session.run(None, {image_input.name: batch[index : index + 1]})
             for want, got in zip(expected, outputs, strict=True):
                 rows = len(want)
-                got = got.numpy()[index * rows : (index + 1) * rows] if len(got) != len(batch) else got.numpy()[index : index + 1]
+                got = (
+                    got.numpy()[index * rows : (index + 1) * rows]
+                    if len(got) != len(batch)
+                    else got.numpy()[index : index + 1]
+                )
                 np.testing.assert_allclose(got, want, atol=1e-4, err_msg=name)
 
 
@@ -132,7 +140,9 @@ def test_resize_and_warp_match_opencv() -> None:
         assert (got != expected).mean() < 0.005
     rng = np.random.default_rng(2)
     for _ in range(4):
-        keypoints = (face_align.arcface_dst * rng.uniform(1, 3) + rng.uniform(0, 300, 2)).astype(np.float32)
+        keypoints = (face_align.arcface_dst * rng.uniform(1, 3) + rng.uniform(0, 300, 2)).astype(
+            np.float32
+        )
         matrix = face_align.estimate_norm(keypoints, 112)
         expected = cv2.warpAffine(image, matrix, (112, 112), borderValue=0.0)
         got = warp_affine_u8(batch, torch.from_numpy(matrix)[None], 112)[0].numpy()
@@ -179,7 +189,9 @@ def test_embedding_norm_is_the_recognizer_feature_norm(tiny_face_models: Path) -
     record = analyzer.analyze([image])[0]
     crop = face_align.norm_crop(image[:, :, ::-1], record.keypoints, 112)
     blob = cv2.dnn.blobFromImage(crop, 1 / 127.5, (112, 112), (127.5,) * 3, swapRB=True)
-    session = onnxruntime.InferenceSession(str(tiny_face_models / "antelopev2" / "arcface.onnx"), providers=CPU)
+    session = onnxruntime.InferenceSession(
+        str(tiny_face_models / "antelopev2" / "arcface.onnx"), providers=CPU
+    )
     feature = session.run(None, {session.get_inputs()[0].name: blob})[0][0]
     assert record.embedding_norm == pytest.approx(float(np.linalg.norm(feature)), rel=1e-5)
     assert np.allclose(record.embedding, feature / np.linalg.norm(feature), atol=1e-6)

@@ -149,7 +149,9 @@ def check_face_analysis_device(spec: JobSpec, device: torch.device) -> None:
         return
     runtime, where = face_analysis_placement(spec.models.dir, str(device))
     if where == "cpu":
-        missing = "; ".join(f"{name}: {', '.join(ops)}" for name, ops in unsupported_ops(spec.models.dir).items())
+        missing = "; ".join(
+            f"{name}: {', '.join(ops)}" for name, ops in unsupported_ops(spec.models.dir).items()
+        )
         raise SpecError(
             f"generation runs on {device} but face analysis would run on the CPU ({runtime}; "
             f"the GPU runner lacks ONNX ops {missing}) and cap the job at a few images/s: "
