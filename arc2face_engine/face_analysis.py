@@ -5,6 +5,9 @@ five keypoints, 3D 68-point landmarks that give the head pose) whose recognition
 replaced by Arc2Face's own arcface.onnx. The models are loaded through insightface's model
 zoo and run by insightface's classes; what insightface does one face at a time (landmarks,
 recognition) is done here for all the faces of a batch of images in one onnxruntime call.
+This onnxruntime path is the CPU reference; on CUDA, `from_models_dir(device="cuda")`
+returns face_analysis_torch.TorchFaceAnalyzer, the same pipeline batched on the GPU in
+fp16 (same files, same results within the tolerances its tests check).
 
     analyzer = FaceAnalyzer.from_models_dir("models", det_size=640)
     records = analyzer.analyze(images)                       # (B, H, W, 3) uint8 RGB
@@ -46,6 +49,13 @@ LOW_FEATURE_NORM = "low_feature_norm"
 LOW_SIMILARITY = "low_similarity"
 REJECT_REASONS = (NO_FACE, MULTIPLE_FACES, LOW_DETECTION_SCORE, LOW_FEATURE_NORM, LOW_SIMILARITY)
 
+# Arc2Face's demos: FaceAnalysis(name="antelopev2").prepare(ctx_id=0, det_size=(640, 640)),
+# whose SCRFD keeps insightface's default threshold.
+REFERENCE_DET_SIZE = 640
+REFERENCE_DET_THRESH = 0.5
+# Images smaller than this come from the tiny demo models: detected at their own size.
+SMALL_IMAGE = 256
+
 
 # insightface's estimate_norm calls scikit-image's deprecated SimilarityTransform.estimate
 # once per face; the warning is theirs to fix and would flood every shard's log.
@@ -69,6 +79,7 @@ class FaceRecord:
     keypoints: np.ndarray | None  # (5, 2) float32: eyes, nose, mouth corners
     embedding: np.ndarray | None  # (512,) float32, L2-normalised ArcFace embedding
     pose: tuple[float, float, float] | None  # (yaw, pitch, roll) in degrees
+    embedding_norm: float = math.nan  # ArcFace feature norm before L2 normalisation
 
     @classmethod
     def no_face(cls) -> FaceRecord:
@@ -86,17 +97,19 @@ class Verdict:
 
 
 def detection_settings(height: int, width: int, min_det_score: float) -> tuple[int, float]:
-    """(det_size, det_thresh) for verifying generated images of this size.
+    """(det_size, det_thresh) for verifying images of this size, and for photos.
 
-    SCRFD runs at 640 for 512px images as in the Arc2Face demos; smaller images (the
-    tiny demo) are detected at their own size, rounded up to SCRFD's multiple of 32.
-    The detector threshold sits below the acceptance score, so weak faces are recorded
-    (and counted) as low_detection_score instead of silently missing. The job and the
-    audit's re-verification both use this, so they measure the same way.
+    Arc2Face's reference settings: SCRFD at 640x640 with insightface's threshold 0.5,
+    whatever the image size (SCRFD resizes every image onto its 640 canvas). Only images
+    under SMALL_IMAGE pixels (the tiny demo models) are detected at their own size,
+    rounded up to SCRFD's multiple of 32, which keeps the CPU demo cheap. A filter that
+    accepts weaker faces than 0.5 (min_det_score below it) lowers the threshold to match,
+    so those faces are found rather than counted as no_face. The job, identities from
+    photos and the audit's re-verification all use this, so they measure the same way.
     """
     largest = max(height, width)
-    det_size = min(640, -(-largest // 32) * 32)
-    return det_size, max(0.05, min_det_score - 0.1)
+    det_size = REFERENCE_DET_SIZE if largest >= SMALL_IMAGE else -(-largest // 32) * 32
+    return det_size, max(0.05, min(REFERENCE_DET_THRESH, min_det_score))
 
 
 def default_providers() -> list[str]:
@@ -129,7 +142,7 @@ def _load_model(path: Path, expected: type, providers: list) -> object:
     return model
 
 
-def _check_det_size(det_size: int | tuple[int, int]) -> tuple[int, int]:
+def check_det_size(det_size: int | tuple[int, int]) -> tuple[int, int]:
     size = (det_size, det_size) if isinstance(det_size, int) else tuple(det_size)
     if len(size) != 2 or any(int(side) < 32 or int(side) % 32 for side in size):
         raise FaceAnalysisInputError(
@@ -138,9 +151,8 @@ def _check_det_size(det_size: int | tuple[int, int]) -> tuple[int, int]:
     return int(size[0]), int(size[1])
 
 
-def _as_bgr_frames(images: np.ndarray | Sequence[np.ndarray]) -> list[np.ndarray]:
-    """(B, H, W, 3) or a list of (H, W, 3) uint8 RGB -> contiguous BGR frames (insightface
-    and OpenCV work in BGR)."""
+def rgb_frames(images: np.ndarray | Sequence[np.ndarray]) -> list[np.ndarray]:
+    """(B, H, W, 3) or a list of (H, W, 3) uint8 RGB -> a list of checked (H, W, 3) arrays."""
     if isinstance(images, np.ndarray) and images.ndim != 4:
         raise FaceAnalysisInputError(
             f"images have shape {images.shape}: pass (B, H, W, 3) uint8 RGB or a list of (H, W, 3)"
@@ -151,7 +163,12 @@ def _as_bgr_frames(images: np.ndarray | Sequence[np.ndarray]) -> list[np.ndarray
             raise FaceAnalysisInputError(
                 f"image {index} is {frame.dtype} {frame.shape}: pass uint8 RGB arrays of shape (H, W, 3)"
             )
-    return [np.ascontiguousarray(frame[:, :, ::-1]) for frame in frames]
+    return frames
+
+
+def _as_bgr_frames(images: np.ndarray | Sequence[np.ndarray]) -> list[np.ndarray]:
+    """Contiguous BGR frames (insightface and OpenCV work in BGR)."""
+    return [np.ascontiguousarray(frame[:, :, ::-1]) for frame in rgb_frames(images)]
 
 
 def _largest(boxes: np.ndarray) -> int:
@@ -229,7 +246,83 @@ def feature_norm(record: FaceRecord) -> float:
     return float(getattr(record, "embedding_norm", math.nan))
 
 
-class FaceAnalyzer:
+class AnalyzerBase:
+    """What every face analyzer offers on top of `analyze` (onnxruntime or torch)."""
+
+    def analyze(self, images: np.ndarray | Sequence[np.ndarray]) -> list[FaceRecord]:
+        raise NotImplementedError
+
+    def embed_largest_face(self, image: np.ndarray) -> FaceRecord:
+        """The record of one image (for identity sources: photos -> embeddings)."""
+        return self.analyze([image])[0]
+
+    def verify(
+        self,
+        images: np.ndarray | Sequence[np.ndarray],
+        identity_embeddings: np.ndarray,
+        min_similarity: float = 0.4,
+        min_det_score: float = 0.5,
+        require_single_face: bool = True,
+        min_feature_norm: float = 0.0,
+    ) -> list[Verdict]:
+        """Does image i show identity i? Cosine of its largest face's embedding with
+        identity_embeddings[i], after the face-count, detection-score and feature-norm
+        checks."""
+        identities = np.asarray(identity_embeddings, np.float32)
+        if identities.ndim != 2 or identities.shape != (len(images), EMBEDDING_DIM):
+            raise FaceAnalysisInputError(
+                f"identity embeddings have shape {identities.shape} for {len(images)} images: "
+                f"pass one {EMBEDDING_DIM}-d embedding per image"
+            )
+        records = self.analyze(images)
+        return [
+            judge(
+                record, identity, min_similarity, min_det_score, require_single_face,
+                min_feature_norm,
+            )
+            for record, identity in zip(records, identities, strict=True)
+        ]
+
+
+def _is_cuda(device: str | None) -> bool:
+    if device is None:
+        return False
+    if str(device) == "auto":
+        import torch
+
+        return torch.cuda.is_available()
+    return str(device).startswith("cuda")
+
+
+def unsupported_ops(models_dir: str | os.PathLike) -> dict[str, list[str]]:
+    """{file: ops} of the face models the torch runner cannot run (empty: it runs all)."""
+    import onnx
+
+    from arc2face_engine.onnx_torch import OPS
+
+    pack = Path(models_dir) / ANTELOPEV2_DIR
+    missing = {}
+    for name in (DETECTOR_FILE, LANDMARK_3D_FILE, RECOGNITION_FILE):
+        graph = onnx.load(str(pack / name), load_external_data=False).graph
+        ops = sorted({node.op_type for node in graph.node} - set(OPS))
+        if ops:
+            missing[name] = ops
+    return missing
+
+
+def face_analysis_placement(models_dir: str | os.PathLike, device: str) -> tuple[str, str]:
+    """(runtime, device) face analysis gets when the job runs on `device`: torch on the
+    GPU when the device is CUDA and the graphs convert, else onnxruntime on its best
+    provider (CUDA only with onnxruntime-gpu installed)."""
+    if _is_cuda(device):
+        if not unsupported_ops(models_dir):
+            return "torch", "cuda"
+        if "CUDAExecutionProvider" in default_providers():
+            return "onnxruntime", "cuda"
+    return "onnxruntime", "cpu"
+
+
+class FaceAnalyzer(AnalyzerBase):
     """SCRFD detection, 3D-landmark head pose and ArcFace embedding of the largest face."""
 
     def __init__(
@@ -243,7 +336,7 @@ class FaceAnalyzer:
         self.detector = detector
         self.landmark_3d = landmark_3d
         self.recognizer = recognizer
-        self.det_size = _check_det_size(det_size)
+        self.det_size = check_det_size(det_size)
         self.det_thresh = float(det_thresh)
         # ctx_id 0 keeps the providers the sessions were created with.
         detector.prepare(0, input_size=self.det_size, det_thresh=self.det_thresh)
@@ -257,9 +350,22 @@ class FaceAnalyzer:
         providers: Sequence | None = None,
         det_size: int | tuple[int, int] = 640,
         det_thresh: float = 0.5,
-    ) -> FaceAnalyzer:
-        """Load models_dir/antelopev2 (scrfd_10g_bnkps.onnx, 1k3d68.onnx, arcface.onnx)."""
+        device: str | None = None,
+        batch_size: int = 32,
+    ) -> AnalyzerBase:
+        """Load models_dir/antelopev2 (scrfd_10g_bnkps.onnx, 1k3d68.onnx, arcface.onnx).
+
+        device None or cpu: this onnxruntime analyzer (the reference). A CUDA device (or
+        auto with a GPU): the batched torch analyzer on that GPU in fp16, `batch_size`
+        images per forward; onnxruntime only if the graphs hold ops it cannot convert."""
         require(models_dir, "core", under=ANTELOPEV2_DIR)
+        if _is_cuda(device) and face_analysis_placement(models_dir, device)[0] == "torch":
+            from arc2face_engine.face_analysis_torch import TorchFaceAnalyzer
+
+            target = "cuda" if str(device) == "auto" else device
+            return TorchFaceAnalyzer.from_models_dir(
+                models_dir, det_size, det_thresh, device=target, batch_size=batch_size
+            )
         pack = Path(models_dir) / ANTELOPEV2_DIR
         providers = list(providers) if providers else default_providers()
         detector = _load_model(pack / DETECTOR_FILE, SCRFD, providers)
@@ -288,10 +394,10 @@ class FaceAnalyzer:
         if not faces:
             return records
         face_frames = [frames[index] for index, *_ in faces]
-        embeddings = self._embed(face_frames, [keypoints for _, _, keypoints, _ in faces])
+        embeddings, norms = self._embed(face_frames, [keypoints for _, _, keypoints, _ in faces])
         poses = self._head_poses(face_frames, [box[:4] for _, box, _, _ in faces])
-        for (index, box, keypoints, count), embedding, pose in zip(
-            faces, embeddings, poses, strict=True
+        for (index, box, keypoints, count), embedding, norm, pose in zip(
+            faces, embeddings, norms, poses, strict=True
         ):
             records[index] = FaceRecord(
                 face_count=count,
@@ -300,53 +406,24 @@ class FaceAnalyzer:
                 keypoints=keypoints.astype(np.float32),
                 embedding=embedding,
                 pose=pose,
+                embedding_norm=float(norm),
             )
         return records
 
-    def embed_largest_face(self, image: np.ndarray) -> FaceRecord:
-        """The record of one image (for identity sources: photos -> embeddings)."""
-        return self.analyze([image])[0]
-
-    def verify(
-        self,
-        images: np.ndarray | Sequence[np.ndarray],
-        identity_embeddings: np.ndarray,
-        min_similarity: float = 0.4,
-        min_det_score: float = 0.5,
-        require_single_face: bool = True,
-        min_feature_norm: float = 0.0,
-    ) -> list[Verdict]:
-        """Does image i show identity i? Cosine of its largest face's embedding with
-        identity_embeddings[i], after the face-count and detection-score checks."""
-        identities = np.asarray(identity_embeddings, np.float32)
-        if identities.ndim != 2 or identities.shape != (len(images), EMBEDDING_DIM):
-            raise FaceAnalysisInputError(
-                f"identity embeddings have shape {identities.shape} for {len(images)} images: "
-                f"pass one {EMBEDDING_DIM}-d embedding per image"
-            )
-        records = self.analyze(images)
-        return [
-            judge(
-                record,
-                identity,
-                min_similarity,
-                min_det_score,
-                require_single_face,
-                min_feature_norm,
-            )
-            for record, identity in zip(records, identities, strict=True)
-        ]
-
     # --- batched stages -------------------------------------------------------------------
 
-    def _embed(self, frames: list[np.ndarray], keypoints: list[np.ndarray]) -> np.ndarray:
-        """(N, 512) normalised embeddings of the faces, one batched recognition call."""
+    def _embed(
+        self, frames: list[np.ndarray], keypoints: list[np.ndarray]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(N, 512) normalised embeddings of the faces and their norms before normalising,
+        one batched recognition call."""
         size = self.recognizer.input_size[0]
         crops = [
             face_align.norm_crop(frame, kps, image_size=size)
             for frame, kps in zip(frames, keypoints, strict=True)
         ]
-        return _normalise(_run_batched(self.recognizer, _blob(self.recognizer, crops)))
+        features = _run_batched(self.recognizer, _blob(self.recognizer, crops)).astype(np.float32)
+        return _normalise(features), np.linalg.norm(features, axis=-1)
 
     def _head_poses(
         self, frames: list[np.ndarray], boxes: list[np.ndarray]

@@ -240,10 +240,11 @@ def _distances(g: _Graph, geometry: str, stride: int) -> tuple[str, str]:
 
 
 def _stride_sizes(g: _Graph, image_shape: str, stride: int) -> str:
-    """[1, 4, H // stride, W // stride]: the Resize `sizes` of a level's geometry."""
+    """[N, 4, H // stride, W // stride]: the Resize `sizes` of a level's geometry."""
+    batch = g.op("Slice", image_shape, g.const([0], np.int64), g.const([1], np.int64))
     spatial = g.op("Slice", image_shape, g.const([2], np.int64), g.const([4], np.int64))
     reduced = g.op("Div", spatial, g.const([stride, stride], np.int64))
-    return g.op("Concat", g.const([1, 4], np.int64), reduced, axis=0)
+    return g.op("Concat", batch, g.const([4], np.int64), reduced, axis=0)
 
 
 def build_tiny_detector() -> onnx.ModelProto:
@@ -280,8 +281,11 @@ def build_tiny_detector() -> onnx.ModelProto:
                                coordinate_transformation_mode="asymmetric"))  # fmt: skip
     # The strongest anchor of the image, over all strides (after resizing, so that it is
     # an anchor the outputs contain).
+    # Reduced per image (axes 1-3), so a batch of images gives each image its own peak.
+    per_image = g.const([1, 2, 3], np.int64)
     peak = g.op(
-        "Max", *[g.op("ReduceMax", _channel(g, geometry, 0), keepdims=1) for geometry in geometries]
+        "Max",
+        *[g.op("ReduceMax", _channel(g, geometry, 0), per_image, keepdims=1) for geometry in geometries],
     )
 
     scores, boxes, keypoints = [], [], []

@@ -377,6 +377,13 @@ class ComputeSpec(_Section):
         validate_default=True,
         description="dask: scheduler address (tcp://host:8786); null starts a local cluster.",
     )
+    allow_cpu_face_analysis: bool = Field(
+        False,
+        description="Let a job that generates on a CUDA GPU verify faces on the CPU when face "
+        "analysis cannot run on the GPU (the batched torch runner cannot convert the face "
+        "models and onnxruntime-gpu is not installed). Off: preflight refuses, because CPU "
+        "face analysis caps a GPU job at a few images/s.",
+    )
     max_shards_in_flight: int | None = Field(
         None,
         ge=1,

@@ -12,6 +12,7 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from importlib import metadata
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -36,6 +37,9 @@ from arc2face_engine.poses import PoseBank, load_pose_bank
 from arc2face_engine.seeding import image_seed
 from schemas.job import MAX_IDENTITIES, JobSpec, recorded_spec, spec_hash
 from schemas.tables import DatasetCounts, DatasetInfo
+
+if TYPE_CHECKING:
+    import torch
 
 PACKAGES = ("arc2face-synth", "torch", "diffusers", "transformers", "insightface", "onnxruntime")
 
@@ -90,8 +94,14 @@ def worker_for(spec: JobSpec, device: str = "auto") -> Worker:
             det_size, det_thresh = detection_settings(
                 spec.generation.height, spec.generation.width, spec.filter.min_det_score
             )
+            # On a GPU the analyzer runs there too (batched torch, fp16): verification must
+            # keep up with generation. On CPU, the onnxruntime reference.
             analyzer = FaceAnalyzer.from_models_dir(
-                spec.models.dir, det_size=det_size, det_thresh=det_thresh
+                spec.models.dir,
+                det_size=det_size,
+                det_thresh=det_thresh,
+                device=str(engine.device),
+                batch_size=max(32, spec.generation.batch_size),
             )
             _WORKERS[key] = Worker(engine, analyzer, poses, expressions, threading.Lock())
         return _WORKERS[key]
@@ -123,7 +133,7 @@ def preflight(spec: JobSpec) -> None:
         store.require(spec.models.dir, component)
     store.check_model_files(spec.models.dir, components)
     for device in spec.compute.devices:
-        resolve_device(device)
+        check_face_analysis_device(spec, resolve_device(device))
     precision = safety.resolved_precision(spec)
     load_pose_bank(spec.variations.poses, size=spec.generation.height)
     load_expression_bank(spec.variations.expressions, seed=spec.seed, models_dir=spec.models.dir)
@@ -146,6 +156,26 @@ def preflight(spec: JobSpec) -> None:
 # Identities built by preflight for a new dataset, handed to build_identities in the same
 # process so they are made once; keyed by output and spec hash.
 _PREPARED: dict[tuple[str, str], pa.Table] = {}
+
+
+def check_face_analysis_device(spec: JobSpec, device: torch.device) -> None:
+    """Refuse a GPU job whose face analysis would run on the CPU, unless the spec allows it:
+    verification would then cap the whole job at a few images/s."""
+    from arc2face_engine.face_analysis import face_analysis_placement, unsupported_ops
+
+    if device.type != "cuda" or spec.compute.allow_cpu_face_analysis:
+        return
+    runtime, where = face_analysis_placement(spec.models.dir, str(device))
+    if where == "cpu":
+        missing = "; ".join(
+            f"{name}: {', '.join(ops)}" for name, ops in unsupported_ops(spec.models.dir).items()
+        )
+        raise SpecError(
+            f"generation runs on {device} but face analysis would run on the CPU ({runtime}; "
+            f"the GPU runner lacks ONNX ops {missing}) and cap the job at a few images/s: "
+            f"install onnxruntime-gpu in place of onnxruntime, or set "
+            f"compute.allow_cpu_face_analysis: true"
+        )
 
 
 def _prepared_key(spec: JobSpec) -> tuple[str, str]:

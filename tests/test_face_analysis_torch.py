@@ -1,0 +1,287 @@
+"""The batched torch face analysis (the GPU path, run here on CPU in fp32) against the
+onnxruntime/insightface reference: tiny models and full-size random stand-ins, real
+photos shipped with insightface and images made by the tiny Arc2Face engine."""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+from pathlib import Path
+
+import cv2
+import insightface
+import numpy as np
+import onnx
+import onnxruntime
+import pytest
+import torch
+from insightface.model_zoo import get_model
+from insightface.model_zoo.arcface_onnx import ArcFaceONNX
+from insightface.model_zoo.landmark import Landmark
+from insightface.model_zoo.scrfd import SCRFD
+from insightface.utils import face_align
+from onnx import helper
+
+from arc2face_engine.errors import SpecError
+from arc2face_engine.face_analysis import (
+    FaceAnalyzer,
+    FaceRecord,
+    detection_settings,
+    face_analysis_placement,
+    judge,
+)
+from arc2face_engine.face_analysis_full import (
+    IRESNET100_GFLOP,
+    SCRFD_10G_GFLOP,
+    count_flops,
+    write_full_size_antelopev2,
+)
+from arc2face_engine.face_analysis_tiny import BUILDERS, write_tiny_antelopev2
+from arc2face_engine.face_analysis_torch import TorchFaceAnalyzer
+from arc2face_engine.face_warp import resize_linear_u8, warp_affine_u8
+from arc2face_engine.onnx_torch import OnnxModule
+from schemas.job import JobSpec
+
+CPU = ["CPUExecutionProvider"]
+PHOTOS = Path(insightface.__file__).parent / "data" / "images"
+SIMILARITY_TOLERANCE = 1e-3
+BOX_TOLERANCE = 1.0
+
+pytestmark = pytest.mark.filterwarnings("ignore:`estimate` is deprecated:FutureWarning")
+
+
+def photo(name: str) -> np.ndarray:
+    return np.ascontiguousarray(cv2.imread(str(PHOTOS / name))[:, :, ::-1])
+
+
+def discs(size: int, centers: list[tuple[int, int]], radius: int) -> np.ndarray:
+    image = np.zeros((size, size, 3), np.uint8)
+    for center in centers:
+        cv2.circle(image, center, radius, (255, 255, 255), -1)
+    return image
+
+
+@pytest.fixture(scope="module")
+def generated(tiny_models: Path) -> list[np.ndarray]:
+    """Images made by the tiny Arc2Face engine (64 px)."""
+    from arc2face_engine.generation import Arc2FaceEngine, GenerationSettings, ImageRequest
+    from arc2face_engine.tiny import TINY_IMAGE_SIZE
+
+    engine = Arc2FaceEngine.from_pretrained(tiny_models, device="cpu")
+    rng = np.random.default_rng(5)
+    requests = [ImageRequest(rng.normal(size=512).astype(np.float32), seed) for seed in range(4)]
+    settings = GenerationSettings(
+        num_inference_steps=2, height=TINY_IMAGE_SIZE, width=TINY_IMAGE_SIZE
+    )
+    return list(engine.generate(requests, settings))
+
+
+def assert_agree(reference: list[FaceRecord], candidate: list[FaceRecord]) -> None:
+    """Same face counts, boxes within 1 px, embeddings within the similarity tolerance,
+    identical accept/reject decisions against identities near the 0.4 threshold."""
+    rng = np.random.default_rng(0)
+    for index, (ref, got) in enumerate(zip(reference, candidate, strict=True)):
+        assert got.face_count == ref.face_count, index
+        if ref.face_count == 0:
+            assert got.embedding is None and math.isnan(got.embedding_norm)
+            continue
+        assert np.abs(got.bbox - ref.bbox).max() <= BOX_TOLERANCE, index
+        assert np.abs(got.keypoints - ref.keypoints).max() <= BOX_TOLERANCE, index
+        assert abs(got.det_score - ref.det_score) < 5e-3, index
+        assert np.allclose(got.pose, ref.pose, atol=0.5), index
+        assert got.embedding_norm == pytest.approx(ref.embedding_norm, rel=1e-3)
+        for target in (0.2, 0.38, 0.42, 0.7):
+            noise = rng.normal(size=512)
+            noise -= (noise @ ref.embedding) * ref.embedding
+            identity = target * ref.embedding + math.sqrt(1 - target**2) * noise / np.linalg.norm(
+                noise
+            )
+            for single in (True, False):
+                want = judge(ref, identity, require_single_face=single)
+                have = judge(got, identity, require_single_face=single)
+                assert abs(have.similarity - want.similarity) <= SIMILARITY_TOLERANCE
+                assert (have.accepted, have.reason) == (want.accepted, want.reason), index
+
+
+# --- building blocks ----------------------------------------------------------------------
+
+
+def test_onnx_runner_matches_onnxruntime_batched_on_tiny_graphs() -> None:
+    """A batch through the torch runner equals each image alone through onnxruntime."""
+    rng = np.random.default_rng(1)
+    for name, build in BUILDERS.items():
+        model = build()
+        session = onnxruntime.InferenceSession(model.SerializeToString(), providers=CPU)
+        image_input = session.get_inputs()[0]
+        size = 96 if name.startswith("scrfd") else image_input.shape[2]
+        batch = rng.normal(size=(3, 3, size, size)).astype(np.float32)
+        with torch.no_grad():
+            outputs = OnnxModule(model)(torch.from_numpy(batch))
+        for index in range(len(batch)):
+            expected = session.run(None, {image_input.name: batch[index : index + 1]})
+            for want, got in zip(expected, outputs, strict=True):
+                rows = len(want)
+                got = (
+                    got.numpy()[index * rows : (index + 1) * rows]
+                    if len(got) != len(batch)
+                    else got.numpy()[index : index + 1]
+                )
+                np.testing.assert_allclose(got, want, atol=1e-4, err_msg=name)
+
+
+def test_resize_and_warp_match_opencv() -> None:
+    image = photo("t1.jpg")
+    batch = torch.from_numpy(image)[None]
+    for height, width in ((640, 640), (336, 640), (77, 100)):
+        expected = cv2.resize(image, (width, height))
+        got = resize_linear_u8(batch, height, width)[0].numpy()
+        assert np.abs(got.astype(int) - expected).max() <= 1
+        assert (got != expected).mean() < 0.005
+    rng = np.random.default_rng(2)
+    for _ in range(4):
+        keypoints = (face_align.arcface_dst * rng.uniform(1, 3) + rng.uniform(0, 300, 2)).astype(
+            np.float32
+        )
+        matrix = face_align.estimate_norm(keypoints, 112)
+        expected = cv2.warpAffine(image, matrix, (112, 112), borderValue=0.0)
+        got = warp_affine_u8(batch, torch.from_numpy(matrix)[None], 112)[0].numpy()
+        assert np.abs(got.astype(int) - expected).max() <= 1
+        assert (got != expected).mean() < 0.005
+
+
+def test_detection_settings_follow_arc2face_reference() -> None:
+    assert detection_settings(512, 512, 0.5) == (640, 0.5)
+    assert detection_settings(1024, 768, 0.7) == (640, 0.5)  # SCRFD threshold, stricter filter
+    assert detection_settings(512, 512, 0.3) == (640, 0.3)  # weaker faces must be found
+    assert detection_settings(64, 64, 0.5) == (64, 0.5)  # tiny demo images
+
+
+# --- tiny models ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_face_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("tiny-faces")
+    write_tiny_antelopev2(root / "antelopev2")
+    return root
+
+
+def test_torch_path_agrees_with_onnxruntime_on_tiny_models(
+    tiny_face_models: Path, generated: list[np.ndarray]
+) -> None:
+    images = [
+        photo("Tom_Hanks_54745.png"), photo("t1.jpg"), photo("mask_white.jpg"),
+        discs(64, [(32, 30)], 12), discs(64, [(16, 16), (46, 46)], 9), np.zeros((64, 64, 3), np.uint8),
+        *generated,
+    ]  # fmt: skip
+    reference = FaceAnalyzer.from_models_dir(tiny_face_models, providers=CPU, det_size=128)
+    batched = TorchFaceAnalyzer.from_models_dir(tiny_face_models, det_size=128, batch_size=4)
+    want, got = reference.analyze(images), batched.analyze(images)
+    assert_agree(want, got)
+    assert {record.face_count for record in want} >= {0, 1}
+    assert any(record.face_count > 1 for record in want)
+
+
+def test_embedding_norm_is_the_recognizer_feature_norm(tiny_face_models: Path) -> None:
+    analyzer = FaceAnalyzer.from_models_dir(tiny_face_models, providers=CPU, det_size=64)
+    image = discs(64, [(32, 30)], 12)
+    record = analyzer.analyze([image])[0]
+    crop = face_align.norm_crop(image[:, :, ::-1], record.keypoints, 112)
+    blob = cv2.dnn.blobFromImage(crop, 1 / 127.5, (112, 112), (127.5,) * 3, swapRB=True)
+    session = onnxruntime.InferenceSession(
+        str(tiny_face_models / "antelopev2" / "arcface.onnx"), providers=CPU
+    )
+    feature = session.run(None, {session.get_inputs()[0].name: blob})[0][0]
+    assert record.embedding_norm == pytest.approx(float(np.linalg.norm(feature)), rel=1e-5)
+    assert np.allclose(record.embedding, feature / np.linalg.norm(feature), atol=1e-6)
+    assert math.isnan(analyzer.analyze([np.zeros((64, 64, 3), np.uint8)])[0].embedding_norm)
+
+
+def test_cpu_device_keeps_the_onnxruntime_reference(tiny_face_models: Path) -> None:
+    assert isinstance(FaceAnalyzer.from_models_dir(tiny_face_models, device="cpu"), FaceAnalyzer)
+    assert face_analysis_placement(tiny_face_models, "cpu") == ("onnxruntime", "cpu")
+
+
+# --- full-size stand-ins ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def full_face_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("full-faces")
+    write_full_size_antelopev2(root / "antelopev2")
+    yield root
+    shutil.rmtree(root, ignore_errors=True)  # about 400 MB
+
+
+def test_full_size_stand_ins_cost_what_the_real_models_cost(full_face_models: Path) -> None:
+    pack = full_face_models / "antelopev2"
+    scrfd = count_flops(onnx.load(str(pack / "scrfd_10g_bnkps.onnx")), (1, 3, 640, 640)) / 1e9
+    iresnet = count_flops(onnx.load(str(pack / "arcface.onnx")), (1, 3, 112, 112)) / 1e9
+    assert scrfd == pytest.approx(SCRFD_10G_GFLOP, rel=0.05)
+    assert iresnet == pytest.approx(IRESNET100_GFLOP, rel=0.05)
+
+
+def test_full_size_stand_ins_route_and_agree(full_face_models: Path) -> None:
+    pack = full_face_models / "antelopev2"
+    expected = {"scrfd_10g_bnkps.onnx": SCRFD, "1k3d68.onnx": Landmark, "arcface.onnx": ArcFaceONNX}
+    for name, cls in expected.items():
+        model = get_model(str(pack / name), providers=CPU)
+        assert isinstance(model, cls), name
+    assert get_model(str(pack / "1k3d68.onnx"), providers=CPU).input_mean == 0.0  # bn_data
+    # Three photos: several faces, one face, none (random weights fire where they fire).
+    images = [photo("Tom_Hanks_54745.png"), photo("mask_blue.jpg"), photo("t1.jpg")]
+    reference = FaceAnalyzer.from_models_dir(full_face_models, providers=CPU, det_size=640)
+    want = reference.analyze(images)
+    del reference
+    got = TorchFaceAnalyzer.from_models_dir(full_face_models, det_size=640).analyze(images)
+    assert [min(record.face_count, 2) for record in want] == [2, 1, 0]
+    assert_agree(want, got)
+
+
+# --- preflight ----------------------------------------------------------------------------------
+
+
+def _spec(models: Path, output: Path, allow: bool = False) -> JobSpec:
+    return JobSpec.model_validate(
+        {
+            "name": "gpu",
+            "models": {"dir": str(models)},
+            "identities": {"source": "random", "count": 2},
+            "output": {"uri": str(output)},
+            "compute": {"devices": ["cuda"], "allow_cpu_face_analysis": allow},
+        }
+    )
+
+
+def _with_unconvertible_recognizer(models: Path, target: Path) -> Path:
+    """A copy of the models whose arcface.onnx ends in an op the torch runner lacks."""
+    shutil.copytree(models, target)
+    model = onnx.load(str(target / "antelopev2" / "arcface.onnx"))
+    graph = model.graph
+    graph.node[-1].output[0] = "fc1_raw"
+    graph.node.append(helper.make_node("Hardmax", ["fc1_raw"], ["fc1"], name="arcface_hardmax"))
+    onnx.save(model, str(target / "antelopev2" / "arcface.onnx"))
+    from arc2face_engine.store import write_checksums
+
+    write_checksums(target)
+    return target
+
+
+def test_preflight_refuses_cpu_face_analysis_on_a_gpu_job(
+    tiny_models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from arc2face_engine import generation
+    from arc2face_engine.dataset import job
+
+    monkeypatch.setattr(generation, "resolve_device", lambda device: torch.device("cuda"))
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: CPU)
+    job.preflight(_spec(tiny_models, tmp_path / "ok"))  # the torch runner converts them
+
+    broken = _with_unconvertible_recognizer(tiny_models, tmp_path / "models")
+    with pytest.raises(SpecError, match="face analysis would run on the CPU") as error:
+        job.preflight(_spec(broken, tmp_path / "refused"))
+    message = str(error.value)
+    assert "\n" not in message and "Hardmax" in message and "allow_cpu_face_analysis" in message
+    job.preflight(_spec(broken, tmp_path / "allowed", allow=True))
+    assert not os.path.exists(tmp_path / "refused" / "dataset.json")
