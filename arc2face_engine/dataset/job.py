@@ -20,14 +20,17 @@ from arc2face_engine.dataset.card import write_dataset_card
 from arc2face_engine.dataset.plan import iter_shards
 from arc2face_engine.dataset.reader import DatasetReader
 from arc2face_engine.dataset.shard import (
+    FaceVerifier,
+    ImageGenerator,
+    PendingCommit,
     ShardJob,
     ShardResult,
     run_shard,
-    settings_from_spec,
     shard_identities,
 )
 from arc2face_engine.dataset.writer import DatasetWriter
 from arc2face_engine.expressions import ExpressionBank, load_expression_bank
+from arc2face_engine.generation import GenerationSettings
 from arc2face_engine.poses import PoseBank, load_pose_bank
 from arc2face_engine.seeding import image_seed
 from schemas.job import JobSpec, recorded_spec, spec_hash
@@ -40,8 +43,8 @@ PACKAGES = ("arc2face-synth", "torch", "diffusers", "transformers", "insightface
 class Worker:
     """Models and banks of one worker process (one device), loaded once."""
 
-    engine: object
-    analyzer: object
+    engine: ImageGenerator
+    analyzer: FaceVerifier
     poses: PoseBank | None
     expressions: ExpressionBank | None
     lock: threading.Lock
@@ -67,6 +70,9 @@ def worker_for(spec: JobSpec, device: str = "auto") -> Worker:
         expressions_spec.model_dump_json(),
         spec.seed,
         spec.generation.height,
+        spec.generation.batch_size,
+        tuple(spec.generation.engine_buckets() or ()),
+        spec.generation.compile,
         spec.filter.min_det_score,
     )
     with _WORKERS_LOCK:
@@ -82,6 +88,9 @@ def worker_for(spec: JobSpec, device: str = "auto") -> Worker:
                 controlnet=poses is not None,
                 expression=expressions is not None,
                 lcm=spec.generation.scheduler == "lcm",
+                compile=spec.generation.compile,
+                max_batch_size=spec.generation.batch_size,
+                batch_buckets=spec.generation.engine_buckets(),
             )
             det_size, det_thresh = detection_settings(
                 spec.generation.height, spec.generation.width, spec.filter.min_det_score
@@ -185,7 +194,7 @@ def _manifold_projector(spec: JobSpec) -> Callable[[np.ndarray], np.ndarray | No
     from arc2face_engine.generation import ImageRequest
 
     worker = worker_for(spec)
-    settings = settings_from_spec(spec.generation)
+    settings = GenerationSettings.from_spec(spec.generation)
     counter = iter(range(1 << 62))
 
     def project(candidate: np.ndarray) -> np.ndarray | None:
@@ -200,7 +209,7 @@ def _manifold_projector(spec: JobSpec) -> Callable[[np.ndarray], np.ndarray | No
 
 
 def shard_jobs(spec: JobSpec, identities_table: pa.Table) -> Iterator[ShardJob]:
-    settings = settings_from_spec(spec.generation)
+    settings = GenerationSettings.from_spec(spec.generation)
     for plan in iter_shards(
         len(identities_table), spec.variations.images_per_identity, spec.output.shard_size
     ):
@@ -221,13 +230,14 @@ def shard_jobs(spec: JobSpec, identities_table: pa.Table) -> Iterator[ShardJob]:
         )
 
 
-def generate_shard(
+def start_shard(
     spec: JobSpec,
     job: ShardJob,
     device: str = "auto",
     on_batch: Callable[[int, int], None] | None = None,
-) -> ShardResult:
-    """Run one shard on this process's worker for `device`."""
+) -> PendingCommit:
+    """Generate and verify one shard on this process's worker for `device`; returns as
+    soon as the device is free, with the shard's writes and commit still running."""
     worker = worker_for(spec, device)
     with worker.lock:  # one generation at a time per device
         return run_shard(
@@ -239,6 +249,17 @@ def generate_shard(
             worker.expressions,
             on_batch=on_batch,
         )
+
+
+def generate_shard(
+    spec: JobSpec,
+    job: ShardJob,
+    device: str = "auto",
+    on_batch: Callable[[int, int], None] | None = None,
+) -> ShardResult:
+    """Run one shard to its commit. The device lock is released before the commit, so
+    another shard task on the same device generates while this one drains."""
+    return start_shard(spec, job, device, on_batch).result()
 
 
 def finalize_dataset(spec: JobSpec) -> DatasetInfo:
@@ -280,9 +301,18 @@ def run_job_directly(spec: JobSpec) -> DatasetInfo:
     writer = prepare_dataset(spec)
     table = build_identities(spec, writer)
     committed = writer.committed_shards()
+    draining: PendingCommit | None = None
     for job in shard_jobs(spec, table):
-        if job.plan.shard not in committed:
-            generate_shard(spec, job)
+        if job.plan.shard in committed:
+            continue
+        try:
+            pending = start_shard(spec, job)  # generates while the previous shard commits
+        finally:
+            if draining is not None:
+                draining.result()
+        draining = pending
+    if draining is not None:
+        draining.result()
     return finalize_dataset(spec)
 
 
