@@ -301,18 +301,18 @@ def run_job_directly(spec: JobSpec) -> DatasetInfo:
     writer = prepare_dataset(spec)
     table = build_identities(spec, writer)
     committed = writer.committed_shards()
-    draining: PendingCommit | None = None
-    for job in shard_jobs(spec, table):
-        if job.plan.shard in committed:
-            continue
-        try:
-            pending = start_shard(spec, job)  # generates while the previous shard commits
-        finally:
-            if draining is not None:
-                draining.result()
-        draining = pending
-    if draining is not None:
-        draining.result()
+    todo = (job for job in shard_jobs(spec, table) if job.plan.shard not in committed)
+    in_flight: list[PendingCommit] = []
+    try:
+        for job in todo:
+            in_flight.append(start_shard(spec, job))  # generates while the previous commits
+            if len(in_flight) > 1:
+                in_flight.pop(0).result()
+        while in_flight:
+            in_flight.pop(0).result()
+    finally:
+        for pending in in_flight:  # after an error: started commits land before it surfaces
+            pending.settle()
     return finalize_dataset(spec)
 
 

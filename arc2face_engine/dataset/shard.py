@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Protocol
@@ -192,8 +192,10 @@ class PendingCommit:
         uncommitted, and a re-run redoes it)."""
         return self._future.result()
 
-    def done(self) -> bool:
-        return self._future.done()
+    def settle(self) -> None:
+        """Wait for the commit to succeed or fail, without raising (used while another
+        error propagates: started commits land before the job stops)."""
+        wait([self._future])
 
 
 def run_shard(
