@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 import pyarrow as pa
 
-from arc2face_engine.dataset.codec import IMAGE_EXTENSIONS, decode_image, encode_image
+from arc2face_engine.dataset.codec import IMAGE_EXTENSIONS, decode_image_into, encode_image
 from arc2face_engine.dataset.plan import ShardPlan, variant_for
 from arc2face_engine.dataset.writer import DatasetWriter
 from arc2face_engine.expressions import Expression, ExpressionBank
@@ -371,7 +371,9 @@ def _as_stored(
     re-verifies the stored file."""
     if image_format == "png":  # lossless: decoding gives the same pixels back
         return images
-    return np.stack(list(pool.map(decode_image, encoded)))
+    stored = np.empty_like(images)
+    list(pool.map(decode_image_into, encoded, stored))  # straight into the batch: one copy
+    return stored
 
 
 def _write_image(writer: DatasetWriter, job: ShardJob, row: dict, data: bytes) -> None:
