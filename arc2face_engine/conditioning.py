@@ -23,10 +23,11 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from transformers.masking_utils import create_causal_mask
 
 from arc2face_engine.errors import CheckpointMismatch, UserError
+from schemas.tables import EMBEDDING_DIM
 
 ID_PROMPT = "photo of a id person"
 ID_WORD = "id"
-ARCFACE_DIM = 512
+ARCFACE_DIM = EMBEDDING_DIM  # the ArcFace embedding written into the "id" token
 
 
 class IdentityConditioner:

@@ -1,6 +1,13 @@
 """Errors a user can cause. Each message is one line: the problem, then the fix."""
 
 
+def first_line(error: BaseException) -> str:
+    """The first line of an error's message (its type when it has none), to quote a
+    library's error inside a one-line UserError."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 class UserError(Exception):
     """Bad input from the user; the CLI prints the message and exits with status 2."""
 

@@ -31,19 +31,20 @@ from insightface.utils import face_align, transform
 
 from arc2face_engine.errors import CheckpointMismatch, UserError
 from arc2face_engine.store import require
+from schemas.tables import (  # noqa: F401 - re-exported: the reject reasons' home is schemas
+    EMBEDDING_DIM,
+    LOW_DETECTION_SCORE,
+    LOW_SIMILARITY,
+    MULTIPLE_FACES,
+    NO_FACE,
+    REJECT_REASONS,
+    l2_normalize,
+)
 
 ANTELOPEV2_DIR = "antelopev2"
 DETECTOR_FILE = "scrfd_10g_bnkps.onnx"
 LANDMARK_3D_FILE = "1k3d68.onnx"
 RECOGNITION_FILE = "arcface.onnx"  # Arc2Face's, in place of antelopev2's glintr100.onnx
-EMBEDDING_DIM = 512
-
-# Reject reasons, in the order verify() checks them (schemas.tables.REJECT_REASONS).
-NO_FACE = "no_face"
-MULTIPLE_FACES = "multiple_faces"
-LOW_DETECTION_SCORE = "low_detection_score"
-LOW_SIMILARITY = "low_similarity"
-REJECT_REASONS = (NO_FACE, MULTIPLE_FACES, LOW_DETECTION_SCORE, LOW_SIMILARITY)
 
 
 # insightface's estimate_norm calls scikit-image's deprecated SimilarityTransform.estimate
@@ -158,11 +159,6 @@ def _largest(boxes: np.ndarray) -> int:
     return int(np.argmax(areas))  # ties: the first, i.e. the higher score (NMS order)
 
 
-def _normalise(vectors: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(vectors, axis=-1, keepdims=True)
-    return (vectors / np.maximum(norms, 1e-12)).astype(np.float32)
-
-
 def _run_batched(model: ArcFaceONNX | Landmark, blob: np.ndarray) -> np.ndarray:
     """One session.run over the whole (N, 3, S, S) blob; a model exported with a fixed
     batch size is run in chunks of that size instead."""
@@ -208,7 +204,7 @@ def judge(
     The similarity is reported whenever there is a face, also for rejected images."""
     if record.face_count == 0 or record.embedding is None:
         return Verdict(record, math.nan, False, NO_FACE)
-    similarity = float(record.embedding @ _normalise(np.asarray(identity_embedding, np.float32)))
+    similarity = float(record.embedding @ l2_normalize(np.asarray(identity_embedding, np.float32)))
     reason = None
     if require_single_face and record.face_count > 1:
         reason = MULTIPLE_FACES
@@ -328,7 +324,8 @@ class FaceAnalyzer:
             face_align.norm_crop(frame, kps, image_size=size)
             for frame, kps in zip(frames, keypoints, strict=True)
         ]
-        return _normalise(_run_batched(self.recognizer, _blob(self.recognizer, crops)))
+        embeddings = _run_batched(self.recognizer, _blob(self.recognizer, crops))
+        return l2_normalize(embeddings.astype(np.float32, copy=False))
 
     def _head_poses(
         self, frames: list[np.ndarray], boxes: list[np.ndarray]

@@ -44,7 +44,7 @@ from safetensors import SafetensorError
 
 from arc2face_engine import loading
 from arc2face_engine.conditioning import ARCFACE_DIM, IdentityConditioner
-from arc2face_engine.errors import CheckpointMismatch, SpecError, UserError
+from arc2face_engine.errors import CheckpointMismatch, SpecError, UserError, first_line
 from arc2face_engine.store import fetch_hint, require
 from schemas.job import (
     DEFAULT_SIZE,
@@ -56,9 +56,9 @@ from schemas.job import (
     GenerationSpec,
     check_image_side,
 )
+from schemas.tables import EXPRESSION_DIM  # FLAME: 50 expression + 2 eyelid + 3 jaw
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-EXPRESSION_DIM = 55  # FLAME: 50 expression + 2 eyelid + 3 jaw
 LCM_LORA_FOLDER = "lcm-lora"
 LCM_LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 LCM_ADAPTER_NAME = "lcm"
@@ -188,11 +188,6 @@ def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
 # --- strict adapter loading ------------------------------------------------------------------
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
-
-
 def _adapter_mismatch(
     file: Path, problem: str, models_dir: Path, component: str
 ) -> CheckpointMismatch:
@@ -216,7 +211,7 @@ def _fuse_lcm_lora(pipeline: StableDiffusionPipeline, models_dir: Path) -> None:
             file.parent, weight_name=LCM_LORA_WEIGHTS
         )
     except (KeyError, ValueError, OSError, SafetensorError) as error:
-        raise _adapter_mismatch(file, _first_line(error), models_dir, "lcm") from error
+        raise _adapter_mismatch(file, first_line(error), models_dir, "lcm") from error
     foreign = sorted(key for key in state_dict if not key.startswith("unet."))
     if foreign:
         problem = f"{len(foreign)} keys are not for the UNet ({', '.join(foreign[:3])})"
@@ -232,7 +227,7 @@ def _fuse_lcm_lora(pipeline: StableDiffusionPipeline, models_dir: Path) -> None:
                 _pipeline=pipeline,
             )
     except (KeyError, ValueError, RuntimeError) as error:
-        raise _adapter_mismatch(file, _first_line(error), models_dir, "lcm") from error
+        raise _adapter_mismatch(file, first_line(error), models_dir, "lcm") from error
     expected = set(
         convert_unet_state_dict_to_peft({k[len("unet.") :]: v for k, v in state_dict.items()})
     )
@@ -253,7 +248,7 @@ def _read_expression_adapter(models_dir: Path) -> dict[str, dict[str, torch.Tens
     try:
         state_dict = torch.load(file, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as error:
-        raise _adapter_mismatch(file, _first_line(error), models_dir, "expression") from error
+        raise _adapter_mismatch(file, first_line(error), models_dir, "expression") from error
     if not isinstance(state_dict, dict) or not all(
         isinstance(state_dict.get(part), dict) for part in ("image_proj", "ip_adapter")
     ):
@@ -279,7 +274,7 @@ def _load_expression_adapter(
                 low_cpu_mem_usage=False,
             )
     except (KeyError, ValueError, RuntimeError) as error:
-        raise _adapter_mismatch(file, _first_line(error), models_dir, "expression") from error
+        raise _adapter_mismatch(file, first_line(error), models_dir, "expression") from error
     unet = pipeline.unet
     # IP-Adapter numbers every attention layer from 1 and only cross-attention ones
     # (the odd numbers) carry to_k_ip / to_v_ip.
@@ -299,7 +294,7 @@ def _load_expression_adapter(
             unet.encoder_hid_proj([probe])
     except RuntimeError as error:
         problem = (
-            f"its projection does not take {EXPRESSION_DIM} FLAME values ({_first_line(error)})"
+            f"its projection does not take {EXPRESSION_DIM} FLAME values ({first_line(error)})"
         )
         raise _adapter_mismatch(file, problem, models_dir, "expression") from error
 

@@ -53,6 +53,7 @@ from schemas.tables import (
     IDENTITIES_SCHEMA,
     MANIFEST_SCHEMA,
     DatasetInfo,
+    l2_normalize,
     vector_matrix,
 )
 
@@ -278,8 +279,7 @@ class Identities:
 
 
 def normalise_rows(matrix: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(matrix, axis=1, keepdims=True)
-    return np.divide(matrix, norms, out=np.zeros_like(matrix), where=norms > 0)
+    return l2_normalize(matrix, axis=1)
 
 
 def load_identities(reader: DatasetReader) -> Identities:

@@ -25,7 +25,7 @@ from PIL import Image, UnidentifiedImageError
 
 from arc2face_engine.dataset.codec import decode_image
 from arc2face_engine.dataset.reader import DatasetReader
-from arc2face_engine.errors import UserError
+from arc2face_engine.errors import UserError, first_line
 
 FORMATS = ("recordio", "imagefolder", "webdataset", "hf")
 FORMAT_ALIASES = {"hf_parquet": "hf", "huggingface": "hf", "rec": "recordio", "wds": "webdataset"}
@@ -105,16 +105,11 @@ def _plan_batches(reader: DatasetReader, part: str) -> Iterator[tuple[pa.RecordB
         with reader.open(part) as handle:
             batches = list(pq.ParquetFile(handle).iter_batches(columns=PLAN_COLUMNS))
     except pa.ArrowInvalid as error:
-        raise _damaged(reader, f"manifest part {part} is corrupt ({_first_line(error)})") from None
+        raise _damaged(reader, f"manifest part {part} is corrupt ({first_line(error)})") from None
     offset = 0
     for batch in batches:
         yield batch, offset
         offset += batch.num_rows
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 def plan_export(reader: DatasetReader, include_rejected: bool = False) -> ExportPlan:
@@ -191,7 +186,7 @@ def _iter_rows(reader: DatasetReader, plan: ExportPlan) -> Iterator[tuple[dict, 
                 with reader.open(plan.parts[part]) as handle:
                     rows = pq.read_table(handle, columns=ITEM_COLUMNS).to_pylist()  # one shard
             except pa.ArrowInvalid as error:
-                detail = _first_line(error)
+                detail = first_line(error)
                 raise _damaged(
                     reader, f"manifest part {plan.parts[part]} is corrupt ({detail})"
                 ) from None
@@ -218,7 +213,7 @@ def iter_items(
         try:
             data, width, height = _to_jpeg(raw, keypoints)
         except (UnidentifiedImageError, OSError) as error:  # truncated files raise OSError
-            detail = _first_line(error)
+            detail = first_line(error)
             raise _damaged(reader, f"image {row['path']} cannot be decoded ({detail})") from None
         return ExportItem(row["image_id"], row["identity_id"], label, data, width, height,
                           _metadata(row))  # fmt: skip
