@@ -220,3 +220,44 @@ def test_a_failed_commit_surfaces_and_a_rerun_completes(tiny_models, tmp_path, m
     assert 0 in committed and 1 not in committed
     monkeypatch.setattr(DatasetWriter, "commit_shard", original_commit)
     assert dataset_job.run_job_directly(spec).counts.committed_shards == 3
+
+
+# --- the end-to-end benchmark's JSON feeds the plan -------------------------------------------
+
+
+def test_bench_e2e_throughput_feeds_plan(tmp_path):
+    import importlib.util
+    import subprocess
+    import sys
+    from types import SimpleNamespace
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "bench_e2e.py"
+    module_spec = importlib.util.spec_from_file_location("bench_e2e", path)
+    bench = importlib.util.module_from_spec(module_spec)
+    sys.modules.setdefault("bench_e2e", bench)  # dataclasses look their module up there
+    module_spec.loader.exec_module(bench)
+    settings = {"default": GenerationSettings(height=SIZE, width=SIZE)}
+    label = bench._label("default", settings["default"])
+    ctx = SimpleNamespace(
+        size=SIZE,
+        device=torch.device("cpu"),
+        rows=[
+            bench.Row(label, 16, False, "shard", 16, 8.0, "tiny"),  # 2 images/s
+            bench.Row(label, 32, False, "shard", 32, 8.0, "tiny"),  # 4 images/s: the best
+            bench.Row(label, 32, False, "generate", 64, 1.0, "tiny"),  # not a shard
+        ],
+    )
+    table = tmp_path / "throughput.json"
+    bench.save_throughput(table, bench.throughput_records(ctx, settings))
+    spec = tmp_path / "job.yaml"
+    spec.write_text(
+        f"name: planned\ngeneration: {{height: {SIZE}, width: {SIZE}}}\n"
+        "identities: {source: random, count: 1000}\n"
+    )
+    planned = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "plan", str(spec), "--throughput-table", str(table)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert planned.returncode == 0, planned.stderr
+    assert "4 (measured on cpu" in planned.stdout
+    assert "estimated GPU hours" in planned.stdout
