@@ -47,7 +47,7 @@ def check_lcm_guidance(guidance: float) -> float:
     if guidance > LCM_GUIDANCE:
         raise ValueError(
             f"lcm is distilled without classifier-free guidance, got {guidance:g}: "
-            f"set guidance to {LCM_GUIDANCE:g}"
+            f"set guidance to {LCM_GUIDANCE}"
         )
     return guidance
 
