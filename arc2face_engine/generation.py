@@ -767,7 +767,11 @@ class Arc2FaceEngine:
             arguments["ip_adapter_image_embeds"] = [
                 self._expression_embeds(requests, settings.uses_guidance)
             ]
-        images = pipeline(**arguments).images
+        try:
+            images = pipeline(**arguments).images
+        finally:
+            if isinstance(pipeline.scheduler, _LCMScheduler):
+                pipeline.scheduler.use_noise(None)  # this call's noise only
         return _to_uint8(images)
 
     def _noise(
@@ -779,15 +783,14 @@ class Arc2FaceEngine:
         once, and uploaded in one copy instead of once per step."""
         scheduler = pipeline.scheduler
         if not self.predraw_noise:
-            if isinstance(scheduler, _LCMScheduler):
-                scheduler.use_noise(None)
             return {"generator": [torch.Generator().manual_seed(int(r.seed)) for r in requests]}
         unet = pipeline.unet
         factor = 2 ** (len(pipeline.vae.config.block_out_channels) - 1)
         shape = (unet.config.in_channels, settings.height // factor, settings.width // factor)
-        noisy_steps = settings.num_inference_steps - 1 if isinstance(scheduler, LCMScheduler) else 0
+        lcm = isinstance(scheduler, _LCMScheduler)
+        noisy_steps = settings.num_inference_steps - 1 if lcm else 0
         latents, noise = _draw_noise([r.seed for r in requests], shape, noisy_steps, unet.dtype)
-        if isinstance(scheduler, _LCMScheduler):
+        if lcm:
             scheduler.use_noise([_upload(step, self.device) for step in noise])
         return {"latents": _upload(latents, self.device)}
 
