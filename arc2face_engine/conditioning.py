@@ -10,8 +10,9 @@ included, all go through the encoder.
 
 transformers 5's `CLIPTextModel.forward` only takes `input_ids`, so the encoder's own
 parts are called here: `embeddings(inputs_embeds=...)` adds the positions,
-`create_causal_mask` + `encoder(..., is_causal=True)` run the layers exactly as the
-model's forward does, and `final_layer_norm` finishes.
+`create_causal_mask(..., cache=None)` + `encoder(..., is_causal=True)` run the layers
+exactly as the model's forward does (transformers 5.24 calls them the same way; the
+older `past_key_values=` name goes away in 5.40), and `final_layer_norm` finishes.
 """
 
 from __future__ import annotations
@@ -22,10 +23,11 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from transformers.masking_utils import create_causal_mask
 
 from arc2face_engine.errors import CheckpointMismatch, UserError
+from schemas.tables import EMBEDDING_DIM
 
 ID_PROMPT = "photo of a id person"
 ID_WORD = "id"
-ARCFACE_DIM = 512
+ARCFACE_DIM = EMBEDDING_DIM  # the ArcFace embedding written into the "id" token
 
 
 class IdentityConditioner:
@@ -79,14 +81,18 @@ class IdentityConditioner:
             raise ValueError(
                 f"identity embeddings must be (B, {ARCFACE_DIM}), got {tuple(embeddings.shape)}"
             )
-        embeddings = embeddings.to(device=self.device, dtype=torch.float32)
+        # Checked where they come from (the host, for the engine's numpy requests): a
+        # check on the device would make the host wait for the GPU at every batch.
+        embeddings = embeddings.to(dtype=torch.float32)
         norms = embeddings.norm(dim=1)
         if not bool(torch.isfinite(norms).all()) or bool((norms == 0).any()):
             raise UserError(
                 "an identity embedding is zero or not finite: pass ArcFace embeddings "
                 f"({ARCFACE_DIM} finite values, not all zero)"
             )
-        return embeddings
+        if self.device.type == "cuda" and embeddings.device.type == "cpu":
+            return embeddings.pin_memory().to(self.device, non_blocking=True)
+        return embeddings.to(self.device)
 
     @torch.no_grad()
     def encode(self, embeddings: torch.Tensor) -> torch.Tensor:
@@ -108,10 +114,7 @@ class IdentityConditioner:
         model = self.text_encoder
         hidden_states = model.embeddings(inputs_embeds=token_embeddings)
         causal_mask = create_causal_mask(
-            config=model.config,
-            inputs_embeds=hidden_states,
-            attention_mask=None,
-            past_key_values=None,
+            config=model.config, inputs_embeds=hidden_states, attention_mask=None, cache=None
         )
         hidden_states = model.encoder(
             inputs_embeds=hidden_states, attention_mask=causal_mask, is_causal=True

@@ -14,6 +14,7 @@ from schemas.errors import (
     ResumeMismatch,
     SpecError,
     UserError,
+    first_line,
 )
 
 __all__ = [
@@ -29,4 +30,5 @@ __all__ = [
     "ResumeMismatch",
     "SpecError",
     "UserError",
+    "first_line",
 ]

@@ -34,20 +34,21 @@ from insightface.utils import face_align, transform
 
 from arc2face_engine.errors import CheckpointMismatch, UserError
 from arc2face_engine.store import require
+from schemas.tables import (  # noqa: F401 - re-exported: the reject reasons' home is schemas
+    EMBEDDING_DIM,
+    LOW_DETECTION_SCORE,
+    LOW_FEATURE_NORM,
+    LOW_SIMILARITY,
+    MULTIPLE_FACES,
+    NO_FACE,
+    REJECT_REASONS,
+    l2_normalize,
+)
 
 ANTELOPEV2_DIR = "antelopev2"
 DETECTOR_FILE = "scrfd_10g_bnkps.onnx"
 LANDMARK_3D_FILE = "1k3d68.onnx"
 RECOGNITION_FILE = "arcface.onnx"  # Arc2Face's, in place of antelopev2's glintr100.onnx
-EMBEDDING_DIM = 512
-
-# Reject reasons, in the order verify() checks them (schemas.tables.REJECT_REASONS).
-NO_FACE = "no_face"
-MULTIPLE_FACES = "multiple_faces"
-LOW_DETECTION_SCORE = "low_detection_score"
-LOW_FEATURE_NORM = "low_feature_norm"
-LOW_SIMILARITY = "low_similarity"
-REJECT_REASONS = (NO_FACE, MULTIPLE_FACES, LOW_DETECTION_SCORE, LOW_FEATURE_NORM, LOW_SIMILARITY)
 
 # Arc2Face's demos: FaceAnalysis(name="antelopev2").prepare(ctx_id=0, det_size=(640, 640)),
 # whose SCRFD keeps insightface's default threshold.
@@ -176,11 +177,6 @@ def _largest(boxes: np.ndarray) -> int:
     return int(np.argmax(areas))  # ties: the first, i.e. the higher score (NMS order)
 
 
-def _normalise(vectors: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(vectors, axis=-1, keepdims=True)
-    return (vectors / np.maximum(norms, 1e-12)).astype(np.float32)
-
-
 def _run_batched(model: ArcFaceONNX | Landmark, blob: np.ndarray) -> np.ndarray:
     """One session.run over the whole (N, 3, S, S) blob; a model exported with a fixed
     batch size is run in chunks of that size instead."""
@@ -228,7 +224,7 @@ def judge(
     `min_feature_norm` 0 is off; otherwise an unknown (nan) norm fails it too."""
     if record.face_count == 0 or record.embedding is None:
         return Verdict(record, math.nan, False, NO_FACE)
-    similarity = float(record.embedding @ _normalise(np.asarray(identity_embedding, np.float32)))
+    similarity = float(record.embedding @ l2_normalize(np.asarray(identity_embedding, np.float32)))
     reason = None
     if require_single_face and record.face_count > 1:
         reason = MULTIPLE_FACES
@@ -422,8 +418,9 @@ class FaceAnalyzer(AnalyzerBase):
             face_align.norm_crop(frame, kps, image_size=size)
             for frame, kps in zip(frames, keypoints, strict=True)
         ]
-        features = _run_batched(self.recognizer, _blob(self.recognizer, crops)).astype(np.float32)
-        return _normalise(features), np.linalg.norm(features, axis=-1)
+        features = _run_batched(self.recognizer, _blob(self.recognizer, crops))
+        features = features.astype(np.float32, copy=False)
+        return l2_normalize(features), np.linalg.norm(features, axis=-1)
 
     def _head_poses(
         self, frames: list[np.ndarray], boxes: list[np.ndarray]

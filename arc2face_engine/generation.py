@@ -16,9 +16,10 @@ which is what the pipeline would compute itself from `prompt_embeds` alone.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import pickle
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,12 +45,21 @@ from safetensors import SafetensorError
 from arc2face_engine import loading
 from arc2face_engine.adapter_layouts import layout_of, unusable_reason, wants_token_axis
 from arc2face_engine.conditioning import ARCFACE_DIM, IdentityConditioner
-from arc2face_engine.errors import CheckpointMismatch, SpecError, UserError
+from arc2face_engine.errors import CheckpointMismatch, SpecError, UserError, first_line
 from arc2face_engine.store import fetch_hint, require
+from schemas.job import (
+    DEFAULT_SIZE,
+    DPM_GUIDANCE,
+    DPM_STEPS,
+    LCM_GUIDANCE,
+    LCM_STEPS,
+    SCHEDULERS,
+    GenerationSpec,
+    check_image_side,
+)
+from schemas.tables import EXPRESSION_DIM  # FLAME: 50 expression + 2 eyelid + 3 jaw
 
-SCHEDULERS = ("dpmsolver++", "lcm")
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-EXPRESSION_DIM = 55  # FLAME: 50 expression + 2 eyelid + 3 jaw
 LCM_LORA_FOLDER = "lcm-lora"
 LCM_LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 LCM_ADAPTER_NAME = "lcm"
@@ -69,15 +79,20 @@ _CPU_MICRO_BATCH = 1
 CPU_THREADS = 1
 
 
+# GenerationSettings fields named differently in the spec's generation section.
+_SPEC_NAMES = {"num_inference_steps": "steps", "guidance_scale": "guidance"}
+
+
 @dataclass(frozen=True)
 class GenerationSettings:
-    """How images are sampled; the same for every request of a `generate` call."""
+    """How images are sampled; the same for every request of a `generate` call. Defaults
+    and checks come from the job spec's generation section (schemas.job), their one home."""
 
-    scheduler: str = "dpmsolver++"
-    num_inference_steps: int = 25
-    guidance_scale: float = 3.0
-    height: int = 512
-    width: int = 512
+    scheduler: str = SCHEDULERS[0]
+    num_inference_steps: int = DPM_STEPS
+    guidance_scale: float = DPM_GUIDANCE
+    height: int = DEFAULT_SIZE
+    width: int = DEFAULT_SIZE
     controlnet_scale: float = 1.0
     expression_scale: float = 1.0
 
@@ -88,18 +103,34 @@ class GenerationSettings:
             )
         if self.num_inference_steps < 1:
             raise SpecError(f"steps={self.num_inference_steps}: use at least 1 inference step")
-        for name in ("height", "width"):
-            size = getattr(self, name)
-            if size < 8 or size % 8:
-                raise SpecError(f"{name}={size}: use a positive multiple of 8 (the VAE's factor)")
         if self.guidance_scale < 0:
             raise SpecError(f"guidance={self.guidance_scale}: use a guidance scale >= 0")
+        try:
+            check_image_side("height", self.height)
+            check_image_side("width", self.width)
+        except ValueError as error:
+            raise SpecError(str(error)) from None
 
     @classmethod
-    def lcm(cls, steps: int = 4, **overrides: Any) -> GenerationSettings:
+    def lcm(cls, steps: int = LCM_STEPS, **overrides: Any) -> GenerationSettings:
         """LCM-LoRA sampling: 2-4 steps, guidance 1.0 (no classifier-free guidance)."""
         return cls(
-            **{"scheduler": "lcm", "num_inference_steps": steps, "guidance_scale": 1.0, **overrides}
+            **{
+                "scheduler": "lcm",
+                "num_inference_steps": steps,
+                "guidance_scale": LCM_GUIDANCE,
+                **overrides,
+            }
+        )
+
+    @classmethod
+    def from_spec(cls, generation: GenerationSpec) -> GenerationSettings:
+        """The settings of a job spec's generation section (already validated there)."""
+        return cls(
+            **{
+                field.name: getattr(generation, _SPEC_NAMES.get(field.name, field.name))
+                for field in dataclasses.fields(cls)
+            }
         )
 
     @property
@@ -158,11 +189,6 @@ def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
 # --- strict adapter loading ------------------------------------------------------------------
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
-
-
 def _adapter_mismatch(
     file: Path, problem: str, models_dir: Path, component: str
 ) -> CheckpointMismatch:
@@ -186,7 +212,7 @@ def _fuse_lcm_lora(pipeline: StableDiffusionPipeline, models_dir: Path) -> None:
             file.parent, weight_name=LCM_LORA_WEIGHTS
         )
     except (KeyError, ValueError, OSError, SafetensorError) as error:
-        raise _adapter_mismatch(file, _first_line(error), models_dir, "lcm") from error
+        raise _adapter_mismatch(file, first_line(error), models_dir, "lcm") from error
     foreign = sorted(key for key in state_dict if not key.startswith("unet."))
     if foreign:
         problem = f"{len(foreign)} keys are not for the UNet ({', '.join(foreign[:3])})"
@@ -202,7 +228,7 @@ def _fuse_lcm_lora(pipeline: StableDiffusionPipeline, models_dir: Path) -> None:
                 _pipeline=pipeline,
             )
     except (KeyError, ValueError, RuntimeError) as error:
-        raise _adapter_mismatch(file, _first_line(error), models_dir, "lcm") from error
+        raise _adapter_mismatch(file, first_line(error), models_dir, "lcm") from error
     expected = set(
         convert_unet_state_dict_to_peft({k[len("unet.") :]: v for k, v in state_dict.items()})
     )
@@ -223,7 +249,7 @@ def _read_expression_adapter(models_dir: Path) -> dict[str, dict[str, torch.Tens
     try:
         state_dict = torch.load(file, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as error:
-        raise _adapter_mismatch(file, _first_line(error), models_dir, "expression") from error
+        raise _adapter_mismatch(file, first_line(error), models_dir, "expression") from error
     if not isinstance(state_dict, dict) or not all(
         isinstance(state_dict.get(part), dict) for part in ("image_proj", "ip_adapter")
     ):
@@ -254,7 +280,7 @@ def _load_expression_adapter(
                 low_cpu_mem_usage=False,
             )
     except (KeyError, ValueError, RuntimeError) as error:
-        raise _adapter_mismatch(file, _first_line(error), models_dir, "expression") from error
+        raise _adapter_mismatch(file, first_line(error), models_dir, "expression") from error
     unet = pipeline.unet
     # IP-Adapter numbers every attention layer from 1 and only cross-attention ones
     # (the odd numbers) carry to_k_ip / to_v_ip.
@@ -275,7 +301,7 @@ def _load_expression_adapter(
             unet.encoder_hid_proj([probe])
     except RuntimeError as error:
         problem = (
-            f"its projection does not take {EXPRESSION_DIM} FLAME values ({_first_line(error)})"
+            f"its projection does not take {EXPRESSION_DIM} FLAME values ({first_line(error)})"
         )
         raise _adapter_mismatch(file, problem, models_dir, "expression") from error
 
@@ -331,6 +357,45 @@ class _Variant:
 
     def pipeline_for(self, with_pose: bool) -> StableDiffusionPipeline:
         return self.controlnet_pipeline if with_pose else self.pipeline
+
+
+class _LCMScheduler(LCMScheduler):
+    """diffusers' LCMScheduler, whose per-step noise can be drawn ahead of the run.
+
+    LCM injects fresh noise at every step but the last. With per-image CPU generators
+    the pipeline would draw it on the host and upload it at every step; instead the
+    engine draws each image's whole noise sequence up front from the same generators
+    (latents first, then one draw per step, the order the pipeline uses), uploads it
+    once, and hands it over with `use_noise`. The values are the same, so the images
+    are too (bit-for-bit on CPU, see test_generation)."""
+
+    _step_noise: Sequence[torch.Tensor] | None = None
+
+    def use_noise(self, noise: Sequence[torch.Tensor] | None) -> None:
+        """Per-step noise (B, C, h, w) for the next run, indexed by step; None: draw it."""
+        self._step_noise = noise
+
+    def step(self, model_output, timestep, sample, generator=None, return_dict=True):
+        if self._step_noise is None:
+            return super().step(model_output, timestep, sample, generator, return_dict)
+        if self.step_index is None:
+            self._init_step_index(timestep)
+        index = self.step_index
+        # Without a generator the parent draws throw-away noise on the device (no host
+        # work); its denoised sample is kept and the noise step redone with ours.
+        output = super().step(model_output, timestep, sample, None, return_dict=True)
+        prev_sample = output.denoised
+        if index != self.num_inference_steps - 1:  # as LCMScheduler.step: no noise at the end
+            landing = self.timesteps[index + 1] if index + 1 < len(self.timesteps) else timestep
+            alpha_prev = (
+                self.alphas_cumprod[landing] if landing >= 0 else self.final_alpha_cumprod
+            )
+            beta_prev = 1 - alpha_prev
+            noise = self._step_noise[index]
+            prev_sample = alpha_prev.sqrt() * output.denoised + beta_prev.sqrt() * noise
+        if not return_dict:
+            return (prev_sample, output.denoised)
+        return type(output)(prev_sample=prev_sample, denoised=output.denoised)
 
 
 class _PerImageExpressions:
@@ -412,12 +477,14 @@ def _build_variant(
 ) -> _Variant:
     """The pipelines of one UNet: "dpmsolver++" runs Arc2Face's UNet as loaded, "lcm"
     its copy with the LCM-LoRA fused in; each gets the expression adapter if asked."""
-    scheduler_class = LCMScheduler if name == "lcm" else DPMSolverMultistepScheduler
+    scheduler_class = _LCMScheduler if name == "lcm" else DPMSolverMultistepScheduler
     with _quiet_diffusers():  # SD 1.5's PNDM-only keys (skip_prk_steps) are ignored
         scheduler = scheduler_class.from_config(scheduler_config)
     pipeline = _build_pipeline(parts, unet, scheduler)
     if name == "lcm":
         _fuse_lcm_lora(pipeline, models_dir)
+    if unet.device.type == "cuda":  # after the LoRA fusing: the fused QKV copies the weights
+        unet.fuse_qkv_projections()
     switch = _ExpressionSwitch(pipeline, adapter, models_dir) if adapter else None
     controlnet = parts.get("controlnet")
     controlnet_pipeline = _build_controlnet_pipeline(pipeline, controlnet) if controlnet else None
@@ -476,9 +543,39 @@ def _pose_batch(requests: Sequence[ImageRequest], height: int, width: int) -> to
 
 def _to_uint8(images: torch.Tensor) -> np.ndarray:
     """(B, 3, H, W) in [0, 1] -> (B, H, W, 3) uint8, rounding as the pipeline's PIL output
-    does (float32 `(x * 255).round()`); on the device, so only bytes are copied back."""
-    pixels = (images.float() * 255).round().to(torch.uint8)
-    return pixels.permute(0, 2, 3, 1).cpu().numpy()
+    does (float32 `(x * 255).round()`); on the device, so only bytes are copied back, into
+    pinned memory without blocking, and the host waits once, for this copy only."""
+    pixels = (images.float() * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
+    if pixels.device.type != "cuda":
+        return pixels.cpu().numpy()
+    host = torch.empty(pixels.shape, dtype=torch.uint8, pin_memory=True)
+    host.copy_(pixels, non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record()
+    copied.synchronize()
+    return host.numpy()
+
+
+def _upload(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host -> device from pinned memory without blocking the host (CPU: as is)."""
+    if device.type != "cuda":
+        return tensor
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
+def _draw_noise(
+    seeds: Sequence[int], shape: tuple[int, ...], steps: int, dtype: torch.dtype
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Each image's initial latents and `steps` per-step noises, drawn from its own CPU
+    generator in the pipeline's order (diffusers' randn_tensor: one (1, C, h, w) draw per
+    image and call, in `dtype`), so a seed gives the same noise on every device."""
+    latents, noise = [], [[] for _ in range(steps)]
+    for seed in seeds:
+        generator = torch.Generator().manual_seed(int(seed))
+        latents.append(torch.randn((1, *shape), generator=generator, dtype=dtype))
+        for step in range(steps):
+            noise[step].append(torch.randn((1, *shape), generator=generator, dtype=dtype))
+    return torch.cat(latents), [torch.cat(draws) for draws in noise]
 
 
 # --- the engine ------------------------------------------------------------------------------
@@ -493,11 +590,16 @@ class Arc2FaceEngine:
         variants: dict[str, _Variant],
         device: torch.device,
         max_batch_size: int | None = None,
+        batch_buckets: Sequence[int] | None = None,
     ) -> None:
         self.conditioner = conditioner
         self.variants = variants
         self.device = device
         self.max_batch_size = max_batch_size
+        self.batch_buckets = _buckets(batch_buckets, max_batch_size)
+        # Noise drawn up front and uploaded once per batch (see _LCMScheduler); on CPU
+        # the pipeline draws it itself, as it always has (same values either way).
+        self.predraw_noise = device.type != "cpu"
         base = variants["dpmsolver++"]
         self.has_controlnet = base.controlnet_pipeline is not None
         self.has_expression = base.expression is not None
@@ -513,12 +615,16 @@ class Arc2FaceEngine:
         lcm: bool = False,
         compile: bool = False,
         max_batch_size: int | None = None,
+        batch_buckets: Sequence[int] | None = None,
+        compile_backend: str | Callable = "inductor",
     ) -> Arc2FaceEngine:
         """Load the models directory with the strict loaders. `lcm` adds a second UNet
         with the LCM-LoRA fused in, used by `GenerationSettings.lcm()` calls only (so
         dpmsolver++ calls of the same engine still get Arc2Face's own UNet). `compile`
-        wraps the UNet(s) and ControlNet in torch.compile; `max_batch_size` caps how many
-        images one GPU forward takes."""
+        wraps the UNet(s), ControlNet and VAE decoder in torch.compile (with
+        `compile_backend`); `max_batch_size` caps how many images one GPU forward takes;
+        `batch_buckets` are the forward sizes a smaller GPU batch is padded up to, so a
+        compiled model meets a fixed set of shapes (padded images are dropped)."""
         models_dir = Path(models_dir)
         torch_device = resolve_device(device)
         dtype = resolve_dtype(precision, torch_device)
@@ -534,12 +640,18 @@ class Arc2FaceEngine:
             name: _build_variant(name, unet, parts, scheduler_config, models_dir, adapter)
             for name, unet in unets.items()
         }
+        if torch_device.type == "cuda":  # fused QKV changes the rounding: GPU only
+            for name in ("controlnet", "vae"):
+                if name in parts:
+                    parts[name].fuse_qkv_projections()
         if compile:
-            for module in [*unets.values(), parts.get("controlnet")]:
+            modules = [*unets.values(), parts.get("controlnet"), parts["vae"].decoder]
+            for module in modules:
                 if module is not None:
-                    module.compile()
+                    # Static shapes: the buckets bound how many a model meets.
+                    module.compile(backend=compile_backend, dynamic=False)
         conditioner = IdentityConditioner(parts["text_encoder"], parts["tokenizer"])
-        return cls(conditioner, variants, torch_device, max_batch_size)
+        return cls(conditioner, variants, torch_device, max_batch_size, batch_buckets)
 
     # -- public API --
 
@@ -615,10 +727,26 @@ class Arc2FaceEngine:
             batches += [indices[start : start + step] for start in range(0, len(indices), step)]
         return batches
 
+    def _bucket(self, size: int) -> int:
+        """The forward size a batch of `size` runs at: itself when the engine runs one
+        request per call (CPU) or has no buckets, else the smallest bucket that holds it."""
+        if self.device.type == "cpu" and _CPU_MICRO_BATCH is not None:
+            return size
+        return next((bucket for bucket in self.batch_buckets if bucket >= size), size)
+
     def _generate_batch(
         self, requests: Sequence[ImageRequest], settings: GenerationSettings
     ) -> np.ndarray:
-        """One pipeline call; every request of `requests` needs the same pipeline."""
+        """One pipeline call; every request of `requests` needs the same pipeline. A
+        batch smaller than its bucket is padded with copies of its last request, whose
+        images are dropped."""
+        count = len(requests)
+        requests = [*requests, *[requests[-1]] * (self._bucket(count) - count)]
+        return self._run_pipeline(requests, settings)[:count]
+
+    def _run_pipeline(
+        self, requests: Sequence[ImageRequest], settings: GenerationSettings
+    ) -> np.ndarray:
         with_pose = requests[0].pose_image is not None
         with_expression = requests[0].expression is not None
         variant = self.variants[settings.scheduler]
@@ -630,27 +758,51 @@ class Arc2FaceEngine:
         prompt_embeds = self.conditioner.encode(torch.from_numpy(embeddings))
         arguments: dict[str, Any] = {
             "prompt_embeds": prompt_embeds,
-            # CPU generators: the same seed gives the same initial noise on every device.
-            "generator": [torch.Generator().manual_seed(int(r.seed)) for r in requests],
             "num_inference_steps": settings.num_inference_steps,
             "guidance_scale": settings.guidance_scale,
             "height": settings.height,
             "width": settings.width,
             "output_type": "pt",
+            **self._noise(pipeline, requests, settings),
         }
         if settings.uses_guidance:
             unconditional = self.conditioner.unconditional()
             arguments["negative_prompt_embeds"] = unconditional.expand(len(requests), -1, -1)
         if with_pose:
-            arguments["image"] = _pose_batch(requests, settings.height, settings.width)
+            pose = _pose_batch(requests, settings.height, settings.width)
+            arguments["image"] = _upload(pose, self.device)
             arguments["controlnet_conditioning_scale"] = settings.controlnet_scale
         if with_expression:
             pipeline.set_ip_adapter_scale(settings.expression_scale)
             arguments["ip_adapter_image_embeds"] = [
                 self._expression_embeds(requests, settings.uses_guidance)
             ]
-        images = pipeline(**arguments).images
+        try:
+            images = pipeline(**arguments).images
+        finally:
+            if isinstance(pipeline.scheduler, _LCMScheduler):
+                pipeline.scheduler.use_noise(None)  # this call's noise only
         return _to_uint8(images)
+
+    def _noise(
+        self, pipeline: StableDiffusionPipeline, requests: Sequence[ImageRequest],
+        settings: GenerationSettings,
+    ) -> dict[str, Any]:
+        """The pipeline's noise arguments. CPU generators: the same seed gives the same
+        noise on every device. On an accelerator the noise is drawn here, all steps at
+        once, and uploaded in one copy instead of once per step."""
+        scheduler = pipeline.scheduler
+        if not self.predraw_noise:
+            return {"generator": [torch.Generator().manual_seed(int(r.seed)) for r in requests]}
+        unet = pipeline.unet
+        factor = 2 ** (len(pipeline.vae.config.block_out_channels) - 1)
+        shape = (unet.config.in_channels, settings.height // factor, settings.width // factor)
+        lcm = isinstance(scheduler, _LCMScheduler)
+        noisy_steps = settings.num_inference_steps - 1 if lcm else 0
+        latents, noise = _draw_noise([r.seed for r in requests], shape, noisy_steps, unet.dtype)
+        if lcm:
+            scheduler.use_noise([_upload(step, self.device) for step in noise])
+        return {"latents": _upload(latents, self.device)}
 
     def _expression_embeds(self, requests: Sequence[ImageRequest], guidance: bool) -> torch.Tensor:
         """(B, 1, 55), or (2B, 1, 55) under classifier-free guidance with the
@@ -663,7 +815,17 @@ class Arc2FaceEngine:
         if guidance:
             embeds = torch.cat([torch.zeros_like(embeds), embeds])
         unet = self.variants["dpmsolver++"].pipeline.unet
-        return embeds.to(device=self.device, dtype=unet.dtype)
+        return _upload(embeds.to(dtype=unet.dtype), self.device)
+
+
+def _buckets(buckets: Sequence[int] | None, max_batch_size: int | None) -> list[int]:
+    """Sorted bucket sizes, the largest batch included; none without buckets."""
+    if not buckets:
+        return []
+    sizes = sorted({int(bucket) for bucket in buckets} | ({max_batch_size} if max_batch_size else set()))
+    if sizes[0] < 1:
+        raise UserError(f"batch buckets {sizes} hold a size below 1: use sizes >= 1")
+    return sizes
 
 
 def _load_parts(models_dir: Path, dtype: torch.dtype, controlnet: bool) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from PIL import Image, ImageOps
 
 from arc2face_engine.dataset.layout import SAFE_ID_RULE, is_safe_id
 from arc2face_engine.errors import EmbeddingFileError, SpecError
-from schemas.tables import EMBEDDING_DIM, IDENTITIES_SCHEMA, vector_matrix
+from schemas.tables import EMBEDDING_DIM, IDENTITIES_SCHEMA, l2_normalize, vector_matrix
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 # Mixed into the job seed so identity draws never coincide with other uses of the same seed.
@@ -62,9 +62,7 @@ def build_identities_table(
 
 def _unit_rows(rng: np.random.Generator, count: int) -> np.ndarray:
     """Uniform on the unit sphere: normalised isotropic Gaussians."""
-    rows = rng.standard_normal((count, EMBEDDING_DIM))
-    rows /= np.linalg.norm(rows, axis=1, keepdims=True)
-    return rows.astype(np.float32)
+    return l2_normalize(rng.standard_normal((count, EMBEDDING_DIM)), axis=1).astype(np.float32)
 
 
 def _max_cosine(candidates: np.ndarray, accepted: np.ndarray) -> np.ndarray:

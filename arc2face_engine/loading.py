@@ -21,7 +21,7 @@ from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
 from safetensors import SafetensorError
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from arc2face_engine.errors import CheckpointMismatch, UserError
+from arc2face_engine.errors import CheckpointMismatch, UserError, first_line
 from arc2face_engine.store import fetch_hint, require
 
 # Errors the libraries raise for a file they cannot parse (truncated, not JSON, not a
@@ -40,16 +40,11 @@ def _redownload_hint(root: str | os.PathLike, component: str) -> str:
     return f"re-download: {fetch_hint(root, component)}"
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
-
-
 def _unreadable(
     file: Path, root: str | os.PathLike, component: str, error: BaseException
 ) -> CheckpointMismatch:
     return CheckpointMismatch(
-        f"cannot read {file} ({_first_line(error)}): the file is corrupt or from another "
+        f"cannot read {file} ({first_line(error)}): the file is corrupt or from another "
         f"model; {_redownload_hint(root, component)}"
     )
 

@@ -18,7 +18,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from arc2face_engine.errors import ModelFileCorrupt, ModelFileMissing, UserError
+from arc2face_engine.errors import ModelFileCorrupt, ModelFileMissing, UserError, first_line
 
 CHECKSUMS_FILE = "checksums.json"
 
@@ -138,9 +138,6 @@ def require(root: str | os.PathLike, component: str, *, under: str | None = None
 # --- readability ------------------------------------------------------------------------
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0][:200] if text else type(error).__name__
 
 
 def _open_safetensors(path: Path) -> None:
@@ -207,7 +204,7 @@ def _try_open(root: Path, relative: str, component: str, kind: str, opener) -> N
         raise
     except Exception as error:  # every parser has its own error types
         raise ModelFileCorrupt(
-            f"model file {root / relative} does not open as {kind} ({_first_line(error)}): "
+            f"model file {root / relative} does not open as {kind} ({first_line(error)}): "
             f"it is truncated or corrupt; {fetch_hint(root, component)} to fetch it again"
         ) from None
 

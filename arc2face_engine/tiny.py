@@ -23,12 +23,12 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from arc2face_engine import adapter_layouts as layouts
 from arc2face_engine.store import write_checksums
+from schemas.tables import EXPRESSION_DIM  # FLAME: 50 expression + 2 eyelid + 3 jaw
 
 TINY_IMAGE_SIZE = 64
 TINY_LATENT_SIZE = 8
 # Wider than ArcFace's 512 so that the zero-padding of the identity embedding is exercised.
 TINY_ENCODER_WIDTH = 576
-EXPRESSION_DIM = 55  # FLAME: 50 expression + 2 eyelid + 3 jaw
 IP_ADAPTER_TOKENS = 4  # diffusers' plain IP-Adapter ImageProjection always makes 4 tokens
 LORA_RANK = 4
 LORA_ALPHA = 2.0

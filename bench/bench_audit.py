@@ -35,16 +35,13 @@ from schemas.tables import (
     MANIFEST_SCHEMA,
     DatasetCounts,
     DatasetInfo,
+    l2_normalize,
 )
 
 
 def _vectors(matrix: np.ndarray) -> pa.FixedSizeListArray:
     flat = pa.array(np.ascontiguousarray(matrix, np.float32).ravel())
     return pa.FixedSizeListArray.from_arrays(flat, matrix.shape[1])
-
-
-def _normalise(matrix: np.ndarray) -> np.ndarray:
-    return matrix / np.linalg.norm(matrix, axis=1, keepdims=True)
 
 
 def _part(shard: int, identity_start: int, n_identities: int, per_identity: int,
@@ -55,7 +52,7 @@ def _part(shard: int, identity_start: int, n_identities: int, per_identity: int,
     noise = rng.standard_normal((n, EMBEDDING_DIM), dtype=np.float32) * (
         0.4 / np.sqrt(EMBEDDING_DIM)
     )
-    faces = _normalise(centres[identity] + noise).astype(np.float32)
+    faces = l2_normalize(centres[identity] + noise).astype(np.float32)
     accepted = rng.random(n) > 0.1
     similarity = np.einsum("ij,ij->i", faces, centres[identity]).astype(np.float32)
     ids = [f"id-{i:06d}" for i in identity.tolist()]
@@ -113,7 +110,7 @@ def build(root: str, rows: int, per_identity: int, rows_per_part: int, seed: int
     """Write a file-less dataset of `rows` manifest rows; returns the number of parts."""
     rng = np.random.default_rng(seed)
     n_identities = rows // per_identity
-    centres = _normalise(rng.standard_normal((n_identities, EMBEDDING_DIM))).astype(np.float32)
+    centres = l2_normalize(rng.standard_normal((n_identities, EMBEDDING_DIM))).astype(np.float32)
     writer = DatasetWriter(root)
     writer.write_identities(pa.Table.from_arrays(
         [pa.array([f"id-{i:06d}" for i in range(n_identities)]), pa.array(np.arange(n_identities), pa.int32()),

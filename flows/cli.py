@@ -135,7 +135,7 @@ def plan(
     ] = None,
     throughput_table: Annotated[
         str | None,
-        typer.Option(help="JSON of measurements (bench/bench_engine.py --save-throughput)."),
+        typer.Option(help="JSON of measurements (bench/bench_e2e.py --save-throughput)."),
     ] = None,
 ) -> None:
     """Print counts, shards and an estimated GPU time; loads no model."""

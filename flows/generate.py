@@ -21,6 +21,7 @@ from arc2face_engine.dataset.shard import ShardJob, ShardResult
 from arc2face_engine.errors import UserError
 from schemas.job import JobSpec, load_spec
 from schemas.tables import DatasetInfo
+from tasks.devices import SHARDS_PER_DEVICE
 from tasks.generate import build_identities, finalize_dataset, generate_shard, prepare_dataset
 from tasks.progress import listening
 
@@ -43,10 +44,12 @@ def _failure(failures: list[tuple[int, Exception]], attempted: int) -> Exception
 
 
 def task_runner_for(spec: JobSpec):
-    """Local: one thread per device. Dask: one worker per device via resources."""
+    """Local: SHARDS_PER_DEVICE threads per device. Dask: one worker per device via
+    resources, with as many threads. Two shards share a device so that one commits while
+    the other generates (the device's worker lock lets one generate at a time)."""
     devices = spec.compute.devices
     if spec.compute.task_runner == "local":
-        return ThreadPoolTaskRunner(max_workers=len(devices))
+        return ThreadPoolTaskRunner(max_workers=SHARDS_PER_DEVICE * len(devices))
     from prefect_dask import DaskTaskRunner
 
     if spec.compute.dask_address:
@@ -54,7 +57,7 @@ def task_runner_for(spec: JobSpec):
     return DaskTaskRunner(
         cluster_kwargs={
             "n_workers": len(devices),
-            "threads_per_worker": 1,
+            "threads_per_worker": SHARDS_PER_DEVICE,
             "processes": True,
             "resources": {"GPU": 1},
             "silence_logs": logging.WARNING,
@@ -123,7 +126,7 @@ class _LiveCounts:
 def _window(spec: JobSpec) -> int:
     if spec.compute.max_shards_in_flight:
         return spec.compute.max_shards_in_flight
-    return 256 if spec.compute.dask_address else 2 * len(spec.compute.devices)
+    return 256 if spec.compute.dask_address else SHARDS_PER_DEVICE * len(spec.compute.devices)
 
 
 def _fan_out(

@@ -5,6 +5,13 @@ models and the engine can raise them; `arc2face_engine.errors` re-exports them.
 """
 
 
+def first_line(error: BaseException) -> str:
+    """The first line of an error's message (its type when it has none), to quote a
+    library's error inside a one-line UserError."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 class UserError(Exception):
     """Bad input from the user; the CLI prints the message and exits with status 2."""
 

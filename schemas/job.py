@@ -40,8 +40,41 @@ MAX_ATTEMPTS = 100
 MAX_EXPRESSIONS = 100_000
 MAX_IMAGE_SIDE = 4096
 MAX_POSE_GRID = 4096  # rendered normal maps, each height x width x 3 bytes
-# Arc2Face defaults (DPM-Solver++ 25 steps, CFG 3.0) and the LCM-LoRA sweet spot (4 steps, no CFG).
-DPM_STEPS, DPM_GUIDANCE, LCM_STEPS = 25, 3.0, 4
+# The sampler settings' one home: generation.GenerationSettings takes its defaults and
+# checks from here. Arc2Face defaults (DPM-Solver++ 25 steps, CFG 3.0) and the LCM-LoRA
+# sweet spot (4 steps, no CFG).
+SCHEDULERS = ("dpmsolver++", "lcm")
+DPM_STEPS, DPM_GUIDANCE, LCM_STEPS, LCM_GUIDANCE = 25, 3.0, 4, 1.0
+DEFAULT_SIZE = 512
+VAE_FACTOR = 8  # the VAE downsamples by 8: image sides are multiples of it
+
+
+def check_image_side(name: str, size: int) -> int:
+    """Raise ValueError unless `size` is a positive multiple of the VAE's factor."""
+    if size < VAE_FACTOR or size % VAE_FACTOR:
+        candidates = (size // VAE_FACTOR * VAE_FACTOR, size // VAE_FACTOR * VAE_FACTOR + VAE_FACTOR)
+        nearest = " or ".join(str(v) for v in candidates if v > 0)
+        raise ValueError(
+            f"{name}={size} is not a positive multiple of {VAE_FACTOR} (the VAE downsamples "
+            f"by {VAE_FACTOR}): use {nearest}"
+        )
+    return size
+
+
+def check_lcm_guidance(guidance: float) -> float:
+    if guidance > LCM_GUIDANCE:
+        raise ValueError(
+            f"lcm is distilled without classifier-free guidance, got {guidance:g}: "
+            f"set guidance to {LCM_GUIDANCE}"
+        )
+    return guidance
+
+
+def default_batch_buckets(batch_size: int) -> list[int]:
+    """Powers of two below `batch_size`, then `batch_size`: a ragged batch is padded to
+    less than twice its size, and a compiled model sees at most log2(batch_size) + 1 shapes."""
+    buckets = [1 << power for power in range(batch_size.bit_length()) if 1 << power < batch_size]
+    return [*buckets, batch_size]
 
 
 class _Section(BaseModel):
@@ -240,7 +273,11 @@ class VariationsSpec(_Section):
 
 
 class GenerationSpec(_Section):
-    scheduler: Literal["dpmsolver++", "lcm"] = Field(
+    """Sampler settings (-> generation.GenerationSettings.from_spec) and how the engine
+    runs them (batch size, buckets, compile: they never change which image a seed gives
+    on CPU, so they are left out of the spec hash)."""
+
+    scheduler: Literal[SCHEDULERS] = Field(
         "dpmsolver++",
         description="dpmsolver++: Arc2Face's default sampler; lcm: LCM-LoRA, 2-8 steps, no CFG.",
     )
@@ -259,13 +296,29 @@ class GenerationSpec(_Section):
         "default), 1.0 for lcm (no CFG). 1.0 disables CFG.",
     )
     batch_size: int = Field(
-        16, gt=0, description="Images per forward pass; does not change which image a seed gives."
+        16,
+        gt=0,
+        description="Images per engine call and per GPU forward (the engine's max_batch_size); "
+        "does not change which image a seed gives on CPU, where every image runs alone.",
+    )
+    batch_buckets: list[int] | None = Field(
+        None,
+        validate_default=True,
+        description="GPU forward sizes a smaller batch (top-ups, a shard's tail) is padded up "
+        "to, so a compiled model never meets a new shape; padded images are dropped. Each in "
+        "1..batch_size; batch_size is always a bucket. null: powers of two up to batch_size "
+        "when compile is on, no padding otherwise. No effect on CPU.",
+    )
+    compile: bool = Field(
+        False,
+        description="torch.compile the UNet, ControlNet and VAE decoder (GPU): faster after "
+        "the first batch of each bucket size, which pays the compile time.",
     )
     height: int = Field(
-        512, gt=0, le=MAX_IMAGE_SIDE, description="Image height in pixels, a multiple of 8."
+        DEFAULT_SIZE, gt=0, le=MAX_IMAGE_SIDE, description="Image height in pixels, a multiple of 8."
     )
     width: int = Field(
-        512, gt=0, le=MAX_IMAGE_SIDE, description="Image width in pixels, a multiple of 8."
+        DEFAULT_SIZE, gt=0, le=MAX_IMAGE_SIDE, description="Image width in pixels, a multiple of 8."
     )
     controlnet_scale: float = Field(
         1.0,
@@ -288,22 +341,32 @@ class GenerationSpec(_Section):
     def _lcm_has_no_cfg(cls, guidance: float | None, info: ValidationInfo) -> float:
         lcm = info.data.get("scheduler") == "lcm"
         if guidance is None:
-            return 1.0 if lcm else DPM_GUIDANCE
-        if lcm and guidance > 1.0:
+            return LCM_GUIDANCE if lcm else DPM_GUIDANCE
+        return check_lcm_guidance(guidance) if lcm else guidance
+
+    @field_validator("batch_buckets")
+    @classmethod
+    def _buckets_fit_the_batch(cls, buckets: list[int] | None, info: ValidationInfo):
+        batch_size = info.data.get("batch_size")
+        if buckets is None or batch_size is None:
+            return buckets
+        bad = [bucket for bucket in buckets if not 1 <= bucket <= batch_size]
+        if bad:
             raise ValueError(
-                f"lcm is distilled without classifier-free guidance, got {guidance:g}: set guidance to 1.0"
+                f"buckets {bad} outside 1..batch_size ({batch_size}): use sizes in that range"
             )
-        return guidance
+        return sorted({*buckets, batch_size})
 
     @field_validator("height", "width")
     @classmethod
     def _multiple_of_8(cls, size: int, info: ValidationInfo) -> int:
-        if size % 8:
-            nearest = " or ".join(str(v) for v in (size // 8 * 8, size // 8 * 8 + 8) if v > 0)
-            raise ValueError(
-                f"{size} is not a multiple of 8 (the VAE downsamples by 8): use {nearest}"
-            )
-        return size
+        return check_image_side(info.field_name, size)
+
+    def engine_buckets(self) -> list[int] | None:
+        """The bucket sizes the engine pads to (see batch_buckets)."""
+        if self.batch_buckets is not None:
+            return self.batch_buckets
+        return default_batch_buckets(self.batch_size) if self.compile else None
 
 
 class FilterSpec(_Section):
@@ -538,13 +601,14 @@ def _yaml_problem(error: yaml.YAMLError) -> str:
 
 # Fields that do not change which bytes end up in the dataset, so changing them must not
 # block a resume: where the models and output live (model files are hashed separately into
-# dataset.json), credentials, the device and runner, the batch size (batching never changes
-# which image a seed produces), the free-text name and the license.
+# dataset.json), credentials, the device and runner, the batch size, buckets and compile
+# (batching never changes which image a seed produces on CPU), the free-text name and the
+# license.
 HASH_EXCLUDED: dict[str, Any] = {
     "name": True,
     "license": True,
     "models": {"dir": True, "device": True},
-    "generation": {"batch_size": True},
+    "generation": {"batch_size": True, "batch_buckets": True, "compile": True},
     "output": {"uri": True, "storage_options": True},
     "compute": True,
 }

@@ -17,13 +17,13 @@ EMBEDDING_DIM = 512
 EXPRESSION_DIM = 55
 KEYPOINT_VALUES = 10  # 5 points x (x, y)
 
-REJECT_REASONS = (
-    "no_face",
-    "multiple_faces",
-    "low_detection_score",
-    "low_feature_norm",
-    "low_similarity",
-)
+# Reject reasons, in the order face_analysis.judge checks them.
+NO_FACE = "no_face"
+MULTIPLE_FACES = "multiple_faces"
+LOW_DETECTION_SCORE = "low_detection_score"
+LOW_FEATURE_NORM = "low_feature_norm"
+LOW_SIMILARITY = "low_similarity"
+REJECT_REASONS = (NO_FACE, MULTIPLE_FACES, LOW_DETECTION_SCORE, LOW_FEATURE_NORM, LOW_SIMILARITY)
 
 
 def _vector(size: int) -> pa.DataType:
@@ -147,6 +147,16 @@ class DatasetInfo(BaseModel):
 
 def empty_table(schema: pa.Schema) -> pa.Table:
     return schema.empty_table()
+
+
+def l2_normalize(vectors: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Unit vectors along `axis`, in the input's float dtype; an all-zero vector stays zero
+    (the one L2 normalisation of embeddings on the host)."""
+    vectors = np.asarray(vectors)
+    if not np.issubdtype(vectors.dtype, np.floating):
+        vectors = vectors.astype(np.float64)
+    norms = np.linalg.norm(vectors, axis=axis, keepdims=True)
+    return np.divide(vectors, norms, out=np.zeros_like(vectors), where=norms > 0)
 
 
 def vector_matrix(column: pa.Array | pa.ChunkedArray, dim: int) -> np.ndarray:

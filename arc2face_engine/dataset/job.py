@@ -24,15 +24,18 @@ from arc2face_engine.dataset.lease import WriterLease, check_free
 from arc2face_engine.dataset.plan import iter_shards
 from arc2face_engine.dataset.reader import DatasetReader
 from arc2face_engine.dataset.shard import (
+    FaceVerifier,
+    ImageGenerator,
+    PendingCommit,
     ShardJob,
     ShardResult,
     run_shard,
-    settings_from_spec,
     shard_identities,
 )
 from arc2face_engine.dataset.writer import DatasetWriter
 from arc2face_engine.errors import SpecError, UserError
 from arc2face_engine.expressions import ExpressionBank, load_expression_bank
+from arc2face_engine.generation import GenerationSettings
 from arc2face_engine.poses import PoseBank, load_pose_bank
 from arc2face_engine.seeding import image_seed
 from schemas.job import MAX_IDENTITIES, JobSpec, recorded_spec, spec_hash
@@ -48,8 +51,8 @@ PACKAGES = ("arc2face-synth", "torch", "diffusers", "transformers", "insightface
 class Worker:
     """Models and banks of one worker process (one device), loaded once."""
 
-    engine: object
-    analyzer: object
+    engine: ImageGenerator
+    analyzer: FaceVerifier
     poses: PoseBank | None
     expressions: ExpressionBank | None
     lock: threading.Lock
@@ -75,6 +78,9 @@ def worker_for(spec: JobSpec, device: str = "auto") -> Worker:
         expressions_spec.model_dump_json(),
         spec.seed,
         spec.generation.height,
+        spec.generation.batch_size,
+        tuple(spec.generation.engine_buckets() or ()),
+        spec.generation.compile,
         spec.filter.min_det_score,
     )
     with _WORKERS_LOCK:
@@ -90,6 +96,9 @@ def worker_for(spec: JobSpec, device: str = "auto") -> Worker:
                 controlnet=poses is not None,
                 expression=expressions is not None,
                 lcm=spec.generation.scheduler == "lcm",
+                compile=spec.generation.compile,
+                max_batch_size=spec.generation.batch_size,
+                batch_buckets=spec.generation.engine_buckets(),
             )
             det_size, det_thresh = detection_settings(
                 spec.generation.height, spec.generation.width, spec.filter.min_det_score
@@ -281,7 +290,7 @@ def _manifold_projector(spec: JobSpec) -> Callable[[np.ndarray], np.ndarray | No
     from arc2face_engine.generation import ImageRequest
 
     worker = worker_for(spec)
-    settings = settings_from_spec(spec.generation)
+    settings = GenerationSettings.from_spec(spec.generation)
     counter = iter(range(1 << 62))
 
     def project(candidate: np.ndarray) -> np.ndarray | None:
@@ -298,7 +307,7 @@ def _manifold_projector(spec: JobSpec) -> Callable[[np.ndarray], np.ndarray | No
 def shard_jobs(
     spec: JobSpec, identities_table: pa.Table, lease_token: str | None = None
 ) -> Iterator[ShardJob]:
-    settings = settings_from_spec(spec.generation)
+    settings = GenerationSettings.from_spec(spec.generation)
     for plan in iter_shards(
         len(identities_table), spec.variations.images_per_identity, spec.output.shard_size
     ):
@@ -321,13 +330,14 @@ def shard_jobs(
         )
 
 
-def generate_shard(
+def start_shard(
     spec: JobSpec,
     job: ShardJob,
     device: str = "auto",
     on_batch: Callable[[int, int], None] | None = None,
-) -> ShardResult:
-    """Run one shard on this process's worker for `device`."""
+) -> PendingCommit:
+    """Generate and verify one shard on this process's worker for `device`; returns as
+    soon as the device is free, with the shard's writes and commit still running."""
     try:
         worker = worker_for(spec, device)
     except UserError:
@@ -347,6 +357,17 @@ def generate_shard(
             worker.expressions,
             on_batch=on_batch,
         )
+
+
+def generate_shard(
+    spec: JobSpec,
+    job: ShardJob,
+    device: str = "auto",
+    on_batch: Callable[[int, int], None] | None = None,
+) -> ShardResult:
+    """Run one shard to its commit. The device lock is released before the commit, so
+    another shard task on the same device generates while this one drains."""
+    return start_shard(spec, job, device, on_batch).result()
 
 
 def finalize_dataset(spec: JobSpec, lease_token: str | None = None) -> DatasetInfo:
@@ -390,9 +411,19 @@ def run_job_directly(spec: JobSpec) -> DatasetInfo:
         writer = prepare_dataset(spec, lease.token)
         table = build_identities(spec, writer)
         committed = writer.committed_shards()
-        for job in shard_jobs(spec, table, lease.token):
-            if job.plan.shard not in committed:
-                generate_shard(spec, job)
+        jobs = shard_jobs(spec, table, lease.token)
+        todo = (job for job in jobs if job.plan.shard not in committed)
+        in_flight: list[PendingCommit] = []
+        try:
+            for job in todo:
+                in_flight.append(start_shard(spec, job))  # generates while the previous commits
+                if len(in_flight) > 1:
+                    in_flight.pop(0).result()
+            while in_flight:
+                in_flight.pop(0).result()
+        finally:
+            for pending in in_flight:  # after an error: started commits land before it surfaces
+                pending.settle()
         return finalize_dataset(spec, lease.token)
 
 

@@ -1,24 +1,29 @@
 """Run one shard: generate -> verify -> top up -> encode -> write -> commit.
 
 Plain Python (no Prefect): the generate task calls `run_shard` with an engine
-and an analyzer that it keeps alive for the whole worker process. The shard's
-manifest part is written last, so a crash anywhere before it leaves the shard
-uncommitted and a re-run redoes it from scratch with the same seeds.
+and an analyzer that it keeps alive for the whole worker process. `run_shard`
+returns when the engine is done with the shard; a writer thread finishes the
+image writes and the commit (`PendingCommit`), so the next shard can generate
+meanwhile. The shard's manifest part is written last, so a crash anywhere before
+it leaves the shard uncommitted and a re-run redoes it from scratch with the
+same seeds.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from collections import deque
-from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from functools import partial
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import pyarrow as pa
 
-from arc2face_engine.dataset.codec import IMAGE_EXTENSIONS, decode_image, encode_image
+from arc2face_engine.dataset.codec import IMAGE_EXTENSIONS, decode_image_into, encode_image
 from arc2face_engine.dataset.plan import ShardPlan, variant_for
 from arc2face_engine.dataset.writer import DatasetWriter
 from arc2face_engine.expressions import Expression, ExpressionBank
@@ -26,6 +31,9 @@ from arc2face_engine.generation import GenerationSettings, ImageRequest
 from arc2face_engine.poses import Pose, PoseBank
 from arc2face_engine.seeding import image_seed
 from schemas.tables import EMBEDDING_DIM, MANIFEST_SCHEMA, vector_matrix
+
+if TYPE_CHECKING:  # face analysis loads onnxruntime; the seam only needs its types
+    from arc2face_engine.face_analysis import FaceRecord, Verdict
 
 
 @dataclass(frozen=True)
@@ -112,7 +120,7 @@ class _Generated:
 class _Checked:
     generated: _Generated
     encoded: list[bytes]
-    verdicts: list
+    verdicts: list[Verdict]
 
     def entries(self):
         generated = self.generated
@@ -126,7 +134,42 @@ class _Checked:
         )
 
 
-def _check(job: ShardJob, analyzer, generated: _Generated, io_pool: ThreadPoolExecutor) -> _Checked:
+class ImageGenerator(Protocol):
+    """What a shard needs from the diffusion side (generation.Arc2FaceEngine)."""
+
+    def generate(
+        self, requests: Sequence[ImageRequest], settings: GenerationSettings
+    ) -> np.ndarray: ...
+
+
+class FaceVerifier(Protocol):
+    """What a shard and the identity sources need from face analysis
+    (face_analysis.FaceAnalyzer)."""
+
+    def analyze(self, images: np.ndarray | Sequence[np.ndarray]) -> list[FaceRecord]: ...
+
+    def embed_largest_face(self, image: np.ndarray) -> FaceRecord: ...
+
+    def verify(
+        self,
+        images: np.ndarray | Sequence[np.ndarray],
+        identity_embeddings: np.ndarray,
+        min_similarity: float = ...,
+        min_det_score: float = ...,
+        require_single_face: bool = ...,
+        min_feature_norm: float = ...,
+    ) -> list[Verdict]: ...
+
+
+def io_workers() -> int:
+    """Threads that encode, decode and write images: JPEG codecs and file writes release
+    the GIL, so one per core (at least 2, at most 32) keeps up with the accelerator."""
+    return max(2, min(32, os.cpu_count() or 1))
+
+
+def _check(
+    job: ShardJob, analyzer: FaceVerifier, generated: _Generated, io_pool: ThreadPoolExecutor
+) -> _Checked:
     """Encode a generated batch and verify what will be stored."""
     encoding = partial(encode_image, image_format=job.image_format, quality=job.quality)
     encoded = list(io_pool.map(encoding, generated.images))
@@ -142,16 +185,38 @@ def _check(job: ShardJob, analyzer, generated: _Generated, io_pool: ThreadPoolEx
     return _Checked(generated, encoded, verdicts)
 
 
+class PendingCommit:
+    """A shard whose images are all generated and verified; a writer thread finishes its
+    image writes and then commits its manifest part. The accelerator is free meanwhile:
+    the next shard generates while this one drains (see dataset/job.py)."""
+
+    def __init__(self, shard: int, future: Future[ShardResult]) -> None:
+        self.shard = shard
+        self._future = future
+
+    def result(self) -> ShardResult:
+        """Wait for the commit; re-raises any write or commit error (the shard then stays
+        uncommitted, and a re-run redoes it)."""
+        return self._future.result()
+
+    def settle(self) -> None:
+        """Wait for the commit to succeed or fail, without raising (used while another
+        error propagates: started commits land before the job stops)."""
+        wait([self._future])
+
+
 def run_shard(
     job: ShardJob,
     writer: DatasetWriter,
-    engine,
-    analyzer,
+    engine: ImageGenerator,
+    analyzer: FaceVerifier,
     poses: PoseBank | None = None,
     expressions: ExpressionBank | None = None,
     on_batch: Callable[[int, int], None] | None = None,
-) -> ShardResult:
-    """Generate, verify, write and commit one shard. Returns its counts.
+) -> PendingCommit:
+    """Generate and verify one shard, top-ups included; returns once the engine is no
+    longer needed, with the writes and the commit left to a writer thread
+    (`.result()` waits for them and gives the shard's counts).
 
     `on_batch(images, accepted)` is called after every verified batch (progress).
     """
@@ -165,40 +230,62 @@ def run_shard(
     )
     rows: list[dict] = []
     pending_writes: list[Future] = []
-    # The accelerator generates batch k+1 while a CPU thread encodes, decodes and verifies
-    # batch k; its top-ups join the queue after that. The order is fixed, and every
-    # rejected item gets its next attempt whatever the batching, so the shard's content
-    # does not depend on this overlap.
-    with (
-        ThreadPoolExecutor(max_workers=4, thread_name_prefix=f"shard{shard}-io") as io_pool,
-        ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"shard{shard}-verify") as verifier,
-    ):
-        checking: Future[_Checked] | None = None
-        while queue or checking is not None:
-            generated = None
-            if queue:
-                batch = [queue.popleft() for _ in range(min(job.batch_size, len(queue)))]
-                requests = [_request(job, item, poses, expressions) for item in batch]
-                generated = _Generated(batch, requests, engine.generate(requests, job.settings))
-            if checking is not None:
-                checked = checking.result()
-                accepted = 0
-                for item, request, pixels, data, verdict in checked.entries():
-                    result.add(verdict.accepted, verdict.reason)
-                    accepted += int(verdict.accepted)
-                    if not verdict.accepted and item.attempt + 1 < job.max_attempts:
-                        queue.append(_Item(item.position, item.variant, item.attempt + 1))
-                    row = _row(job, item, request, pixels, verdict, poses, expressions)
-                    rows.append(row)
-                    if verdict.accepted or job.keep_rejected_images:
-                        pending_writes.append(io_pool.submit(_write_image, writer, job, row, data))
-                if on_batch is not None:
-                    on_batch(len(checked.generated.batch), accepted)
-            checking = (
-                verifier.submit(_check, job, analyzer, generated, io_pool) if generated else None
-            )
-        for future in pending_writes:
-            future.result()  # re-raise any IO error before committing
+    io_pool = ThreadPoolExecutor(max_workers=io_workers(), thread_name_prefix=f"shard{shard}-io")
+    try:
+        # The accelerator generates batch k+1 while a CPU thread encodes, decodes and
+        # verifies batch k; its top-ups join the queue after that. The order is fixed, and
+        # every rejected item gets its next attempt whatever the batching, so the shard's
+        # content does not depend on this overlap.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"shard{shard}-verify") as verifier:
+            checking: Future[_Checked] | None = None
+            while queue or checking is not None:
+                generated = None
+                if queue:
+                    batch = [queue.popleft() for _ in range(min(job.batch_size, len(queue)))]
+                    requests = [_request(job, item, poses, expressions) for item in batch]
+                    generated = _Generated(batch, requests, engine.generate(requests, job.settings))
+                if checking is not None:
+                    checked = checking.result()
+                    accepted = 0
+                    for item, request, pixels, data, verdict in checked.entries():
+                        result.add(verdict.accepted, verdict.reason)
+                        accepted += int(verdict.accepted)
+                        if not verdict.accepted and item.attempt + 1 < job.max_attempts:
+                            queue.append(_Item(item.position, item.variant, item.attempt + 1))
+                        row = _row(job, item, request, pixels, verdict, poses, expressions)
+                        rows.append(row)
+                        if verdict.accepted or job.keep_rejected_images:
+                            write = io_pool.submit(_write_image, writer, job, row, data)
+                            pending_writes.append(write)
+                    if on_batch is not None:
+                        on_batch(len(checked.generated.batch), accepted)
+                checking = (
+                    verifier.submit(_check, job, analyzer, generated, io_pool) if generated else None
+                )
+    except BaseException:
+        io_pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"shard{shard}-commit")
+    future = committer.submit(_commit, writer, shard, rows, pending_writes, io_pool, result)
+    committer.shutdown(wait=False)  # the thread ends with the commit
+    return PendingCommit(shard, future)
+
+
+def _commit(
+    writer: DatasetWriter,
+    shard: int,
+    rows: list[dict],
+    pending_writes: list[Future],
+    io_pool: ThreadPoolExecutor,
+    result: ShardResult,
+) -> ShardResult:
+    """Wait for every image write, then write the manifest part: the commit. A failed
+    write raises before the part exists, so the shard stays uncommitted."""
+    try:
+        for write in pending_writes:
+            write.result()
+    finally:
+        io_pool.shutdown(wait=True, cancel_futures=True)
     rows.sort(key=lambda row: row["image_id"])
     writer.commit_shard(shard, pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA))
     return result
@@ -297,7 +384,9 @@ def _as_stored(
     re-verifies the stored file."""
     if image_format == "png":  # lossless: decoding gives the same pixels back
         return images
-    return np.stack(list(pool.map(decode_image, encoded)))
+    stored = np.empty_like(images)
+    list(pool.map(decode_image_into, encoded, stored))  # straight into the batch: one copy
+    return stored
 
 
 def _write_image(writer: DatasetWriter, job: ShardJob, row: dict, data: bytes) -> None:
@@ -314,17 +403,4 @@ def shard_identities(table: pa.Table, start: int, stop: int) -> ShardIdentities:
         identity_ids=part.column("identity_id").to_pylist(),
         labels=part.column("label").to_pylist(),
         embeddings=vector_matrix(part.column("embedding"), EMBEDDING_DIM),
-    )
-
-
-def settings_from_spec(generation) -> GenerationSettings:
-    """GenerationSettings from the spec's generation section."""
-    return GenerationSettings(
-        scheduler=generation.scheduler,
-        num_inference_steps=generation.steps,
-        guidance_scale=generation.guidance,
-        height=generation.height,
-        width=generation.width,
-        controlnet_scale=generation.controlnet_scale,
-        expression_scale=generation.expression_scale,
     )

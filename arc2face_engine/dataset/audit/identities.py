@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from arc2face_engine.dataset.reader import DatasetReader
-from schemas.tables import EMBEDDING_DIM, vector_matrix
+from schemas.tables import EMBEDDING_DIM, l2_normalize, vector_matrix
 
 
 @dataclass
@@ -30,8 +30,7 @@ class Identities:
 
 
 def normalise_rows(matrix: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(matrix, axis=1, keepdims=True)
-    return np.divide(matrix, norms, out=np.zeros_like(matrix), where=norms > 0)
+    return l2_normalize(matrix, axis=1)
 
 
 def load_identities(reader: DatasetReader) -> Identities:

@@ -29,7 +29,7 @@ from PIL import Image, UnidentifiedImageError
 from arc2face_engine.dataset.codec import decode_image
 from arc2face_engine.dataset.paths import check_name
 from arc2face_engine.dataset.reader import DatasetReader
-from arc2face_engine.errors import UserError
+from arc2face_engine.errors import UserError, first_line
 
 FORMATS = ("recordio", "imagefolder", "webdataset", "hf")
 FORMAT_ALIASES = {"hf_parquet": "hf", "huggingface": "hf", "rec": "recordio", "wds": "webdataset"}
@@ -137,16 +137,13 @@ def _plan_batches(reader: DatasetReader, part: str) -> Iterator[tuple[pa.RecordB
     except (pa.ArrowException, OSError, KeyError) as error:
         if isinstance(error, UserError):
             raise
-        raise _damaged(reader, f"manifest part {part} is corrupt ({_first_line(error)})") from None
+        raise _damaged(reader, f"manifest part {part} is corrupt ({first_line(error)})") from None
     offset = 0
     for batch in batches:
         yield batch, offset
         offset += batch.num_rows
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _check_row_paths(
@@ -182,7 +179,7 @@ def _collect_batch(
         labels = taken.column("label").to_numpy(zero_copy_only=False).astype(np.int64)
         ids = taken.column("identity_id").to_pylist()
     except (pa.ArrowException, ValueError, TypeError) as error:
-        raise _damaged(reader, f"manifest part {part} has bad rows ({_first_line(error)})") from None
+        raise _damaged(reader, f"manifest part {part} has bad rows ({first_line(error)})") from None
     _check_row_paths(reader, part, taken.column("image_id").to_pylist(), ids,
                      taken.column("path").to_pylist())  # fmt: skip
     for label, identity_id in zip(labels.tolist(), ids, strict=True):
@@ -203,7 +200,7 @@ def _dataset_labels(reader: DatasetReader) -> list[str]:
     except (pa.ArrowException, OSError, KeyError) as error:
         if isinstance(error, UserError):
             raise
-        raise _damaged(reader, f"identities.parquet is unreadable ({_first_line(error)})") from None
+        raise _damaged(reader, f"identities.parquet is unreadable ({first_line(error)})") from None
     labels = table.column("label").to_pylist()
     if labels != list(range(len(labels))):
         raise _damaged(reader, "identities.parquet labels are not 0..N-1")
@@ -325,7 +322,7 @@ def _iter_rows(reader: DatasetReader, plan: ExportPlan) -> Iterator[tuple[dict, 
             except (pa.ArrowException, OSError, KeyError) as error:
                 if isinstance(error, UserError):
                     raise
-                detail = _first_line(error)
+                detail = first_line(error)
                 raise _damaged(
                     reader, f"manifest part {plan.parts[part]} is corrupt ({detail})"
                 ) from None
@@ -363,7 +360,7 @@ def iter_items(
             data, width, height = _to_jpeg(raw, keypoints)
         except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as error:
             # truncated files raise OSError; absurd sizes DecompressionBombError
-            detail = _first_line(error)
+            detail = first_line(error)
             raise _damaged(reader, f"image {row['path']} cannot be decoded ({detail})") from None
         return ExportItem(row["image_id"], row["identity_id"], label, data, width, height,
                           _metadata(row))  # fmt: skip
