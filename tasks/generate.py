@@ -12,6 +12,7 @@ from arc2face_engine.errors import UserError
 from schemas.job import JobSpec
 from tasks import progress
 from tasks.devices import claim_device
+from tasks.slots import slot_guard
 
 
 @task(name="prepare-dataset", cache_policy=NO_CACHE, persist_result=False)
@@ -41,10 +42,14 @@ def _worth_retrying(task, task_run, state) -> bool:
     retry_condition_fn=_worth_retrying,
 )
 def generate_shard(spec: JobSpec, job: ShardJob) -> ShardResult:
-    """Generate, verify and commit one shard on a device of this worker."""
+    """Generate, verify and commit one shard on a device of this worker, holding the
+    device's cross-job slot (tasks/slots.py) while it generates."""
     on_batch = progress.callback_for(flow_run.get_id())
-    with claim_device(spec.compute.devices) as device:
-        return dataset_job.generate_shard(spec, job, device=device, on_batch=on_batch)
+    with claim_device(spec.compute.devices) as placement:
+        guard = slot_guard(placement, spec.compute.device_limits, f"shard {job.plan.shard:05d}")
+        return dataset_job.generate_shard(
+            spec, job, device=placement.device, on_batch=on_batch, hold_device=guard
+        )
 
 
 @task(name="finalize-dataset", cache_policy=NO_CACHE, persist_result=False)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import threading
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from importlib import metadata
 
@@ -226,10 +227,12 @@ def generate_shard(
     job: ShardJob,
     device: str = "auto",
     on_batch: Callable[[int, int], None] | None = None,
+    hold_device: Callable[[], AbstractContextManager] = nullcontext,
 ) -> ShardResult:
-    """Run one shard on this process's worker for `device`."""
+    """Run one shard on this process's worker for `device`. `hold_device()` is held
+    with the device lock: the orchestrator's cross-job turn on the device."""
     worker = worker_for(spec, device)
-    with worker.lock:  # one generation at a time per device
+    with worker.lock, hold_device():  # one generation at a time per device
         return run_shard(
             job,
             open_writer(spec),
