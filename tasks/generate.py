@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
@@ -46,7 +46,10 @@ def generate_shard(spec: JobSpec, job: ShardJob) -> ShardResult:
     device's cross-job slot (tasks/slots.py) while it generates."""
     on_batch = progress.callback_for(flow_run.get_id())
     with claim_device(spec.compute.devices) as placement:
-        guard = slot_guard(placement, spec.compute.device_limits, f"shard {job.plan.shard:05d}")
+        label = f"shard {job.plan.shard:05d}"
+        worker = f" (Dask worker {placement.worker})" if placement.worker else ""
+        get_run_logger().info(f"{label} on {placement.device}{worker}")
+        guard = slot_guard(placement, spec.compute.device_limits, label)
         return dataset_job.generate_shard(
             spec, job, device=placement.device, on_batch=on_batch, hold_device=guard
         )

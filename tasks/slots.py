@@ -56,8 +56,7 @@ def hold_slot(placement: Placement, label: str) -> Iterator[None]:
         finally:
             get_run_logger().info(
                 f"{label} held device slot {placement.slot} from {started:.6f} to "
-                f"{time.time():.6f} on {placement.device}"
-                + (f" (Dask worker {placement.worker})" if placement.worker else "")
+                f"{time.time():.6f}"
             )
 
 
