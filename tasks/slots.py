@@ -49,6 +49,7 @@ def ensure_limit(name: str) -> None:
 def hold_slot(placement: Placement, label: str) -> Iterator[None]:
     """Hold the device's slot; the log line records when (the UI shows it per shard)."""
     ensure_limit(placement.slot)
+    asked = time.time()
     with concurrency(placement.slot, occupy=1, strict=True):
         started = time.time()
         try:
@@ -56,7 +57,7 @@ def hold_slot(placement: Placement, label: str) -> Iterator[None]:
         finally:
             get_run_logger().info(
                 f"{label} held device slot {placement.slot} from {started:.6f} to "
-                f"{time.time():.6f}"
+                f"{time.time():.6f} (asked at {asked:.6f}, waited {started - asked:.1f} s)"
             )
 
 
