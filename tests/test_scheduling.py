@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PLACED = re.compile(r"shard (\d+) on (\S+) \(Dask worker (\S+)\)")
 
 
-def tiny_spec(models: Path, output: str, **sections) -> JobSpec:
+def tiny_spec(models: Path, uri: str, **sections) -> JobSpec:
     raw = {
         "name": "scheduling test",
         "seed": 11,
@@ -39,7 +39,7 @@ def tiny_spec(models: Path, output: str, **sections) -> JobSpec:
         "variations": {"images_per_identity": 2},
         "generation": {"steps": 1, "batch_size": 4, "height": 64, "width": 64},
         "filter": {"min_similarity": -1.0, "min_det_score": 0.0, "max_attempts": 1},
-        "output": {"uri": output, "shard_size": 2},
+        "output": {"uri": uri, "shard_size": 2},
         "compute": {"task_runner": "local", "devices": ["cpu"]},
     }
     for section, values in sections.items():
