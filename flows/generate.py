@@ -149,9 +149,9 @@ def load_job_spec(spec: JobSpec | str | dict) -> JobSpec:
 def check_before_run(spec: JobSpec) -> None:
     """Everything a user can get wrong, before anything is written: the models, devices,
     banks, identity source and output (dataset/job.py preflight) and the Dask scheduler."""
-    dataset_job.preflight(spec)
     if spec.compute.task_runner == "dask" and spec.compute.dask_address:
-        check_dask_scheduler(spec.compute.dask_address)
+        check_dask_scheduler(spec.compute.dask_address)  # seconds, before loading banks
+    dataset_job.preflight(spec)
 
 
 def _generate_dataset(spec: JobSpec | str, show_progress: bool = False) -> DatasetInfo:
