@@ -256,10 +256,13 @@ def bench_config(ctx: Context, name: str, settings: GenerationSettings, batch: i
     total = seconds + codec_seconds + verify_seconds
     ctx.rows.append(row("sum", len(images), total, flops_per_image=flops + face_flops))
 
-    writer = dataset_job.prepare_dataset(spec)
-    table = dataset_job.build_identities(spec, writer)
-    job = next(dataset_job.shard_jobs(spec, table))
-    shard_seconds, result = _timed(lambda: dataset_job.generate_shard(spec, job, str(ctx.device)))
+    with dataset_job.writer_lease(spec) as lease:
+        writer = dataset_job.prepare_dataset(spec, lease.token)
+        table = dataset_job.build_identities(spec, writer)
+        job = next(dataset_job.shard_jobs(spec, table, lease.token))
+        shard_seconds, result = _timed(
+            lambda: dataset_job.generate_shard(spec, job, str(ctx.device))
+        )
     ctx.rows.append(row("shard", result.images, shard_seconds, flops_per_image=flops + face_flops))
     dataset_job._WORKERS.clear()  # free this config's models before the next
     _free_memory()

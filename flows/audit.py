@@ -1,10 +1,19 @@
-"""The audit flow: an independent check of a dataset, published as Prefect artifacts."""
+"""The audit and export flows: an independent check of a dataset, published as Prefect
+artifacts, and training-format exports.
+
+Every parameter is typed, so a deployment's run form in the Prefect UI lists them and
+`prefect deployment run audit-dataset/audit --param uri=s3://...` needs nothing else.
+Credentials: `storage_options` values may be '${env:NAME}' references and
+`storage_options_secret` names a Prefect Secret block (flows/credentials.py).
+"""
 
 from __future__ import annotations
 
-from prefect import flow
+from typing import Any, Literal
+
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
+from flows.credentials import RedactingFlow, resolve_storage_options
 from tasks.audit import audit, export
 
 
@@ -16,10 +25,26 @@ def _flatten(prefix: str, value, rows: list[dict]) -> None:
         rows.append({"check": prefix, "value": value})
 
 
-@flow(name="audit-dataset", log_prints=True)
-def audit_dataset_flow(uri: str, storage_options: dict | None = None, **options):
-    """Audit the dataset at `uri`; report.json/html land in its audit/ folder."""
-    report = audit(uri, storage_options, **options)
+def _audit_dataset(
+    uri: str,
+    storage_options: dict[str, Any] | None = None,
+    gallery: str | None = None,
+    gallery_threshold: float | None = None,
+    reverify: int = 0,
+    models_dir: str | None = None,
+    radius: float = 0.3,
+    storage_options_secret: str | None = None,
+):
+    """Audit the dataset at `uri` (schema, integrity, quality, leakage against `gallery`,
+    re-verification of `reverify` images with `models_dir`); report.json/html land in
+    its audit/ folder."""
+    options: dict[str, Any] = dict(reverify=reverify, models_dir=models_dir, radius=radius)
+    if gallery is not None:
+        options["gallery"] = gallery
+    if gallery_threshold is not None:  # else the audit's own default
+        options["gallery_threshold"] = gallery_threshold
+    resolved = resolve_storage_options(storage_options, storage_options_secret)
+    report = audit(uri, resolved, **options)
     summary = report.summary() if hasattr(report, "summary") else report.model_dump()
     rows: list[dict] = []
     _flatten("", summary, rows)
@@ -33,8 +58,32 @@ def audit_dataset_flow(uri: str, storage_options: dict | None = None, **options)
     return report
 
 
-@flow(name="export-dataset", log_prints=True)
-def export_dataset_flow(
-    uri: str, out_uri: str, fmt: str, storage_options: dict | None = None, **options
+audit_dataset_flow = RedactingFlow(_audit_dataset, name="audit-dataset", log_prints=True)
+
+
+def _export_dataset(
+    uri: str,
+    out_uri: str,
+    fmt: Literal["recordio", "imagefolder", "webdataset", "hf"] = "recordio",
+    align: bool = False,
+    include_rejected: bool = False,
+    storage_options: dict[str, Any] | None = None,
+    storage_options_secret: str | None = None,
+    out_storage_options: dict[str, Any] | None = None,
 ):
-    return export(uri, out_uri, fmt, storage_options, **options)
+    """Export the accepted images of the dataset at `uri` to `out_uri` as `fmt`, aligned
+    to 112x112 with `align`; output storage options default to the input's."""
+    resolved = resolve_storage_options(storage_options, storage_options_secret)
+    out = resolve_storage_options(out_storage_options, None, "out_storage_options")
+    return export(
+        uri,
+        out_uri,
+        fmt,
+        resolved,
+        align=align,
+        include_rejected=include_rejected,
+        out_storage_options=out or resolved,
+    )
+
+
+export_dataset_flow = RedactingFlow(_export_dataset, name="export-dataset", log_prints=True)

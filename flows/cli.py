@@ -14,12 +14,14 @@ from rich.console import Console
 from rich.table import Table
 
 from arc2face_engine.errors import UserError
+from flows.prefect_api import ephemeral_timeout_message, patient_ephemeral_server
 
 # Prefect reads its settings at import time. Its run logs still reach its API (the UI);
 # the console shows this CLI's progress and one-line errors instead of Prefect's
 # tracebacks. PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL=INFO brings them back.
 os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+patient_ephemeral_server()
 # The model libraries' advisories (optional torchvision, IP-Adapter without an image
 # encoder) and weight-loading bars are noise for a CLI user; errors still show.
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -243,12 +245,14 @@ def audit(
         gallery=gallery,
         gallery_threshold=gallery_threshold,
         reverify=reverify,
-        models_dir=models,
+        models_dir=str(models) if models else None,
         radius=radius,
     )
     if prefect:
         from flows.audit import audit_dataset_flow
+        from flows.prefect_api import check_api
 
+        check_api()
         report = audit_dataset_flow(uri, _storage_options(storage_options), **options)
     else:
         from arc2face_engine.dataset.audit import audit_dataset
@@ -377,6 +381,9 @@ def _one_line(error: BaseException) -> tuple[str, int] | None:
 
     if isinstance(error, ShardsFailed):
         return str(error), 1
+    slow_server = ephemeral_timeout_message(error)
+    if slow_server:
+        return slow_server, 2
     if isinstance(error, (FileNotFoundError, PermissionError, IsADirectoryError)):
         return f"{error}: check the path and its permissions", 2
     if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):

@@ -2,24 +2,25 @@
 
 from __future__ import annotations
 
-import logging
 import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
 
-from prefect import flow
 from prefect.artifacts import create_table_artifact
 from prefect.futures import PrefectFuture
 from prefect.runtime import flow_run
-from prefect.task_runners import ThreadPoolTaskRunner
+from prefect.task_runners import TaskRunner
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from arc2face_engine.dataset import job as dataset_job
 from arc2face_engine.dataset.plan import shard_count
 from arc2face_engine.dataset.shard import ShardJob, ShardResult
 from arc2face_engine.errors import UserError
-from schemas.job import JobSpec, load_spec
+from flows.credentials import RedactingFlow, with_credentials
+from flows.prefect_api import check_api
+from flows.runners import check_dask_scheduler, submit_on_gpu, task_runner_for
+from schemas.job import JobSpec, load_spec, parse_spec
 from schemas.tables import DatasetInfo
 from tasks.devices import SHARDS_PER_DEVICE
 from tasks.generate import build_identities, finalize_dataset, generate_shard, prepare_dataset
@@ -40,29 +41,6 @@ def _failure(failures: list[tuple[int, Exception]], attempted: int) -> Exception
         f"{len(failures)} of {attempted} shards failed (first: shard {shard:05d}: "
         f"{type(first).__name__}: {first}); the others are committed: re-run the same "
         "command to redo only the failed ones"
-    )
-
-
-def task_runner_for(spec: JobSpec):
-    """Local: SHARDS_PER_DEVICE threads per device. Dask: one worker per device via
-    resources, with as many threads. Two shards share a device so that one commits while
-    the other generates (the device's worker lock lets one generate at a time)."""
-    devices = spec.compute.devices
-    if spec.compute.task_runner == "local":
-        return ThreadPoolTaskRunner(max_workers=SHARDS_PER_DEVICE * len(devices))
-    from prefect_dask import DaskTaskRunner
-
-    if spec.compute.dask_address:
-        return DaskTaskRunner(address=spec.compute.dask_address)
-    return DaskTaskRunner(
-        cluster_kwargs={
-            "n_workers": len(devices),
-            "threads_per_worker": SHARDS_PER_DEVICE,
-            "processes": True,
-            "resources": {"GPU": 1},
-            "silence_logs": logging.WARNING,
-            "dashboard_address": None,
-        }
     )
 
 
@@ -130,7 +108,7 @@ def _window(spec: JobSpec) -> int:
 
 
 def _fan_out(
-    spec: JobSpec, jobs: Iterator[ShardJob], window: int
+    spec: JobSpec, runner: TaskRunner, jobs: Iterator[ShardJob], window: int
 ) -> Iterator[tuple[int, PrefectFuture]]:
     """Submit shard tasks with at most `window` in flight; yield (shard, future) as each
     finishes.
@@ -145,7 +123,7 @@ def _fan_out(
         if job is None:
             return False
         shard = job.plan.shard
-        future = generate_shard.submit(spec, job)
+        future = submit_on_gpu(runner, generate_shard, {"spec": spec, "job": job})
         future.add_done_callback(lambda done, shard=shard: finished.put((shard, done)))
         return True
 
@@ -160,23 +138,44 @@ def _fan_out(
             in_flight += 1
 
 
-@flow(name="generate-dataset", log_prints=True)
-def generate_dataset_flow(
-    spec: JobSpec, show_progress: bool = False, lease_token: str | None = None
-) -> DatasetInfo:
-    """Turn a job spec into a dataset: identities, shards, verification, finalise.
+def load_job_spec(spec: JobSpec | str | dict) -> JobSpec:
+    """A spec object as is; a mapping validated; a string read as a YAML path or URI."""
+    if isinstance(spec, JobSpec):
+        return spec
+    if isinstance(spec, dict):
+        return parse_spec(spec, source="<spec parameter>")
+    return load_spec(spec)
 
-    `lease_token`: the writer lease the caller holds on the output (generate_dataset);
-    without one (a deployment run) the flow checks the spec and takes the lease itself.
+
+def check_before_run(spec: JobSpec) -> None:
+    """Everything a user can get wrong, before anything is written: the models, devices,
+    banks, identity source and output (dataset/job.py preflight) and the Dask scheduler."""
+    if spec.compute.task_runner == "dask" and spec.compute.dask_address:
+        check_dask_scheduler(spec.compute.dask_address)  # seconds, before loading banks
+    dataset_job.preflight(spec)
+
+
+def _generate_dataset(spec: JobSpec | str, show_progress: bool = False) -> DatasetInfo:
+    """Turn a job spec (a YAML path or URI, or the spec itself) into a dataset:
+    identities, shards, verification, finalise.
+
+    Deployment runs and CLI runs do the same: credentials resolved on this worker,
+    every check before anything is written, then the spec's own task runner.
     """
-    if lease_token is None:
-        dataset_job.preflight(spec)
-        with dataset_job.writer_lease(spec) as lease:
-            return _generate(spec, show_progress, lease.token)
-    return _generate(spec, show_progress, lease_token)
+    spec = with_credentials(load_job_spec(spec))
+    check_before_run(spec)
+    # One writer per output: the lease (heartbeat thread) is held until the flow ends.
+    with dataset_job.writer_lease(spec) as lease, task_runner_for(spec) as runner:
+        return _run_job(spec, runner, show_progress, lease.token)
 
 
-def _generate(spec: JobSpec, show_progress: bool, lease_token: str) -> DatasetInfo:
+generate_dataset_flow = RedactingFlow(_generate_dataset, name="generate-dataset", log_prints=True)
+
+
+def _run_job(
+    spec: JobSpec, runner: TaskRunner, show_progress: bool, lease_token: str
+) -> DatasetInfo:
+    """prepare -> identities -> shards fanned out on `runner` -> finalise + summary."""
     committed = prepare_dataset(spec, lease_token)
     identities = build_identities(spec, lease_token)
     shards = shard_count(
@@ -204,7 +203,7 @@ def _generate(spec: JobSpec, show_progress: bool, lease_token: str) -> DatasetIn
             )
 
         with listening(flow_run.get_id(), live.batch_callback(show)):
-            for shard, future in _fan_out(spec, todo, _window(spec)):
+            for shard, future in _fan_out(spec, runner, todo, _window(spec)):
                 try:
                     result = future.result()
                 except Exception as error:  # the other shards go on; re-run retries this one
@@ -225,16 +224,13 @@ def _generate(spec: JobSpec, show_progress: bool, lease_token: str) -> DatasetIn
 
 
 def generate_dataset(spec: JobSpec | str, show_progress: bool = False) -> DatasetInfo:
-    """Run the generate flow for a spec object or a spec file URI.
+    """Run the generate flow for a spec object or a spec file path/URI.
 
-    The spec is checked against the models, devices, banks and output first, so a
-    mistake is one error line before any orchestration starts or anything is written;
-    then the output's writer lease is held (heartbeat thread) until the flow ends.
+    The spec is checked first here too (the flow checks it again), so a mistake is one
+    error line before Prefect starts; an unreachable Prefect API is one line as well.
     """
-    if not isinstance(spec, JobSpec):
-        spec = load_spec(spec)
-    dataset_job.preflight(spec)
-    runner = task_runner_for(spec)
-    with dataset_job.writer_lease(spec) as lease:
-        flow_ = generate_dataset_flow.with_options(task_runner=runner)
-        return flow_(spec, show_progress, lease.token)
+    loaded = load_job_spec(spec)
+    if not loaded.output.storage_options_secret:  # a Secret block needs the API first
+        check_before_run(with_credentials(loaded))
+    check_api()
+    return generate_dataset_flow(spec, show_progress)

@@ -410,7 +410,15 @@ class OutputSpec(_Section):
     )
     storage_options: dict[str, Any] = Field(
         default_factory=dict,
-        description="fsspec storage options for the URI (e.g. key, secret, client_kwargs).",
+        description="fsspec storage options for the URI (e.g. client_kwargs, profile). Keep "
+        "credentials out of the spec: a string value '${env:NAME}' is read from the worker's "
+        "environment at run time, and storage_options_secret names a Prefect Secret block.",
+    )
+    storage_options_secret: str | None = Field(
+        None,
+        min_length=1,
+        description="Name of a Prefect Secret block holding a JSON object of storage options "
+        "(e.g. key and secret) merged over storage_options at run time; never recorded.",
     )
     image_format: Literal["jpeg", "png", "webp"] = Field("jpeg", description="Image file format.")
     quality: int = Field(95, ge=1, le=100, description="jpeg/webp quality (ignored by png).")
@@ -453,6 +461,13 @@ class ComputeSpec(_Section):
         description="Shards submitted but not finished, at most; shards are submitted as "
         "others finish, so a 40k-shard job never holds 40k task runs. Null: 2 per device, "
         "or 256 with a dask_address (the cluster's size is not known in advance).",
+    )
+
+    device_limits: Literal["gpu", "all", "off"] = Field(
+        "gpu",
+        description="Prefect global concurrency limits, one slot per device (gpu-<host>-<index>), "
+        "so shards of concurrent jobs never share a device: gpu = CUDA devices only, all = CPU "
+        "and MPS too, off = none (for runs without a Prefect server's limits).",
     )
 
     @field_validator("devices")
@@ -609,7 +624,7 @@ HASH_EXCLUDED: dict[str, Any] = {
     "license": True,
     "models": {"dir": True, "device": True},
     "generation": {"batch_size": True, "batch_buckets": True, "compile": True},
-    "output": {"uri": True, "storage_options": True},
+    "output": {"uri": True, "storage_options": True, "storage_options_secret": True},
     "compute": True,
 }
 

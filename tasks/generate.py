@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
@@ -12,6 +12,7 @@ from arc2face_engine.errors import UserError
 from schemas.job import JobSpec
 from tasks import progress
 from tasks.devices import claim_device
+from tasks.slots import slot_guard
 
 
 @task(name="prepare-dataset", cache_policy=NO_CACHE, persist_result=False)
@@ -41,10 +42,17 @@ def _worth_retrying(task, task_run, state) -> bool:
     retry_condition_fn=_worth_retrying,
 )
 def generate_shard(spec: JobSpec, job: ShardJob) -> ShardResult:
-    """Generate, verify and commit one shard on a device of this worker."""
+    """Generate, verify and commit one shard on a device of this worker, holding the
+    device's cross-job slot (tasks/slots.py) while it generates."""
     on_batch = progress.callback_for(flow_run.get_id())
-    with claim_device(spec.compute.devices) as device:
-        return dataset_job.generate_shard(spec, job, device=device, on_batch=on_batch)
+    with claim_device(spec.compute.devices) as placement:
+        label = f"shard {job.plan.shard:05d}"
+        worker = f" (Dask worker {placement.worker})" if placement.worker else ""
+        get_run_logger().info(f"{label} on {placement.device}{worker}")
+        guard = slot_guard(placement, spec.compute.device_limits, label)
+        return dataset_job.generate_shard(
+            spec, job, device=placement.device, on_batch=on_batch, hold_device=guard
+        )
 
 
 @task(name="finalize-dataset", cache_policy=NO_CACHE, persist_result=False)

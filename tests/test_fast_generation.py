@@ -172,11 +172,12 @@ def _dataset_bytes(root: Path) -> tuple[list[dict], dict[str, str]]:
 
 def test_overlapped_commits_keep_the_dataset_identical(tiny_models, tmp_path, monkeypatch):
     sequential = job_spec(tiny_models, tmp_path / "sequential", batch_size=4)
-    writer = dataset_job.prepare_dataset(sequential)
-    table = dataset_job.build_identities(sequential, writer)
-    for job in dataset_job.shard_jobs(sequential, table):
-        dataset_job.generate_shard(sequential, job)  # waits for each commit
-    dataset_job.finalize_dataset(sequential)
+    with dataset_job.writer_lease(sequential) as lease:
+        writer = dataset_job.prepare_dataset(sequential, lease.token)
+        table = dataset_job.build_identities(sequential, writer)
+        for job in dataset_job.shard_jobs(sequential, table, lease.token):
+            dataset_job.generate_shard(sequential, job)  # waits for each commit
+        dataset_job.finalize_dataset(sequential, lease.token)
 
     events: list[tuple[str, int]] = []
     lock = threading.Lock()

@@ -273,7 +273,7 @@ def test_shard_user_errors_are_not_retried_and_surface_as_themselves(
 
     calls = []
 
-    def failing(spec, job, device="auto", on_batch=None):
+    def failing(spec, job, device="auto", on_batch=None, **_):
         calls.append(job.plan.shard)
         raise BankError("pose bank changed under the job: rebuild it")
 

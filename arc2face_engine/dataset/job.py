@@ -10,6 +10,7 @@ import datetime as dt
 import hashlib
 import threading
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from importlib import metadata
 from typing import TYPE_CHECKING
@@ -159,7 +160,9 @@ def preflight(spec: JobSpec) -> None:
         return
     if spec.identities.source == "random" and spec.identities.project_to_manifold:
         return  # needs the engine: built by the job (the candidates are bounded by count)
-    _PREPARED[_prepared_key(spec)] = make_identities(spec)
+    key = _prepared_key(spec)
+    if key not in _PREPARED:  # the CLI checks before Prefect starts, the flow again
+        _PREPARED[key] = make_identities(spec)
 
 
 # Identities built by preflight for a new dataset, handed to build_identities in the same
@@ -335,9 +338,12 @@ def start_shard(
     job: ShardJob,
     device: str = "auto",
     on_batch: Callable[[int, int], None] | None = None,
+    hold_device: Callable[[], AbstractContextManager] = nullcontext,
 ) -> PendingCommit:
     """Generate and verify one shard on this process's worker for `device`; returns as
-    soon as the device is free, with the shard's writes and commit still running."""
+    soon as the device is free, with the shard's writes and commit still running.
+    `hold_device()` is held with the device lock: the orchestrator's cross-job turn on
+    the device (tasks/slots.py), released before the commit like the lock."""
     try:
         worker = worker_for(spec, device)
     except UserError:
@@ -347,7 +353,7 @@ def start_shard(
         # says what to fix) when it no longer opens; anything else propagates unchanged.
         store.check_model_files(spec.models.dir, required_components(spec))
         raise
-    with worker.lock:  # one generation at a time per device
+    with worker.lock, hold_device():  # one generation at a time per device
         return run_shard(
             job,
             open_writer(spec, job.lease_token),
@@ -364,10 +370,11 @@ def generate_shard(
     job: ShardJob,
     device: str = "auto",
     on_batch: Callable[[int, int], None] | None = None,
+    hold_device: Callable[[], AbstractContextManager] = nullcontext,
 ) -> ShardResult:
     """Run one shard to its commit. The device lock is released before the commit, so
     another shard task on the same device generates while this one drains."""
-    return start_shard(spec, job, device, on_batch).result()
+    return start_shard(spec, job, device, on_batch, hold_device).result()
 
 
 def finalize_dataset(spec: JobSpec, lease_token: str | None = None) -> DatasetInfo:
