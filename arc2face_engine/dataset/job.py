@@ -11,6 +11,7 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from importlib import metadata
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -31,7 +32,12 @@ from arc2face_engine.expressions import ExpressionBank, load_expression_bank
 from arc2face_engine.poses import PoseBank, load_pose_bank
 from arc2face_engine.seeding import image_seed
 from schemas.job import JobSpec, recorded_spec, spec_hash
-from schemas.tables import DatasetCounts, DatasetInfo
+from schemas.tables import EMBEDDING_DIM, DatasetCounts, DatasetInfo, vector_matrix
+
+if TYPE_CHECKING:
+    import torch
+
+    from arc2face_engine.exclusion import ExclusionGallery
 
 PACKAGES = ("arc2face-synth", "torch", "diffusers", "transformers", "insightface", "onnxruntime")
 
@@ -127,6 +133,7 @@ def preflight(spec: JobSpec) -> None:
         identities.load_embedding_file(source.path, spec.output.storage_options, limit=source.count)
     elif source.source == "images":
         identities.list_image_files(source.path, spec.output.storage_options)
+    check_identity_galleries(spec)
 
 
 def open_writer(spec: JobSpec) -> DatasetWriter:
@@ -160,11 +167,16 @@ def build_identities(spec: JobSpec, writer: DatasetWriter) -> pa.Table:
     from arc2face_engine import identities
 
     source = spec.identities
+    gallery = _exclusion_gallery(spec)
+    rejected = _RejectionCounter(gallery)
     if source.source == "random":
         project = _manifold_projector(spec) if source.project_to_manifold else None
         table = identities.sample_random(
-            source.count, source.separation, spec.seed, project=project
+            source.count, source.separation, spec.seed, project=project,
+            allowed=rejected.allowed if gallery else None,
         )
+    elif source.source == "packed":
+        table = _packed_identities(spec)
     elif source.source == "file":
         table = identities.load_embedding_file(
             source.path, spec.output.storage_options, limit=source.count
@@ -176,8 +188,105 @@ def build_identities(spec: JobSpec, writer: DatasetWriter) -> pa.Table:
         )
         for path, reason in skipped:
             print(f"skipped {path}: {reason}")
+    if gallery is not None:
+        table = _exclude(spec, writer, table, gallery, rejected.count)
     writer.write_identities(table)
     return table
+
+
+# --- identity galleries: packing's face manifold and the exclusion gallery -------------------
+
+
+def check_identity_galleries(spec: JobSpec) -> None:
+    """Preflight: the galleries the identity source uses are readable, and a file source
+    already meets the exclusion (refused naming the first identity if not)."""
+    from arc2face_engine import exclusion, identities
+
+    source = spec.identities
+    if source.source == "packed" and source.packing.gallery:
+        identities.read_embedding_matrix(
+            source.packing.gallery, spec.output.storage_options, "identities.packing.gallery"
+        )
+    gallery = _exclusion_gallery(spec)
+    if gallery is not None and source.source == "file":
+        table = identities.load_embedding_file(
+            source.path, spec.output.storage_options, limit=source.count
+        )
+        exclusion.apply_exclusion(table, gallery, "file")
+
+
+def _search_device(spec: JobSpec) -> torch.device:
+    from arc2face_engine.generation import resolve_device
+
+    return resolve_device(spec.models.device)
+
+
+def _exclusion_gallery(spec: JobSpec) -> ExclusionGallery | None:
+    from arc2face_engine.exclusion import ExclusionGallery
+
+    settings = spec.identities.exclusion
+    if not settings.gallery:
+        return None
+    return ExclusionGallery.load(
+        settings.gallery, settings.max_cosine, spec.output.storage_options, _search_device(spec)
+    )
+
+
+class _RejectionCounter:
+    """The exclusion filter for random sampling, counting the candidates it rejects."""
+
+    def __init__(self, gallery: ExclusionGallery | None) -> None:
+        self.gallery = gallery
+        self.count = 0
+
+    def allowed(self, candidates: np.ndarray) -> np.ndarray:
+        mask = self.gallery.allowed(candidates)
+        self.count += int((~mask).sum())
+        return mask
+
+
+def _exclude(
+    spec: JobSpec, writer: DatasetWriter, table: pa.Table, gallery: ExclusionGallery, rejected: int
+) -> pa.Table:
+    """Make the identities meet the exclusion; record the report in dataset.json."""
+    from arc2face_engine.exclusion import apply_exclusion
+
+    table, report, dropped = apply_exclusion(table, gallery, spec.identities.source, rejected)
+    for name in dropped:
+        print(
+            f"dropped {name}: within cosine {gallery.max_cosine:g} of the exclusion gallery"
+        )
+    info = writer.read_dataset_json()
+    if info is not None:
+        info.exclusion_report = report
+        writer.write_dataset_json(info)
+    return table
+
+
+def _packed_identities(spec: JobSpec) -> pa.Table:
+    from arc2face_engine import identities
+    from arc2face_engine.packing import PackingOptions, sample_packed
+
+    settings = spec.identities.packing
+    if settings.gallery:
+        manifold = identities.read_embedding_matrix(
+            settings.gallery, spec.output.storage_options, "identities.packing.gallery"
+        )[0]
+    else:  # the project's own face manifold: ArcFace re-embeddings of Arc2Face probe images
+        probes = identities.sample_random(
+            settings.probes, 1.0, spec.seed, project=_manifold_projector(spec)
+        )
+        manifold = vector_matrix(probes.column("embedding"), EMBEDDING_DIM)
+    options = PackingOptions(
+        separation_target=settings.separation_target,
+        manifold_weight=settings.manifold_weight,
+        steps=settings.steps,
+        learning_rate=settings.learning_rate,
+        neighbours=settings.neighbours,
+    )
+    return sample_packed(
+        spec.identities.count, manifold, spec.seed, options, _search_device(spec)
+    )
 
 
 def _manifold_projector(spec: JobSpec) -> Callable[[np.ndarray], np.ndarray | None]:
