@@ -99,7 +99,8 @@ def push_away(embeddings: np.ndarray, gallery: ExclusionGallery) -> tuple[np.nda
         if not over.any():
             return moved, int(touched.sum())
         rows, index = rows[over], index[over]
-        nearest = gallery.embeddings[torch.as_tensor(index)].cpu().numpy()
+        nearest = gallery.embeddings[torch.as_tensor(index).to(gallery.embeddings.device)]
+        nearest = nearest.cpu().numpy()
         moved[rows] = _rotate_to(moved[rows], nearest, gallery.max_cosine - PUSH_MARGIN)
         touched[rows] = True
     raise SpecError(

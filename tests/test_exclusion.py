@@ -194,3 +194,16 @@ def test_bad_gallery_is_one_line_exit_2_before_anything_is_written(
     assert failed.stderr.startswith("error: ") and failed.stderr.strip().count("\n") == 0
     assert re.search(message, failed.stderr), failed.stderr
     assert not (tmp_path / "ds").exists()
+
+
+def test_spec_sections_for_packing_and_exclusion():
+    from schemas.job import parse_spec
+
+    spec = parse_spec({"name": "x", "identities": {"source": "packed"}})
+    assert spec.identities.count == 100
+    assert spec.identities.exclusion.gallery is None and spec.identities.exclusion.max_cosine == 0.5
+    assert spec.identities.packing.gallery is None and spec.identities.packing.probes == 256
+    with pytest.raises(SpecError, match="source 'packed' reads no file"):
+        parse_spec({"name": "x", "identities": {"source": "packed", "path": "a.npy"}})
+    with pytest.raises(SpecError, match=r"identities\.exclusion\.max_cosine"):
+        parse_spec({"name": "x", "identities": {"exclusion": {"max_cosine": 1.5}}})
