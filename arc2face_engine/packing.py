@@ -16,7 +16,9 @@ up, the weight how hard they are kept near the gallery.
 Scale: the N x N similarity matrix is never built. Neighbour lists are searched every
 `refresh_every` steps, exactly when everything fits in `probes` cells of `cell_rows`,
 else in an inverted-file fashion: identities are grouped into cells by spherical k-means
-and each searches the cells of its `probes` nearest centroids. Steps then only touch each
+and each searches the cells of its `probes` nearest centroids; the last search is exact
+(all pairs in blocks of the upper triangle), so the closest pairs, which make the minimum
+angle, are pushed apart in the final steps. Steps then only touch each
 identity's k listed neighbours, in anchor chunks of `batch_size`, so memory is
 O(N * 512 + batch_size * (k + KEY_BLOCK) floats). Every step updates all identities from
 the previous positions (a Jacobi step), so the result depends on the seed and the options,
