@@ -7,6 +7,7 @@ source name and a provenance string that says where each row came from.
 
 from __future__ import annotations
 
+import hashlib
 import io
 from collections.abc import Callable, Sequence
 from typing import Any, BinaryIO
@@ -30,8 +31,12 @@ IDENTITY_STREAM = 0x1DE7
 # similarity matrix to BLOCK x ACCEPTED_CHUNK float32 (32 MiB) however many identities exist.
 BLOCK = 1024
 ACCEPTED_CHUNK = 8192
+# Gallery rows validated and normalised per block while a gallery file is read.
+GALLERY_BLOCK = 65_536
 
 Projector = Callable[[np.ndarray], "np.ndarray | None"]
+# Exclusion filter: (n, 512) candidates -> (n,) bool mask of those allowed.
+Allowed = Callable[[np.ndarray], np.ndarray]
 
 
 def identity_ids(count: int) -> list[str]:
@@ -101,6 +106,7 @@ def sample_random(
     seed: int,
     project: Projector | None = None,
     max_candidates: int | None = None,
+    allowed: Allowed | None = None,
 ) -> pa.Table:
     """`count` unit vectors whose pairwise cosine is at most `separation`.
 
@@ -108,32 +114,40 @@ def sample_random(
     its cosine to every identity kept so far is <= separation (greedy, so the
     result does not depend on block sizes). With `project`, each candidate is
     replaced by `project(candidate)` (e.g. generate a probe image and re-embed
-    it) before the check, and dropped when that returns None.
+    it) before the check, and dropped when that returns None. With `allowed`
+    (the exclusion filter), candidates it refuses are dropped before the check.
     Raises SpecError when `max_candidates` (default max(1000, 10 * count)) run out.
     """
     if count <= 0:
         raise ValueError(f"count must be > 0, got {count}")
     budget = max_candidates if max_candidates is not None else max(1000, 10 * count)
     rng = np.random.default_rng([seed, IDENTITY_STREAM])
+    allowed = allowed or _allow_all
     if project is None:
-        embeddings, kept = _sample_blocks(rng, count, separation, budget)
+        embeddings, kept = _sample_blocks(rng, count, separation, budget, allowed)
         label = "candidate"
     else:
-        embeddings, kept = _sample_projected(rng, count, separation, budget, project)
+        embeddings, kept = _sample_projected(rng, count, separation, budget, project, allowed)
         label = "projected candidate"
     provenance = [f"random seed={seed} {label}={index}" for index in kept]
     return build_identities_table(embeddings, "random", provenance)
 
 
+def _allow_all(candidates: np.ndarray) -> np.ndarray:
+    return np.ones(len(candidates), dtype=bool)
+
+
 def _sample_blocks(
-    rng: np.random.Generator, count: int, separation: float, budget: int
+    rng: np.random.Generator, count: int, separation: float, budget: int, allowed: Allowed
 ) -> tuple[np.ndarray, list[int]]:
     accepted = np.empty((count, EMBEDDING_DIM), dtype=np.float32)
     kept: list[int] = []
     drawn = 0
     while len(kept) < count and drawn < budget:
         block = _unit_rows(rng, min(BLOCK, budget - drawn))
-        survivors = np.flatnonzero(_max_cosine(block, accepted[: len(kept)]) <= separation)
+        survivors = np.flatnonzero(
+            allowed(block) & (_max_cosine(block, accepted[: len(kept)]) <= separation)
+        )
         survivors = survivors[_greedy_within(block[survivors], separation)]
         survivors = survivors[: count - len(kept)]
         accepted[len(kept) : len(kept) + len(survivors)] = block[survivors]
@@ -145,7 +159,12 @@ def _sample_blocks(
 
 
 def _sample_projected(
-    rng: np.random.Generator, count: int, separation: float, budget: int, project: Projector
+    rng: np.random.Generator,
+    count: int,
+    separation: float,
+    budget: int,
+    project: Projector,
+    allowed: Allowed,
 ) -> tuple[np.ndarray, list[int]]:
     accepted = np.empty((count, EMBEDDING_DIM), dtype=np.float32)
     kept: list[int] = []
@@ -157,6 +176,8 @@ def _sample_projected(
         if projected is None:
             continue
         vector = _unit_vector(projected)
+        if not allowed(vector[None])[0]:
+            continue
         if _max_cosine(vector[None], accepted[: len(kept)])[0] <= separation:
             accepted[len(kept)] = vector
             kept.append(candidate_index)
@@ -184,16 +205,19 @@ def _suffix(uri: str) -> str:
     return name[name.rfind(".") :] if "." in name else ""
 
 
-def _open_embedding_file(uri: str, storage_options: dict[str, Any] | None) -> BinaryIO:
+def _open_embedding_file(
+    uri: str, storage_options: dict[str, Any] | None, setting: str = "identities.path"
+) -> BinaryIO:
     if _suffix(uri) not in (".parquet", ".npy"):
         raise EmbeddingFileError(
-            f"embedding file {uri} has an unsupported extension: use a .parquet or .npy file"
+            f"embedding file {uri} ({setting}) has an unsupported extension: "
+            "use a .parquet or .npy file"
         )
     fs, path = fsspec.core.url_to_fs(str(uri), **(storage_options or {}))
     try:
         return fs.open(path, "rb")
     except FileNotFoundError:
-        raise EmbeddingFileError(f"embedding file {uri} not found: check identities.path") from None
+        raise EmbeddingFileError(f"embedding file {uri} not found: check {setting}") from None
 
 
 def _npy_header(handle: BinaryIO, uri: str) -> tuple[tuple[int, ...], bool, np.dtype]:
@@ -255,7 +279,7 @@ def _read_npy(handle: BinaryIO, uri: str, limit: int | None) -> np.ndarray:
     return array[:limit] if limit is not None else array
 
 
-def _parquet_embeddings(column: pa.ChunkedArray, uri: str) -> np.ndarray:
+def _parquet_embeddings(column: pa.ChunkedArray, uri: str, first_row: int = 0) -> np.ndarray:
     array = column.combine_chunks()
     kind = array.type
     if not (
@@ -266,7 +290,7 @@ def _parquet_embeddings(column: pa.ChunkedArray, uri: str) -> np.ndarray:
             f"of {EMBEDDING_DIM} values"
         )
     if array.null_count:
-        row = pc.index(array.is_null(), True).as_py()
+        row = first_row + pc.index(array.is_null(), True).as_py()
         raise EmbeddingFileError(
             f"embedding file {uri} row {row} has no embedding: remove or fill that row"
         )
@@ -277,7 +301,7 @@ def _parquet_embeddings(column: pa.ChunkedArray, uri: str) -> np.ndarray:
     if len(wrong):
         row = int(wrong[0])
         raise EmbeddingFileError(
-            f"embedding file {uri} row {row} has {lengths[row]} values, expected "
+            f"embedding file {uri} row {first_row + row} has {lengths[row]} values, expected "
             f"{EMBEDDING_DIM}: save one {EMBEDDING_DIM}-d ArcFace embedding per row"
         )
     return vector_matrix(array, EMBEDDING_DIM)
@@ -337,18 +361,18 @@ def _read_parquet(
     return embeddings, ids
 
 
-def _normalised_rows(embeddings: np.ndarray, uri: str) -> np.ndarray:
+def _normalised_rows(embeddings: np.ndarray, uri: str, first_row: int = 0) -> np.ndarray:
     """Unit rows, refusing NaN/inf and all-zero rows with the first bad row's index."""
     rows = np.asarray(embeddings, dtype=np.float32)
     finite = np.isfinite(rows).all(axis=1)
     if not finite.all():
-        row = int(np.argmin(finite))
+        row = first_row + int(np.argmin(finite))
         raise EmbeddingFileError(
             f"embedding file {uri} row {row} holds NaN or inf: fix or remove that row"
         )
     norms = np.linalg.norm(rows, axis=1)
     if (norms == 0).any():
-        row = int(np.argmax(norms == 0))
+        row = first_row + int(np.argmax(norms == 0))
         raise EmbeddingFileError(
             f"embedding file {uri} row {row} is all zeros: fix or remove that row"
         )
@@ -387,6 +411,72 @@ def load_embedding_file(
     embeddings = _normalised_rows(embeddings, uri)
     provenance = [f"file {uri} row {row}" for row in range(len(embeddings))]
     return build_identities_table(embeddings, "file", provenance, ids)
+
+
+def read_embedding_matrix(
+    uri: str, storage_options: dict[str, Any] | None = None, setting: str = "identities.path"
+) -> tuple[np.ndarray, str]:
+    """(N x 512 unit float32 rows, sha256 of the file's bytes) of a gallery file.
+
+    Streamed: rows are read in blocks into one preallocated matrix, so a million-row
+    gallery needs its 2 GB once, not a table and a copy on top. `setting` names the spec
+    field in error messages.
+    """
+    with _open_embedding_file(uri, storage_options, setting) as handle:
+        digest = _sha256(handle)
+        handle.seek(0)
+        if _suffix(uri) == ".npy":
+            return _read_npy_matrix(handle, uri), digest
+        return _read_parquet_matrix(handle, uri), digest
+
+
+def _sha256(handle: BinaryIO) -> str:
+    digest = hashlib.sha256()
+    for chunk in iter(lambda: handle.read(1 << 23), b""):
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _read_npy_matrix(handle: BinaryIO, uri: str) -> np.ndarray:
+    shape, fortran_order, dtype = _npy_header(handle, uri)
+    if not shape or fortran_order:  # rare layouts: let numpy read the whole array
+        handle.seek(0)
+        return _normalised_rows(_read_npy(handle, uri, None), uri)
+    _check_float(dtype, uri)
+    _check_shape(shape, uri)
+    matrix = np.empty(shape, dtype=np.float32)
+    for start in range(0, shape[0], GALLERY_BLOCK):
+        rows = min(GALLERY_BLOCK, shape[0] - start)
+        data = handle.read(rows * EMBEDDING_DIM * dtype.itemsize)
+        if len(data) < rows * EMBEDDING_DIM * dtype.itemsize:
+            raise EmbeddingFileError(f"embedding file {uri} is truncated: write it again")
+        block = np.frombuffer(data, dtype=dtype).reshape(rows, EMBEDDING_DIM)
+        matrix[start : start + rows] = _normalised_rows(block, uri, start)
+    return matrix
+
+
+def _read_parquet_matrix(handle: BinaryIO, uri: str) -> np.ndarray:
+    try:
+        parquet = pq.ParquetFile(handle)
+    except pa.ArrowInvalid as error:
+        raise EmbeddingFileError(
+            f"embedding file {uri} is not a valid Parquet file ({error}): rewrite it"
+        ) from None
+    if "embedding" not in parquet.schema_arrow.names:
+        raise EmbeddingFileError(
+            f"embedding file {uri} has no 'embedding' column (found {parquet.schema_arrow.names}): "
+            f"name the {EMBEDDING_DIM}-value list column 'embedding'"
+        )
+    total = parquet.metadata.num_rows
+    if total == 0:
+        raise EmbeddingFileError(f"embedding file {uri} holds no rows: add embeddings")
+    matrix = np.empty((total, EMBEDDING_DIM), dtype=np.float32)
+    start = 0
+    for batch in parquet.iter_batches(columns=["embedding"], batch_size=GALLERY_BLOCK):
+        block = _parquet_embeddings(pa.chunked_array([batch.column(0)]), uri, start)
+        matrix[start : start + len(block)] = _normalised_rows(block, uri, start)
+        start += len(block)
+    return matrix
 
 
 # --- photos -----------------------------------------------------------------------------------

@@ -103,10 +103,63 @@ class ModelsSpec(_Section):
     check_device = field_validator("device")(_check_device)
 
 
+class PackingSpec(_Section):
+    """Identity packing (source packed): spread identities apart near the face manifold."""
+
+    gallery: str | None = Field(
+        None,
+        description="Face-manifold gallery: .parquet (column 'embedding') or .npy of M x 512 "
+        "ArcFace embeddings of real-looking faces, local path or URI; null: build one from "
+        "`probes` Arc2Face probe images (generate, re-embed with ArcFace).",
+    )
+    probes: int = Field(
+        256, gt=0, description="gallery null: how many probe images build the gallery."
+    )
+    separation_target: float = Field(
+        0.2,
+        gt=-1.0,
+        lt=1.0,
+        description="Cosine the optimiser pushes every nearest-neighbour pair below; pairs "
+        "already below it stop repelling, and the manifold term pulls them back to real faces.",
+    )
+    manifold_weight: float = Field(
+        0.5,
+        ge=0.0,
+        description="Pull towards the nearest gallery embedding; higher = closer to real faces, "
+        "less separation.",
+    )
+    steps: int = Field(100, gt=0, description="Projected gradient steps.")
+    learning_rate: float = Field(
+        0.05, gt=0.0, le=1.0, description="First step length (about radians); cosine decay."
+    )
+    neighbours: int = Field(
+        8, gt=0, le=256, description="Nearest identities each identity is pushed away from."
+    )
+
+
+class ExclusionSpec(_Section):
+    """Privacy by construction: no identity near a gallery of real people."""
+
+    gallery: str | None = Field(
+        None,
+        description="Embeddings of real people no identity may resemble (e.g. of evaluation "
+        "sets): .parquet (column 'embedding') or .npy of N x 512, local path or URI; null: off.",
+    )
+    max_cosine: float = Field(
+        0.5,
+        gt=-1.0,
+        lt=1.0,
+        description="No identity may have a cosine above this to any gallery embedding: random "
+        "and packed identities are resampled or moved, a file that breaks it is refused, photos "
+        "that break it are dropped and listed.",
+    )
+
+
 class IdentitiesSpec(_Section):
-    source: Literal["random", "file", "images"] = Field(
+    source: Literal["random", "packed", "file", "images"] = Field(
         "random",
-        description="random: sample ArcFace embeddings on the unit sphere; file: read a "
+        description="random: sample ArcFace embeddings on the unit sphere; packed: optimise "
+        "them apart near a face-manifold gallery (see packing); file: read a "
         ".parquet/.npy of N x 512 embeddings; images: embed the largest face of each photo "
         "in a folder.",
     )
@@ -115,7 +168,7 @@ class IdentitiesSpec(_Section):
         gt=0,
         le=MAX_IDENTITIES,
         validate_default=True,
-        description=f"random: how many identities (default {DEFAULT_RANDOM_COUNT}); "
+        description=f"random/packed: how many identities (default {DEFAULT_RANDOM_COUNT}); "
         "file/images: optional cap on how many rows/photos are used (default all).",
     )
     separation: float = Field(
@@ -137,11 +190,18 @@ class IdentitiesSpec(_Section):
         description="random: generate a probe image per candidate, re-embed it with ArcFace and "
         "keep the re-embedded vector (costs one generation per candidate).",
     )
+    packing: PackingSpec = Field(
+        default_factory=PackingSpec, description="packed: gallery and optimiser settings."
+    )
+    exclusion: ExclusionSpec = Field(
+        default_factory=ExclusionSpec,
+        description="Every source: keep identities away from a gallery of real people.",
+    )
 
     @field_validator("count")
     @classmethod
     def _default_random_count(cls, count: int | None, info: ValidationInfo) -> int | None:
-        if count is None and info.data.get("source") == "random":
+        if count is None and info.data.get("source") in ("random", "packed"):
             return DEFAULT_RANDOM_COUNT
         return count
 
@@ -152,9 +212,9 @@ class IdentitiesSpec(_Section):
         if source in ("file", "images") and not path:
             what = "a .parquet/.npy embedding file" if source == "file" else "a folder of photos"
             raise ValueError(f"source '{source}' needs a path: set it to {what}")
-        if source == "random" and path:
+        if source in ("random", "packed") and path:
             raise ValueError(
-                "source 'random' reads no file: remove path or set source to file/images"
+                f"source '{source}' reads no file: remove path or set source to file/images"
             )
         return path
 

@@ -125,6 +125,16 @@ class DatasetCounts(BaseModel):
     reject_reasons: dict[str, int] = Field(default_factory=dict)
 
 
+class ExclusionReport(BaseModel):
+    """How the identities meet `identities.exclusion` (arc2face_engine/exclusion.py)."""
+
+    gallery_sha256: str
+    gallery_size: int
+    max_cosine: float
+    min_margin: float  # max_cosine - the largest identity-to-gallery cosine (>= 0)
+    excluded: int = 0  # candidates rejected, identities moved or photos dropped to meet it
+
+
 class DatasetInfo(BaseModel):
     """The content of dataset.json."""
 
@@ -143,6 +153,7 @@ class DatasetInfo(BaseModel):
     counts: DatasetCounts = Field(default_factory=DatasetCounts)
     created_at: str
     finished_at: str | None = None
+    exclusion_report: ExclusionReport | None = None
 
 
 def empty_table(schema: pa.Schema) -> pa.Table:

@@ -40,10 +40,12 @@ from arc2face_engine.generation import GenerationSettings
 from arc2face_engine.poses import PoseBank, load_pose_bank
 from arc2face_engine.seeding import image_seed
 from schemas.job import MAX_IDENTITIES, JobSpec, recorded_spec, spec_hash
-from schemas.tables import DatasetCounts, DatasetInfo
+from schemas.tables import EMBEDDING_DIM, DatasetCounts, DatasetInfo, ExclusionReport, vector_matrix
 
 if TYPE_CHECKING:
     import torch
+
+    from arc2face_engine.exclusion import ExclusionGallery
 
 PACKAGES = ("arc2face-synth", "torch", "diffusers", "transformers", "insightface", "onnxruntime")
 
@@ -158,8 +160,9 @@ def preflight(spec: JobSpec) -> None:
         # reads them again under the lease).
         safety.read_recorded_identities(writer, info)
         return
-    if spec.identities.source == "random" and spec.identities.project_to_manifold:
-        return  # needs the engine: built by the job (the candidates are bounded by count)
+    if _identities_need_engine(spec):
+        check_identity_galleries(spec)  # the rest is built by the job, with the engine
+        return
     key = _prepared_key(spec)
     if key not in _PREPARED:  # the CLI checks before Prefect starts, the flow again
         _PREPARED[key] = make_identities(spec)
@@ -167,7 +170,7 @@ def preflight(spec: JobSpec) -> None:
 
 # Identities built by preflight for a new dataset, handed to build_identities in the same
 # process so they are made once; keyed by output and spec hash.
-_PREPARED: dict[tuple[str, str], pa.Table] = {}
+_PREPARED: dict[tuple[str, str], tuple[pa.Table, ExclusionReport | None]] = {}
 
 
 def check_face_analysis_device(spec: JobSpec, device: torch.device) -> None:
@@ -243,39 +246,58 @@ def build_identities(spec: JobSpec, writer: DatasetWriter) -> pa.Table:
             info.identities_sha256 = hashlib.sha256(data).hexdigest()
             writer.write_dataset_json(info)
         return table
-    table = prepared if prepared is not None else make_identities(spec)
+    table, report = prepared if prepared is not None else make_identities(spec)
     digest = writer.write_identities(table)
     if info is not None:
         info.identities_sha256 = digest
+        info.exclusion_report = report
         writer.write_dataset_json(info)
     return table
 
 
-def make_identities(spec: JobSpec) -> pa.Table:
+def make_identities(spec: JobSpec) -> tuple[pa.Table, ExclusionReport | None]:
     """The identities table from the spec's source; skipped photos are printed (with their
     reason) on the console of the process that runs this."""
     from arc2face_engine import identities
 
     source = spec.identities
+    gallery = _exclusion_gallery(spec)
+    rejected = _RejectionCounter(gallery)
     if source.source == "random":
         project = _manifold_projector(spec) if source.project_to_manifold else None
-        return identities.sample_random(source.count, source.separation, spec.seed, project=project)
-    if source.source == "file":
+        table = identities.sample_random(
+            source.count, source.separation, spec.seed, project=project,
+            allowed=rejected.allowed if gallery else None,
+        )
+    elif source.source == "packed":
+        table = _packed_identities(spec)
+    elif source.source == "file":
         rows = identities.embedding_file_rows(source.path, spec.output.storage_options)
         if source.count is None and rows > MAX_IDENTITIES:
             raise SpecError(
                 f"embedding file {source.path} holds {rows:,} identities, more than "
                 f"{MAX_IDENTITIES:,}: set identities.count to use the first ones"
             )
-        return identities.load_embedding_file(
+        table = identities.load_embedding_file(
             source.path, spec.output.storage_options, limit=source.count
         )
-    table, skipped = identities.embed_image_folder(
-        source.path, _photo_analyzer(spec), spec.output.storage_options, limit=source.count
-    )
-    for path, reason in skipped:
-        print(f"skipped {path}: {reason}", flush=True)
-    return table
+    else:
+        table, skipped = identities.embed_image_folder(
+            source.path, _photo_analyzer(spec), spec.output.storage_options, limit=source.count
+        )
+        for path, reason in skipped:
+            print(f"skipped {path}: {reason}", flush=True)
+    if gallery is None:
+        return table, None
+    return _exclude(spec, table, gallery, rejected.count)
+
+
+def _identities_need_engine(spec: JobSpec) -> bool:
+    """Sources that generate probe images, so the job builds them once models are loaded."""
+    source = spec.identities
+    if source.source == "random":
+        return source.project_to_manifold
+    return source.source == "packed" and not source.packing.gallery
 
 
 def _photo_analyzer(spec: JobSpec):
@@ -286,6 +308,98 @@ def _photo_analyzer(spec: JobSpec):
         spec.generation.height, spec.generation.width, spec.filter.min_det_score
     )
     return FaceAnalyzer.from_models_dir(spec.models.dir, det_size=det_size, det_thresh=det_thresh)
+
+
+# --- identity galleries: packing's face manifold and the exclusion gallery -------------------
+
+
+def check_identity_galleries(spec: JobSpec) -> None:
+    """Preflight: the galleries the identity source uses are readable, and a file source
+    already meets the exclusion (refused naming the first identity if not)."""
+    from arc2face_engine import exclusion, identities
+
+    source = spec.identities
+    if source.source == "packed" and source.packing.gallery:
+        identities.read_embedding_matrix(
+            source.packing.gallery, spec.output.storage_options, "identities.packing.gallery"
+        )
+    gallery = _exclusion_gallery(spec)
+    if gallery is not None and source.source == "file":
+        table = identities.load_embedding_file(
+            source.path, spec.output.storage_options, limit=source.count
+        )
+        exclusion.apply_exclusion(table, gallery, "file")
+
+
+def _search_device(spec: JobSpec) -> torch.device:
+    from arc2face_engine.generation import resolve_device
+
+    return resolve_device(spec.models.device)
+
+
+def _exclusion_gallery(spec: JobSpec) -> ExclusionGallery | None:
+    from arc2face_engine.exclusion import ExclusionGallery
+
+    settings = spec.identities.exclusion
+    if not settings.gallery:
+        return None
+    return ExclusionGallery.load(
+        settings.gallery, settings.max_cosine, spec.output.storage_options, _search_device(spec)
+    )
+
+
+class _RejectionCounter:
+    """The exclusion filter for random sampling, counting the candidates it rejects."""
+
+    def __init__(self, gallery: ExclusionGallery | None) -> None:
+        self.gallery = gallery
+        self.count = 0
+
+    def allowed(self, candidates: np.ndarray) -> np.ndarray:
+        mask = self.gallery.allowed(candidates)
+        self.count += int((~mask).sum())
+        return mask
+
+
+def _exclude(
+    spec: JobSpec, table: pa.Table, gallery: ExclusionGallery, rejected: int
+) -> tuple[pa.Table, ExclusionReport]:
+    """Make the identities meet the exclusion; the report goes into dataset.json."""
+    from arc2face_engine.exclusion import apply_exclusion
+
+    table, report, dropped = apply_exclusion(table, gallery, spec.identities.source, rejected)
+    for name in dropped:
+        print(
+            f"dropped {name}: within cosine {gallery.max_cosine:g} of the exclusion gallery",
+            flush=True,
+        )
+    return table, report
+
+
+def _packed_identities(spec: JobSpec) -> pa.Table:
+    from arc2face_engine import identities
+    from arc2face_engine.packing import PackingOptions, sample_packed
+
+    settings = spec.identities.packing
+    if settings.gallery:
+        manifold = identities.read_embedding_matrix(
+            settings.gallery, spec.output.storage_options, "identities.packing.gallery"
+        )[0]
+    else:  # the project's own face manifold: ArcFace re-embeddings of Arc2Face probe images
+        probes = identities.sample_random(
+            settings.probes, 1.0, spec.seed, project=_manifold_projector(spec)
+        )
+        manifold = vector_matrix(probes.column("embedding"), EMBEDDING_DIM)
+    options = PackingOptions(
+        separation_target=settings.separation_target,
+        manifold_weight=settings.manifold_weight,
+        steps=settings.steps,
+        learning_rate=settings.learning_rate,
+        neighbours=settings.neighbours,
+    )
+    return sample_packed(
+        spec.identities.count, manifold, spec.seed, options, _search_device(spec)
+    )
 
 
 def _manifold_projector(spec: JobSpec) -> Callable[[np.ndarray], np.ndarray | None]:
