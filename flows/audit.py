@@ -65,16 +65,22 @@ def _export_dataset(
     uri: str,
     out_uri: str,
     fmt: Literal["recordio", "imagefolder", "webdataset", "hf"] = "recordio",
-    align: bool = False,
+    align: bool = True,
     include_rejected: bool = False,
+    overwrite: bool = False,
+    labels: Literal["contiguous", "dataset"] = "contiguous",
+    dali: bool = False,
     storage_options: dict[str, Any] | None = None,
     storage_options_secret: str | None = None,
     out_storage_options: dict[str, Any] | None = None,
 ):
     """Export the accepted images of the dataset at `uri` to `out_uri` as `fmt`, aligned
-    to 112x112 with `align`; output storage options default to the input's."""
+    to 112x112 unless `align` is false; `overwrite` replaces a non-empty `out_uri`;
+    `dali` (recordio): images only, keys 0..N-1. Output storage options default to the
+    input's."""
     resolved = resolve_storage_options(storage_options, storage_options_secret)
     out = resolve_storage_options(out_storage_options, None, "out_storage_options")
+    extra = {"dali": True} if dali else {}
     return export(
         uri,
         out_uri,
@@ -83,6 +89,9 @@ def _export_dataset(
         align=align,
         include_rejected=include_rejected,
         out_storage_options=out or resolved,
+        overwrite=overwrite,
+        labels=labels,
+        **extra,
     )
 
 
