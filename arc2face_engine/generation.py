@@ -20,7 +20,7 @@ import dataclasses
 import os
 import pickle
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,6 +46,7 @@ from arc2face_engine import loading
 from arc2face_engine.adapter_layouts import layout_of, unusable_reason, wants_token_axis
 from arc2face_engine.conditioning import ARCFACE_DIM, IdentityConditioner
 from arc2face_engine.errors import CheckpointMismatch, SpecError, UserError, first_line
+from arc2face_engine.neighbours import CPU_THREADS, pinned_cpu_threads  # noqa: F401 - re-exported
 from arc2face_engine.store import fetch_hint, require
 from schemas.job import (
     DEFAULT_SIZE,
@@ -75,8 +76,6 @@ _MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes any 64-bit value
 # real sizes: a CPU is already saturated by a single 512x512 image. So on CPU every request runs
 # alone (its CFG pair is always the same 2-row batch); GPUs keep full batches.
 _CPU_MICRO_BATCH = 1
-# Intra-op threads for CPU generation (see Arc2FaceEngine._cpu_threads).
-CPU_THREADS = 1
 
 
 # GenerationSettings fields named differently in the spec's generation section.
@@ -677,21 +676,12 @@ class Arc2FaceEngine:
                 images[indices] = self._generate_batch(batch, settings)
         return images
 
-    @contextmanager
-    def _cpu_threads(self) -> Iterator[None]:
+    def _cpu_threads(self) -> AbstractContextManager[None]:
         """Pin torch's intra-op threads on CPU: elementwise kernels take their vectorised
         or scalar path depending on how the work is split across threads (SiLU differs in
         the last bit), so a fixed count keeps images bit-identical whatever the machine's
         core count or task runner (Dask workers start with one thread)."""
-        if self.device.type != "cpu":
-            yield
-            return
-        previous = torch.get_num_threads()
-        torch.set_num_threads(CPU_THREADS)
-        try:
-            yield
-        finally:
-            torch.set_num_threads(previous)
+        return pinned_cpu_threads(self.device)
 
     # -- internals --
 

@@ -17,7 +17,7 @@ QUERY_ROWS = 4096
 KEY_ROWS = 16_384
 # torch intra-op threads on CPU while identities are searched or packed: the thread split
 # changes the last bit of reductions, and identity sets must be the same on every machine
-# (as images are, see generation.CPU_THREADS).
+# (as images are: generation pins CPU generation with the same context manager).
 CPU_THREADS = 1
 
 
