@@ -64,7 +64,8 @@ class ExclusionGallery:
 
     def nearest(self, embeddings: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(largest cosine to the gallery, its gallery row) per embedding."""
-        queries = torch.as_tensor(np.ascontiguousarray(embeddings, dtype=np.float32))
+        # A copy: rows read from Arrow are read-only, which torch warns about.
+        queries = torch.tensor(np.asarray(embeddings, dtype=np.float32))
         with pinned_cpu_threads(self.embeddings.device):
             best, index = max_cosine(queries.to(self.embeddings.device), self.embeddings)
         return best.cpu().numpy(), index.cpu().numpy()

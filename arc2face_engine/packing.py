@@ -14,13 +14,17 @@ until their neighbours are at the target: the target sets how far apart identiti
 up, the weight how hard they are kept near the gallery.
 
 Scale: the N x N similarity matrix is never built. Neighbour lists are searched every
-`refresh_every` steps, exactly when everything fits in `probes` cells of `cell_rows`,
-else in an inverted-file fashion: identities are grouped into cells by spherical k-means
-and each searches the cells of its `probes` nearest centroids; the last search is exact
-(all pairs in blocks of the upper triangle), so the closest pairs, which make the minimum
-angle, are pushed apart in the final steps. Steps then only touch each
-identity's k listed neighbours, in anchor chunks of `batch_size`, so memory is
-O(N * 512 + batch_size * (k + KEY_BLOCK) floats). Every step updates all identities from
+`refresh_every` steps: exactly (all pairs in blocks of the upper triangle) up to
+`exact_rows` identities or when everything fits in `probes` cells of `cell_rows`; above
+that in an inverted-file fashion: identities are grouped into cells by spherical k-means
+and each searches the cells of its `probes` nearest centroids, and the last search is
+exact, so the closest pairs, which make the minimum angle, are pushed apart in the final
+steps. Steps then only touch each identity's k listed neighbours, in anchor chunks of
+`batch_size`, so memory is O(N * 512 + batch_size * (k + KEY_BLOCK) floats).
+
+More identities than gallery rows: rows are shared, and identities that share one start
+about `separation_target` apart rather than as near-copies (_start_noise).
+Every step updates all identities from
 the previous positions (a Jacobi step), so the result depends on the seed and the options,
 not on timing; on CPU torch runs on one thread (neighbours.CPU_THREADS) so reruns give
 identical bytes on any machine.
@@ -43,6 +47,9 @@ from schemas.tables import EMBEDDING_DIM
 # Mixed into the job seed so packing draws never coincide with other uses of the same seed.
 PACKING_STREAM = 0x9AC4
 KMEANS_ITERATIONS = 4
+# Floor of the starting cosine between identities that share a gallery row (_start_noise):
+# below it the start would be almost uniform noise, nowhere near the row.
+MIN_SIBLING_COSINE = 0.05
 # Keys compared per block in a neighbour search: a block is batch_size x KEY_BLOCK floats.
 KEY_BLOCK = 4096
 
@@ -56,11 +63,17 @@ class PackingOptions:
     temperature: float = 0.02  # softness of the soft maximum over neighbour cosines
     neighbours: int = 8  # identities each identity is pushed away from
     gallery_neighbours: int = 4  # gallery candidates for the nearest manifold point
-    refresh_every: int = 25  # steps between neighbour searches
-    init_noise: float = 0.75  # start = normalise(gallery row + init_noise * unit noise)
+    refresh_every: int = 10  # steps between neighbour searches (stale lists let pairs close in)
+    # start = normalise(gallery row + init_noise * unit noise) while every identity has a row
+    # of its own; when rows are shared the noise grows (see _start_noise).
+    init_noise: float = 0.75
     batch_size: int = 4096  # anchors per chunk (bounds memory)
-    cell_rows: int = 4096  # identities per search cell when one search cannot hold all
-    probes: int = 4  # cells each identity searches
+    # Every search is exact (all pairs, in blocks) up to this many identities: 5 TFLOP per
+    # search at 100k, seconds on a GPU, about 150 s on one CPU core. Above it, an
+    # inverted-file search: at 100k it cost the minimum angle 5 degrees (BENCHMARKS.md).
+    exact_rows: int = 131_072
+    cell_rows: int = 4096  # identities per search cell in the inverted-file search
+    probes: int = 8  # cells each identity searches
     # The last search is exact (all pairs, in blocks): a cell search misses some pairs that
     # straddle cells, and the closest pair is what the minimum angle is made of.
     exact_final_search: bool = True
@@ -90,10 +103,11 @@ def pack_identities(
         raise ValueError(f"count must be > 0, got {count}")
     device = torch.device(device)
     generator = torch.Generator().manual_seed(_stream_seed(seed))
-    keys = torch.as_tensor(np.ascontiguousarray(gallery, dtype=np.float32)).to(device)
+    keys = torch.tensor(np.asarray(gallery, dtype=np.float32), device=device)  # a writable copy
     start_rows = _start_rows(count, len(keys), generator)
     noise = torch.randn(count, EMBEDDING_DIM, generator=generator) / math.sqrt(EMBEDDING_DIM)
-    points = _unit(keys[start_rows.to(device)] + options.init_noise * noise.to(device))
+    spread = _start_noise(count, len(keys), options)
+    points = _unit(keys[start_rows.to(device)] + spread * noise.to(device))
     lists: _Lists | None = None
     with pinned_cpu_threads(device):
         for step in range(options.steps):
@@ -128,6 +142,22 @@ def _start_rows(count: int, gallery_rows: int, generator: torch.Generator) -> to
     rounds = -(-count // gallery_rows)
     rows = [torch.randperm(gallery_rows, generator=generator) for _ in range(rounds)]
     return torch.cat(rows)[:count]
+
+
+def _start_noise(count: int, gallery_rows: int, options: PackingOptions) -> float:
+    """Noise scale s of the starting points normalise(row + s * unit noise).
+
+    Two identities started from the same row have cosine about 1 / (1 + s^2): 0.64 at the
+    default 0.75, fine while every identity has a row of its own. With more identities than
+    rows, those siblings would start as near-copies, and a few dozen steps against the
+    manifold pull do not separate them (at 100k identities on a 10k gallery the closest pair
+    stayed at cosine 0.52). So shared rows start their identities about the separation target
+    apart, 1 / (1 + s^2) = target, and the manifold term pulls them in from there.
+    """
+    if count <= gallery_rows:
+        return options.init_noise
+    target = max(options.separation_target, MIN_SIBLING_COSINE)
+    return max(options.init_noise, math.sqrt(1.0 / target - 1.0))
 
 
 def _unit(rows: torch.Tensor) -> torch.Tensor:
@@ -201,7 +231,11 @@ def _search(
     """Top-k identity neighbours (self excluded) and top-k gallery candidates per identity."""
     count = len(points)
     cells = -(-count // options.cell_rows)
-    exact = cells <= options.probes or (final and options.exact_final_search)
+    exact = (
+        count <= options.exact_rows
+        or cells <= options.probes
+        or (final and options.exact_final_search)
+    )
     if exact:  # all pairs (also when every cell would be searched anyway)
         probe = torch.zeros((count, 1), dtype=torch.long, device=points.device)
         key_home = torch.zeros(len(keys), dtype=torch.long, device=points.device)
@@ -320,3 +354,4 @@ def _merge_block(
     best[row_start:stop], best_index[row_start:stop] = merge_top_k(
         best[row_start:stop], best_index[row_start:stop], values, index + column_start, k
     )
+

@@ -295,3 +295,36 @@ def test_export_from_s3(s3_uri, tmp_path: Path) -> None:
 
     fs, root = fsspec.core.url_to_fs(f"{uri}/out", **options)
     assert len(fs.glob(f"{root}/*/*.jpg")) == 4 and fs.exists(f"{root}/labels.csv")
+
+
+def test_object_store_out_checks(s3_uri) -> None:
+    """--out on an object store: a non-empty prefix, an object, or a prefix inside the
+    dataset is refused with nothing written; --overwrite replaces instead of merging."""
+    import fsspec
+
+    uri, options = s3_uri
+    made = make_dataset(f"{uri}/ds", n_identities=2, images_per_identity=2, shards=1,
+                        storage_options=options)  # fmt: skip
+    fs, bucket = fsspec.core.url_to_fs(uri, **options)
+    fs.pipe(f"{bucket}/out/stale/old.jpg", b"stale class")
+    fs.pipe(f"{bucket}/single-object", b"not a folder")
+    before = {path: fs.cat(path) for path in fs.find(bucket)}
+
+    def export(out: str, **kwargs):
+        return export_dataset(made.uri, out, "imagefolder", storage_options=options, **kwargs)
+
+    refusals = [
+        (f"{uri}/out", "is not empty: pass --overwrite"),
+        (f"{uri}/single-object", "is a file"),
+        (f"{uri}/ds/exported", "is inside the dataset"),
+    ]
+    for out, message in refusals:
+        with pytest.raises(ExportError, match=message):
+            export(out)
+        fs.invalidate_cache()
+        assert {path: fs.cat(path) for path in fs.find(bucket)} == before, out
+
+    assert export(f"{uri}/out", overwrite=True).images == 4
+    fs.invalidate_cache()
+    assert not fs.exists(f"{bucket}/out/stale/old.jpg")
+    assert len(fs.glob(f"{bucket}/out/*/*.jpg")) == 4

@@ -59,6 +59,12 @@ def check_options(fmt: str, options: dict[str, Any], allowed: tuple[str, ...]) -
         raise ExportError(f"unknown {fmt} option(s) {', '.join(unknown)}: {fmt} takes {known}")
 
 
+def check_count_option(name: str, value: Any) -> None:
+    """A per-file count option (rows per file, samples per shard): a whole number >= 1."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ExportError(f"{name} must be an integer >= 1, got {value!r}")
+
+
 def _damaged(reader: DatasetReader, what: str) -> DamagedDataset:
     return DamagedDataset(
         f"{what} in dataset {reader.uri}: run `arc2face-synth audit {reader.uri}` "

@@ -18,10 +18,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from arc2face_engine.dataset.exports.base import (
-    ExportError,
     ExportItem,
     ExportPlan,
     ExportResult,
+    check_count_option,
     check_options,
     write_label_map,
 )
@@ -83,8 +83,7 @@ def write_hf_parquet(
 ) -> ExportResult:  # fmt: skip
     """One Parquet file per `rows_per_file` rows (the count of files is known from the plan)."""
     check_options("hf", options, ("rows_per_file",))
-    if not isinstance(rows_per_file, int) or rows_per_file < 1:
-        raise ExportError(f"rows_per_file must be an integer >= 1, got {rows_per_file!r}")
+    check_count_option("rows_per_file", rows_per_file)
     schema = hf_schema(plan.identity_ids)
     n_files = max(1, -(-len(plan) // rows_per_file))  # upper bound when align skips rows
     fs.makedirs(f"{root}/data", exist_ok=True)

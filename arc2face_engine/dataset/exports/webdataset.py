@@ -21,6 +21,7 @@ from arc2face_engine.dataset.exports.base import (
     ExportItem,
     ExportPlan,
     ExportResult,
+    check_count_option,
     check_options,
     write_label_map,
 )
@@ -57,8 +58,7 @@ def write_webdataset(
     samples_per_shard: int = 1000, **options,
 ) -> ExportResult:  # fmt: skip
     check_options("webdataset", options, ("samples_per_shard",))
-    if not isinstance(samples_per_shard, int) or samples_per_shard < 1:
-        raise ExportError(f"samples_per_shard must be an integer >= 1, got {samples_per_shard!r}")
+    check_count_option("samples_per_shard", samples_per_shard)
     files: list[str] = []
     labels: Counter = Counter()
     images = 0
