@@ -47,8 +47,10 @@ def ensure_limit(name: str) -> None:
 
 @contextmanager
 def hold_slot(placement: Placement, label: str) -> Iterator[None]:
-    """Hold the device's slot; the log line records when (the UI shows it per shard)."""
+    """Hold the device's slot; the log lines record when it was asked for and held (the
+    UI shows them per shard: a shard that says it asks and nothing more is queued)."""
     ensure_limit(placement.slot)
+    get_run_logger().info(f"{label} asks for device slot {placement.slot}")
     asked = time.time()
     with concurrency(placement.slot, occupy=1, strict=True):
         started = time.time()

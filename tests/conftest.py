@@ -26,6 +26,9 @@ def prefect_harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     os.environ["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect-home"))
     os.environ["PREFECT_LOGGING_LEVEL"] = "WARNING"
     os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    # A queued slot request retries within a second of its denial (the default waits up to
+    # 30 s after a long hold), so shards queued on a device slot start soon after it frees.
+    os.environ["PREFECT_SERVER_CONCURRENCY_MAXIMUM_CONCURRENCY_SLOT_WAIT_SECONDS"] = "1"
     from prefect.testing.utilities import prefect_test_harness
 
     logging.getLogger("distributed").setLevel(logging.WARNING)

@@ -159,9 +159,131 @@ def test_shards_of_two_concurrent_flow_runs_take_turns_on_a_device(
     # Both runs' shards went through the one slot (each flow run has its own task-runner
     # threads). Whether their requests overlap in time depends on how long each run takes to
     # load its models, and in one process the device pool (SHARDS_PER_DEVICE turns) also
-    # orders them, so this test pins the limit's bookkeeping, not the contention itself.
+    # orders them, so this test pins the limit's bookkeeping; the contention itself, two
+    # processes queued on the server, is test_two_cli_processes_queue_on_one_device_slot.
     runs = {thread.rsplit("_", 1)[0] for thread, *_ in held}
     assert len(runs) == 2, held
+
+
+HELD = re.compile(
+    r"shard (\d+) held device slot (\S+) from ([\d.]+) to ([\d.]+) \(asked at ([\d.]+),"
+)
+ASKS = re.compile(r"shard \d+ asks for device slot (\S+)")
+
+
+class _CliJob:
+    """`python -m flows.cli generate` in its own process, its console lines collected as
+    they come (Prefect's INFO run logs included: they carry the slot lines)."""
+
+    def __init__(self, spec: JobSpec, workdir: Path, api_url: str) -> None:
+        import os
+
+        workdir.mkdir()
+        path = workdir / "spec.yaml"
+        path.write_text(yaml.safe_dump(spec.model_dump(mode="json")))
+        environment = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+        environment.update(
+            PYTHONPATH=str(ROOT),
+            PYTHONUNBUFFERED="1",
+            PREFECT_HOME=str(workdir / "home"),
+            PREFECT_API_URL=api_url,
+            PREFECT_LOGGING_LEVEL="INFO",
+            PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL="INFO",
+        )
+        self.lines: list[str] = []
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "flows.cli", "generate", str(path)],
+            cwd=workdir,
+            env=environment,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self.process.stdout:
+            self.lines.append(line)
+
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def asks_for(self, slot: str) -> bool:
+        return any((m := ASKS.search(line)) and m.group(1) == slot for line in self.lines)
+
+    def finish(self, timeout: float) -> int:
+        self.process.wait(timeout=timeout)
+        self._reader.join(timeout=30)
+        return self.process.returncode
+
+    def holds(self) -> list[tuple[int, str, float, float, float]]:
+        """(shard, slot, from, to, asked at) of each shard's slot line."""
+        return [
+            (int(m.group(1)), m.group(2), *map(float, m.group(3, 4, 5)))
+            for line in self.lines
+            if (m := HELD.search(line))
+        ]
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_two_cli_processes_queue_on_one_device_slot(tiny_models, tmp_path):
+    from prefect.concurrency.sync import concurrency
+    from prefect.settings import PREFECT_API_URL
+
+    from tasks.slots import ensure_limit
+
+    slot = slot_name("cpu", "0")  # the local runner's only entry of devices: [cpu]
+    ensure_limit(slot)
+    specs = [
+        tiny_spec(
+            tiny_models,
+            str(tmp_path / f"ds{i}"),
+            seed=200 + i,
+            compute={"devices": ["cpu"], "device_limits": "all"},
+        )
+        for i in range(2)
+    ]
+    jobs: list[_CliJob] = []
+    try:
+        # The test holds the slot until both processes have asked the server for it: only
+        # the server's limit stands between them and the device, whatever their timing.
+        with concurrency(slot, occupy=1, strict=True):
+            api_url = PREFECT_API_URL.value()
+            jobs = [_CliJob(spec, tmp_path / f"job{i}", api_url) for i, spec in enumerate(specs)]
+            deadline = time.monotonic() + 240
+            while not all(job.asks_for(slot) for job in jobs):
+                ended = [job for job in jobs if job.process.poll() is not None]
+                assert not ended, f"a job ended before asking for {slot}:\n{ended[0].output()}"
+                assert time.monotonic() < deadline, "\n---\n".join(
+                    f"job {i} has not asked for {slot} within 240 s:\n{job.output()}"
+                    for i, job in enumerate(jobs)
+                )
+                time.sleep(0.5)
+            time.sleep(2)  # their requests are denied and retried on the server meanwhile
+            released = time.time()
+        for job in jobs:
+            assert job.finish(timeout=240) == 0, job.output()
+    finally:
+        for job in jobs:
+            if job.process.poll() is None:
+                job.process.kill()
+    holds = [job.holds() for job in jobs]
+    for job, held in zip(jobs, holds, strict=True):
+        assert sorted(shard for shard, *_ in held) == [0, 1, 2], job.output()
+        assert {name for _, name, *_ in held} == {slot}, held
+        # The job asked while the test held the slot, and got it only after the release.
+        first_asked = min(asked for *_, asked in held)
+        first_start = min(start for _, _, start, _, _ in held)
+        assert first_asked < released <= first_start, (released, held)
+    intervals = sorted((start, end) for held in holds for _, _, start, end, _ in held)
+    for (_, end), (next_start, _) in itertools.pairwise(intervals):
+        assert end <= next_start, intervals  # one shard at a time across both processes
+    for spec in specs:
+        info = json.loads((Path(spec.output.uri) / "dataset.json").read_text())
+        assert info["status"] == "complete", info
+        assert info["counts"]["committed_shards"] == info["counts"]["shards"] == 3, info
+        assert DatasetReader(spec.output.uri).manifest().num_rows == 6
 
 
 # --- Dask: named workers, their own devices, same dataset as the local runner ----------------
