@@ -3,6 +3,8 @@
     PYTHONPATH=$PWD python bench/bench_identities.py                      # 10k and 100k
     PYTHONPATH=$PWD python bench/bench_identities.py --counts 10000
     PYTHONPATH=$PWD python bench/bench_identities.py --search 10000 100000  # 1M-row gallery
+    PYTHONPATH=$PWD python bench/bench_identities.py --counts 10000 --manifold-rows 256 \
+        --job-defaults       # the job's default gallery size and PackingOptions()
 
 Each configuration runs in a fresh process (`--child`), so its peak memory (ru_maxrss,
 taken right after the identities are made, before the evaluation) is its own.
@@ -53,9 +55,11 @@ BINS = 20_000  # cosine histogram over [-1, 1] for the percentile (angle resolut
 BLOCK = 4096
 
 
-def packing_options(count: int) -> PackingOptions:
-    """Steps chosen so that 100k fits the shared 2-core machine: every search at 10k is exact
-    (three cells or fewer); at 100k two cell searches, then the exact final one."""
+def packing_options(count: int, job_defaults: bool) -> PackingOptions:
+    """Steps chosen so that 100k fits a 2-core machine in about 12 minutes (three exact
+    neighbour searches); `job_defaults`: what a job's spec gives by default."""
+    if job_defaults:
+        return PackingOptions()
     if count <= 20_000:
         return PackingOptions(steps=60, refresh_every=20, separation_target=0.15)
     return PackingOptions(steps=30, refresh_every=10, separation_target=0.15)
@@ -82,11 +86,14 @@ def peak_mib() -> float:
 # --- one configuration (child process) ------------------------------------------------------
 
 
-def make_set(method: str, count: int, manifold: np.ndarray, people: ExclusionGallery):
+def make_set(
+    method: str, count: int, manifold: np.ndarray, people: ExclusionGallery, job_defaults: bool
+):
     if method == "random":
         table = identities.sample_random(count, SEPARATION, seed=0, allowed=people.allowed)
     else:
-        table = sample_packed(count, manifold, seed=0, options=packing_options(count))
+        options = packing_options(count, job_defaults)
+        table = sample_packed(count, manifold, seed=0, options=options)
     return apply_exclusion(table, people, method)[0]
 
 
@@ -112,13 +119,13 @@ def pair_statistics(rows: torch.Tensor) -> dict:
     return {"max_pair_cosine": largest, "p99_pair_cosine": p99_cosine, "within": within / pairs}
 
 
-def child(method: str, count: int) -> dict:
+def child(method: str, count: int, manifold_rows: int, job_defaults: bool) -> dict:
     torch.set_num_threads(1)
-    manifold = face_manifold(GALLERY_ROWS, seed=1)
+    manifold = face_manifold(manifold_rows, seed=1)
     people_rows = face_manifold(GALLERY_ROWS, seed=2)
     people = ExclusionGallery(torch.from_numpy(people_rows), MAX_COSINE, "synthetic", "synthetic")
     started, cpu_started = time.perf_counter(), time.process_time()
-    table = make_set(method, count, manifold, people)
+    table = make_set(method, count, manifold, people, job_defaults)
     seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
     peak = peak_mib()
     rows = torch.from_numpy(vector_matrix(table.column("embedding"), EMBEDDING_DIM))
@@ -126,8 +133,9 @@ def child(method: str, count: int) -> dict:
     nearest_face = max_cosine(rows, torch.from_numpy(manifold))[0]
     nearest_person = max_cosine(rows, people.embeddings)[0]
     return {
-        "method": method,
+        "method": method + (" (job defaults)" if job_defaults and method == "packed" else ""),
         "count": count,
+        "manifold_rows": manifold_rows,
         "seconds": seconds,
         "cpu_seconds": cpu_seconds,
         "peak_mib": peak,
@@ -174,13 +182,13 @@ def run_child(*args: str) -> dict:
 
 def print_sets(results: list[dict]) -> None:
     print(
-        f"| N | method | min angle | 1st pct angle | pairs within r={UNIQUENESS_RADIUS:g} | "
+        f"| N | gallery rows | method | min angle | 1st pct angle | pairs within r={UNIQUENESS_RADIUS:g} | "
         "mean cos to manifold | exclusion margin | wall time | CPU time | peak RSS |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for row in results:
         print(
-            f"| {row['count']:,} | {row['method']} | {row['min_angle']:.2f} deg | "
+            f"| {row['count']:,} | {row['manifold_rows']:,} | {row['method']} | {row['min_angle']:.2f} deg | "
             f"{row['p1_angle']:.2f} deg | {row['within_radius']:.2e} | "
             f"{row['manifold_cosine']:.3f} | {row['exclusion_margin']:.3f} | "
             f"{row['seconds']:.1f} s | {row.get('cpu_seconds', math.nan):.1f} s | "
@@ -194,19 +202,27 @@ def main() -> None:
     parser.add_argument("--counts", type=int, nargs="*", default=[10_000, 100_000])
     parser.add_argument("--methods", nargs="*", default=["random", "packed"])
     parser.add_argument("--search", type=int, nargs="*", default=[], help="query counts")
-    parser.add_argument("--gallery-rows", type=int, default=1_000_000)
+    parser.add_argument("--gallery-rows", type=int, default=1_000_000, help="exclusion search")
+    parser.add_argument(
+        "--manifold-rows", type=int, default=GALLERY_ROWS, help="rows of the packing gallery"
+    )
+    parser.add_argument(
+        "--job-defaults", action="store_true", help="pack with PackingOptions() defaults"
+    )
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         if args.child[0] == "search":
             print(json.dumps(search_child(int(args.child[1]), int(args.child[2]))))
         else:
-            print(json.dumps(child(args.child[0], int(args.child[1]))))
+            method, count, rows, defaults = args.child
+            print(json.dumps(child(method, int(count), int(rows), defaults == "1")))
         return
     results = []
     for count in args.counts:
         for method in args.methods:
-            results.append(run_child(method, str(count)))
+            flags = (str(args.manifold_rows), "1" if args.job_defaults else "0")
+            results.append(run_child(method, str(count), *flags))
             print(json.dumps(results[-1]), file=sys.stderr, flush=True)
     if results:
         print_sets(results)

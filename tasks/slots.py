@@ -33,15 +33,19 @@ def ensure_limit(name: str) -> None:
     """Create the one-slot limit `name` unless it exists (then it is left as set)."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
-    from prefect.exceptions import ObjectAlreadyExists
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
     with _KNOWN_LOCK:
         if name in _KNOWN:
             return
-        with get_client(sync_client=True) as client, suppress(ObjectAlreadyExists):
-            client.create_global_concurrency_limit(
-                GlobalConcurrencyLimitCreate(name=name, limit=1, active=True)
-            )
+        with get_client(sync_client=True) as client:
+            try:  # read first: a create that loses a race makes the server log a traceback
+                client.read_global_concurrency_limit_by_name(name)
+            except ObjectNotFound:
+                with suppress(ObjectAlreadyExists):
+                    client.create_global_concurrency_limit(
+                        GlobalConcurrencyLimitCreate(name=name, limit=1, active=True)
+                    )
         _KNOWN.add(name)
 
 
