@@ -329,21 +329,32 @@ def _parquet_ids(column: pa.ChunkedArray, uri: str) -> list[str]:
     return ids
 
 
-def _read_parquet(
-    handle: BinaryIO, uri: str, limit: int | None
-) -> tuple[np.ndarray, list[str] | None]:
+def _parquet_file(handle: BinaryIO, uri: str) -> pq.ParquetFile:
     try:
-        parquet = pq.ParquetFile(handle)
+        return pq.ParquetFile(handle)
     except pa.ArrowInvalid as error:
         raise EmbeddingFileError(
             f"embedding file {uri} is not a valid Parquet file ({error}): rewrite it"
         ) from None
+
+
+def _embedding_parquet(handle: BinaryIO, uri: str) -> pq.ParquetFile:
+    """The open Parquet file, refused in one line unless it has an 'embedding' column."""
+    parquet = _parquet_file(handle, uri)
     names = parquet.schema_arrow.names
     if "embedding" not in names:
         raise EmbeddingFileError(
             f"embedding file {uri} has no 'embedding' column (found {names}): "
             f"name the {EMBEDDING_DIM}-value list column 'embedding'"
         )
+    return parquet
+
+
+def _read_parquet(
+    handle: BinaryIO, uri: str, limit: int | None
+) -> tuple[np.ndarray, list[str] | None]:
+    parquet = _embedding_parquet(handle, uri)
+    names = parquet.schema_arrow.names
     columns = ["embedding"] + (["identity_id"] if "identity_id" in names else [])
     batches, rows = [], 0
     for batch in parquet.iter_batches(columns=columns, batch_size=65_536):
@@ -389,12 +400,7 @@ def embedding_file_rows(uri: str, storage_options: dict[str, Any] | None = None)
                 shape = np.load(handle, allow_pickle=False).shape
             _check_shape(shape, uri)
             return int(shape[0])
-        try:
-            return pq.ParquetFile(handle).metadata.num_rows
-        except pa.ArrowInvalid as error:
-            raise EmbeddingFileError(
-                f"embedding file {uri} is not a valid Parquet file ({error}): rewrite it"
-            ) from None
+        return _parquet_file(handle, uri).metadata.num_rows
 
 
 def load_embedding_file(
@@ -456,17 +462,7 @@ def _read_npy_matrix(handle: BinaryIO, uri: str) -> np.ndarray:
 
 
 def _read_parquet_matrix(handle: BinaryIO, uri: str) -> np.ndarray:
-    try:
-        parquet = pq.ParquetFile(handle)
-    except pa.ArrowInvalid as error:
-        raise EmbeddingFileError(
-            f"embedding file {uri} is not a valid Parquet file ({error}): rewrite it"
-        ) from None
-    if "embedding" not in parquet.schema_arrow.names:
-        raise EmbeddingFileError(
-            f"embedding file {uri} has no 'embedding' column (found {parquet.schema_arrow.names}): "
-            f"name the {EMBEDDING_DIM}-value list column 'embedding'"
-        )
+    parquet = _embedding_parquet(handle, uri)
     total = parquet.metadata.num_rows
     if total == 0:
         raise EmbeddingFileError(f"embedding file {uri} holds no rows: add embeddings")

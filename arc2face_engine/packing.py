@@ -20,14 +20,13 @@ that in an inverted-file fashion: identities are grouped into cells by spherical
 and each searches the cells of its `probes` nearest centroids, and the last search is
 exact, so the closest pairs, which make the minimum angle, are pushed apart in the final
 steps. Steps then only touch each identity's k listed neighbours, in anchor chunks of
-`batch_size`, so memory is O(N * 512 + batch_size * (k + KEY_BLOCK) floats).
+`batch_size`, so memory is O(N * 512 + batch_size * (k + KEY_BLOCK) floats). Every step
+updates all identities from the previous positions (a Jacobi step), so the result depends
+on the seed and the options, not on timing; on CPU torch runs on one thread
+(neighbours.CPU_THREADS) so reruns give identical bytes on any machine.
 
 More identities than gallery rows: rows are shared, and identities that share one start
 about `separation_target` apart rather than as near-copies (_start_noise).
-Every step updates all identities from
-the previous positions (a Jacobi step), so the result depends on the seed and the options,
-not on timing; on CPU torch runs on one thread (neighbours.CPU_THREADS) so reruns give
-identical bytes on any machine.
 """
 
 from __future__ import annotations
@@ -69,8 +68,9 @@ class PackingOptions:
     init_noise: float = 0.75
     batch_size: int = 4096  # anchors per chunk (bounds memory)
     # Every search is exact (all pairs, in blocks) up to this many identities: 5 TFLOP per
-    # search at 100k, seconds on a GPU, about 150 s on one CPU core. Above it, an
-    # inverted-file search: at 100k it cost the minimum angle 5 degrees (BENCHMARKS.md).
+    # search at 100k, about 150 s on one CPU core. Above it, an inverted-file search, which
+    # misses some close pairs: at 100k with 4 probed cells the minimum angle was 5.6 degrees
+    # lower than with exact searches (BENCHMARKS.md).
     exact_rows: int = 131_072
     cell_rows: int = 4096  # identities per search cell in the inverted-file search
     probes: int = 8  # cells each identity searches
@@ -354,4 +354,3 @@ def _merge_block(
     best[row_start:stop], best_index[row_start:stop] = merge_top_k(
         best[row_start:stop], best_index[row_start:stop], values, index + column_start, k
     )
-

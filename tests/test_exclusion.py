@@ -16,23 +16,8 @@ from arc2face_engine.dataset import job as dataset_job
 from arc2face_engine.errors import EmbeddingFileError, SpecError
 from schemas.job import JobSpec
 from schemas.tables import vector_matrix
-from tests.test_job_identities import _disc_photo
+from tests.test_job_identities import _disc_photo, spec_for
 from tests.test_packing import face_manifold
-
-
-def spec_for(models: Path, out: Path, identities: dict) -> JobSpec:
-    return JobSpec.model_validate(
-        {
-            "name": "exclusion",
-            "seed": 3,
-            "models": {"dir": str(models), "device": "cpu", "precision": "fp32"},
-            "identities": identities,
-            "variations": {"images_per_identity": 2},
-            "generation": {"steps": 2, "batch_size": 4, "height": 64, "width": 64},
-            "output": {"uri": str(out), "shard_size": 4},
-            "compute": {"task_runner": "local", "devices": ["cpu"]},
-        }
-    )
 
 
 def save_npy(path: Path, rows: np.ndarray) -> str:

@@ -47,6 +47,32 @@ def tiny_spec(models: Path, uri: str, **sections) -> JobSpec:
     return JobSpec.model_validate(raw)
 
 
+def two_slot_limited_specs(models: Path, tmp_path: Path, first_seed: int) -> list[JobSpec]:
+    """Two jobs on the one CPU device under its slot limit, with different seeds (so
+    different in-process workers) and their own outputs."""
+    return [
+        tiny_spec(
+            models,
+            str(tmp_path / f"ds{i}"),
+            seed=first_seed + i,
+            compute={"devices": ["cpu"], "device_limits": "all"},
+        )
+        for i in range(2)
+    ]
+
+
+def cli_generate_command(spec: JobSpec, workdir: Path, **env: str) -> tuple[list[str], dict]:
+    """(argv, environment) of `python -m flows.cli generate` on `spec` written to workdir,
+    with a Prefect home of its own there and none of this process's PREFECT_ settings."""
+    import os
+
+    path = workdir / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec.model_dump(mode="json")))
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    environment.update(PYTHONPATH=str(ROOT), PREFECT_HOME=str(workdir / "home"), **env)
+    return [sys.executable, "-m", "flows.cli", "generate", str(path)], environment
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -131,15 +157,7 @@ def test_shards_of_two_concurrent_flow_runs_take_turns_on_a_device(
     monkeypatch.setattr(tasks.slots, "concurrency", recorded)
     # Different seeds: separate in-process workers (and locks), so only the Prefect
     # limit on the shared slot can keep their shards apart.
-    specs = [
-        tiny_spec(
-            tiny_models,
-            str(tmp_path / f"ds{i}"),
-            seed=100 + i,
-            compute={"devices": ["cpu"], "device_limits": "all"},
-        )
-        for i in range(2)
-    ]
+    specs = two_slot_limited_specs(tiny_models, tmp_path, first_seed=100)
     states: list = [None, None]
 
     def run(i: int) -> None:
@@ -176,23 +194,18 @@ class _CliJob:
     they come (Prefect's INFO run logs included: they carry the slot lines)."""
 
     def __init__(self, spec: JobSpec, workdir: Path, api_url: str) -> None:
-        import os
-
         workdir.mkdir()
-        path = workdir / "spec.yaml"
-        path.write_text(yaml.safe_dump(spec.model_dump(mode="json")))
-        environment = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-        environment.update(
-            PYTHONPATH=str(ROOT),
+        command, environment = cli_generate_command(
+            spec,
+            workdir,
             PYTHONUNBUFFERED="1",
-            PREFECT_HOME=str(workdir / "home"),
             PREFECT_API_URL=api_url,
             PREFECT_LOGGING_LEVEL="INFO",
             PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL="INFO",
         )
         self.lines: list[str] = []
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "flows.cli", "generate", str(path)],
+            command,
             cwd=workdir,
             env=environment,
             stdout=subprocess.PIPE,
@@ -235,15 +248,7 @@ def test_two_cli_processes_queue_on_one_device_slot(tiny_models, tmp_path):
 
     slot = slot_name("cpu", "0")  # the local runner's only entry of devices: [cpu]
     ensure_limit(slot)
-    specs = [
-        tiny_spec(
-            tiny_models,
-            str(tmp_path / f"ds{i}"),
-            seed=200 + i,
-            compute={"devices": ["cpu"], "device_limits": "all"},
-        )
-        for i in range(2)
-    ]
+    specs = two_slot_limited_specs(tiny_models, tmp_path, first_seed=200)
     jobs: list[_CliJob] = []
     try:
         # The test holds the slot until both processes have asked the server for it: only
@@ -413,19 +418,9 @@ def test_an_env_reference_that_is_not_set_is_one_clear_error(monkeypatch):
 
 
 def _cli_generate(spec: JobSpec, tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
-    import os
-
-    path = tmp_path / "spec.yaml"
-    path.write_text(yaml.safe_dump(spec.model_dump(mode="json")))
-    environment = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    environment.update(PYTHONPATH=str(ROOT), PREFECT_HOME=str(tmp_path / "home"), **env)
+    command, environment = cli_generate_command(spec, tmp_path, **env)
     return subprocess.run(
-        [sys.executable, "-m", "flows.cli", "generate", str(path)],
-        cwd=tmp_path,
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=300,
+        command, cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=300
     )
 
 
