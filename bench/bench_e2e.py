@@ -54,7 +54,12 @@ from insightface.app import FaceAnalysis
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_engine import describe_device, save_throughput, write_full_size_models
+from bench_engine import (
+    describe_device,
+    reference_usage,
+    save_throughput,
+    write_full_size_models,
+)
 
 from arc2face_engine import loading, tiny
 from arc2face_engine.conditioning import IdentityConditioner
@@ -325,21 +330,12 @@ def bench_reference(ctx: Context, name: str, settings: GenerationSettings) -> No
     identities = max(1, ctx.args.reference_identities)
     embeddings = np.random.default_rng(0).standard_normal((identities, 512)).astype(np.float32)
 
+    def encode(rows: np.ndarray) -> torch.Tensor:
+        return conditioner.encode(torch.from_numpy(rows))
+
     def run(count: int, settings: GenerationSettings = settings) -> int:
-        made = 0
-        for embedding in embeddings[:count]:
-            images = pipeline(
-                prompt_embeds=conditioner.encode(torch.from_numpy(embedding[None])),
-                num_inference_steps=settings.num_inference_steps,
-                guidance_scale=settings.guidance_scale,
-                num_images_per_prompt=REFERENCE_IMAGES_PER_CALL,
-                height=ctx.size,
-                width=ctx.size,
-            ).images
-            for image in images:
-                app.get(np.array(image)[:, :, ::-1])  # insightface takes BGR
-                made += 1
-        return made
+        size = (ctx.size, ctx.size)
+        return reference_usage(pipeline, encode, app, embeddings[:count], settings, size)
 
     run(1, _warm(settings))
     seconds, made = _timed(lambda: run(identities))

@@ -159,16 +159,29 @@ def run_reference(
     settings: GenerationSettings,
 ) -> int:
     pipeline = reference_pipeline(engine, settings.scheduler)
+    size = (settings.height, settings.width)
+    return reference_usage(pipeline, engine.encode_identities, app, embeddings, settings, size)
+
+
+def reference_usage(
+    pipeline: StableDiffusionPipeline,
+    encode: Callable[[np.ndarray], torch.Tensor],
+    app: FaceAnalysis,
+    embeddings: np.ndarray,
+    settings: GenerationSettings,
+    size: tuple[int, int],
+) -> int:
+    """The model card's loop as written: one identity per call (`encode` is its
+    project_face_embs), 4 images, then FaceAnalysis on each image; returns the image count."""
     count = 0
     for embedding in embeddings:
-        prompt_embeds = engine.encode_identities(embedding[None])  # project_face_embs
         images = pipeline(
-            prompt_embeds=prompt_embeds,
+            prompt_embeds=encode(embedding[None]),
             num_inference_steps=settings.num_inference_steps,
             guidance_scale=settings.guidance_scale,
             num_images_per_prompt=REFERENCE_IMAGES_PER_CALL,
-            height=settings.height,
-            width=settings.width,
+            height=size[0],
+            width=size[1],
         ).images
         for image in images:
             app.get(np.array(image)[:, :, ::-1])  # insightface takes BGR
