@@ -138,7 +138,7 @@ def build(root: str, rows: int, per_identity: int, rows_per_part: int, seed: int
 
 def run_one(root: str) -> None:
     """Child process: audit and print wall time and peak RSS as JSON."""
-    from arc2face_engine.dataset.audit import audit_dataset
+    from arc2face_engine.audit import audit_dataset
 
     idle = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.perf_counter()

@@ -1,7 +1,7 @@
 """End-to-end throughput of a generation job, stage by stage, against the model card.
 
 Every configuration (settings x batch size x compile) runs through the job's own worker
-(`dataset.job.worker_for`: the engine and face analyzer a shard task uses) and is timed
+(`job.workers.worker_for`: the engine and face analyzer a shard task uses) and is timed
 stage by stage on the same requests:
 
   generate  engine.generate (conditioning, denoising, VAE decode, copy to the host)
@@ -9,7 +9,7 @@ stage by stage on the same requests:
   verify    analyzer.verify of the stored pixels, one call per batch
   sum       the three above one after another
   shard     one whole shard as the job runs it: generate -> verify -> write -> commit,
-            with its overlaps (dataset.job.generate_shard, no top-ups)
+            with its overlaps (job.workers.generate_shard, no top-ups)
 
 The reference is the model card's usage as written, in the same run: fresh eager modules
 (no channels-last, no fused QKV, no compile), one identity per StableDiffusionPipeline
@@ -20,7 +20,7 @@ image with its own defaults (det_size 640, its threshold, its providers).
     .venv/bin/python bench/bench_e2e.py --device cuda    # GPU: full-size random weights
 
 On CUDA the models are SD 1.5-sized random weights (bench_engine.write_full_size_models)
-and, when arc2face_engine.face_analysis_full is present, full-size random ONNX
+and, when arc2face_engine.testing.full_size_faces is present, full-size random ONNX
 stand-ins of SCRFD-10G, IResNet-100 and 1k3d68; on CPU the diffusion and the job's face
 models are tiny, and a separate verify stage runs the full-size face stand-ins (when
 present) on a few images. The table says which face models each row used.
@@ -61,23 +61,21 @@ from bench_engine import (
     write_full_size_models,
 )
 
-from arc2face_engine import loading, tiny
-from arc2face_engine.conditioning import IdentityConditioner
-from arc2face_engine.dataset import job as dataset_job
 from arc2face_engine.dataset.codec import decode_image_into, encode_image
-from arc2face_engine.dataset.shard import io_workers
-from arc2face_engine.face_analysis import FaceAnalyzer, default_providers
-from arc2face_engine.generation import (
-    GenerationSettings,
-    ImageRequest,
-    resolve_device,
-    resolve_dtype,
-)
-from arc2face_engine.seeding import image_seed
+from arc2face_engine.determinism import image_seed
+from arc2face_engine.faces.onnxruntime_analyzer import FaceAnalyzer, default_providers
+from arc2face_engine.generation import checkpoints
+from arc2face_engine.generation.conditioning import IdentityConditioner
+from arc2face_engine.generation.devices import resolve_device, resolve_dtype
+from arc2face_engine.generation.settings import GenerationSettings, ImageRequest
+from arc2face_engine.job import identities_step, lifecycle, workers
+from arc2face_engine.job.shard import io_workers
+from arc2face_engine.job.shards import shard_works
+from arc2face_engine.testing import tiny_models
 from schemas.job import JobSpec
 
 try:  # full-size face stand-ins (branch gpu-face); the tiny face models otherwise
-    from arc2face_engine.face_analysis_full import count_flops, write_full_size_antelopev2
+    from arc2face_engine.testing.full_size_faces import count_flops, write_full_size_antelopev2
 except ImportError:  # pragma: no cover - depends on what is merged
     count_flops = write_full_size_antelopev2 = None
 
@@ -126,7 +124,7 @@ def prepare_models(args: argparse.Namespace, workdir: Path, device: torch.device
     if full:
         write_full_size_models(models, device)
     else:
-        tiny.write_tiny_models(models)
+        tiny_models.write_tiny_models(models)
     full_faces = None
     face_models = "tiny"
     if write_full_size_antelopev2 is not None:
@@ -135,7 +133,7 @@ def prepare_models(args: argparse.Namespace, workdir: Path, device: torch.device
             face_models = "full-size stand-ins"
         else:
             full_faces = write_full_size_antelopev2(workdir / "full-faces" / "antelopev2")
-    size = args.size or (512 if full else tiny.TINY_IMAGE_SIZE)
+    size = args.size or (512 if full else tiny_models.TINY_IMAGE_SIZE)
     return Context(
         args, device, models, workdir, size, face_models, full_faces, _peak(args, device)
     )
@@ -219,7 +217,7 @@ def generation_flops(engine, settings: GenerationSettings) -> float:
 
 def bench_config(ctx: Context, name: str, settings: GenerationSettings, batch: int, compiled: bool) -> None:
     spec = job_spec(ctx, settings, batch, compiled)
-    worker = dataset_job.worker_for(spec, str(ctx.device))
+    worker = workers.worker_for(spec, str(ctx.device))
     engine, analyzer = worker.engine, worker.analyzer
     requests = _requests(batch * ctx.args.batches)
     embeddings = np.stack([r.embedding for r in requests])
@@ -261,15 +259,15 @@ def bench_config(ctx: Context, name: str, settings: GenerationSettings, batch: i
     total = seconds + codec_seconds + verify_seconds
     ctx.rows.append(row("sum", len(images), total, flops_per_image=flops + face_flops))
 
-    with dataset_job.writer_lease(spec) as lease:
-        writer = dataset_job.prepare_dataset(spec, lease.token)
-        table = dataset_job.build_identities(spec, writer)
-        job = next(dataset_job.shard_jobs(spec, table, lease.token))
+    with lifecycle.writer_lease(spec) as lease:
+        writer = lifecycle.prepare_dataset(spec, lease.token)
+        table = identities_step.build_identities(spec, writer)
+        work = next(shard_works(spec, table, lease.token))
         shard_seconds, result = _timed(
-            lambda: dataset_job.generate_shard(spec, job, str(ctx.device))
+            lambda: workers.generate_shard(spec, work, str(ctx.device))
         )
     ctx.rows.append(row("shard", result.images, shard_seconds, flops_per_image=flops + face_flops))
-    dataset_job._WORKERS.clear()  # free this config's models before the next
+    workers._WORKERS.clear()  # free this config's models before the next
     _free_memory()
 
 
@@ -309,11 +307,11 @@ def bench_full_face_verify(ctx: Context) -> None:
 def bench_reference(ctx: Context, name: str, settings: GenerationSettings) -> None:
     """Fresh eager modules, one identity per call, 4 images, FaceAnalysis per image."""
     dtype = resolve_dtype(ctx.args.precision, ctx.device)
-    unet = loading.load_unet(ctx.models_dir, dtype).to(ctx.device)
-    vae = loading.load_vae(ctx.models_dir, dtype).to(ctx.device)
-    encoder = loading.load_text_encoder(ctx.models_dir, dtype).to(ctx.device)
-    tokenizer = loading.load_tokenizer(ctx.models_dir)
-    config = loading.load_scheduler_config(ctx.models_dir)
+    unet = checkpoints.load_unet(ctx.models_dir, dtype).to(ctx.device)
+    vae = checkpoints.load_vae(ctx.models_dir, dtype).to(ctx.device)
+    encoder = checkpoints.load_text_encoder(ctx.models_dir, dtype).to(ctx.device)
+    tokenizer = checkpoints.load_tokenizer(ctx.models_dir)
+    config = checkpoints.load_scheduler_config(ctx.models_dir)
     scheduler_class = LCMScheduler if settings.scheduler == "lcm" else DPMSolverMultistepScheduler
     pipeline = StableDiffusionPipeline(
         vae=vae, text_encoder=encoder, tokenizer=tokenizer, unet=unet,

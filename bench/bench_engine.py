@@ -16,7 +16,7 @@ guidance 3.0) and for LCM-LoRA (4 steps, guidance 1.0).
 attention, CLIP ViT-L/14 text tower, SD VAE) into a temp models dir; the face models stay
 tiny (no real antelopev2 can be made), so on random weights verification measures the
 detector pass only, on both sides alike. On CPU the engine runs one image per forward
-(bit-exact batch invariance, see generation.py), so CPU ratios show little gain.
+(bit-exact batch invariance, see generation/engine.py), so CPU ratios show little gain.
 """
 
 from __future__ import annotations
@@ -40,16 +40,13 @@ from insightface.app import FaceAnalysis
 from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from arc2face_engine import tiny
-from arc2face_engine.face_analysis import FaceAnalyzer, default_providers
-from arc2face_engine.face_analysis_tiny import write_tiny_antelopev2
-from arc2face_engine.generation import (
-    Arc2FaceEngine,
-    GenerationSettings,
-    ImageRequest,
-    resolve_device,
-)
-from arc2face_engine.seeding import image_seed
+from arc2face_engine.determinism import image_seed
+from arc2face_engine.faces.onnxruntime_analyzer import FaceAnalyzer, default_providers
+from arc2face_engine.generation.devices import resolve_device
+from arc2face_engine.generation.engine import Arc2FaceEngine
+from arc2face_engine.generation.settings import GenerationSettings, ImageRequest
+from arc2face_engine.testing import tiny_models
+from arc2face_engine.testing.tiny_faces import write_tiny_antelopev2
 
 REFERENCE_IMAGES_PER_CALL = 4  # the model card's num_images_per_prompt
 
@@ -59,7 +56,7 @@ REFERENCE_IMAGES_PER_CALL = 4  # the model card's num_images_per_prompt
 
 def write_full_size_models(root: Path, device: torch.device) -> Path:
     """Stable Diffusion 1.5-sized random models in the published layout (fp16 files)."""
-    vocab_size = tiny.write_tiny_tokenizer(root / "tokenizer")
+    vocab_size = tiny_models.write_tiny_tokenizer(root / "tokenizer")
     with torch.device(device):  # random init of 1B parameters is much faster on a GPU
         unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)  # SD 1.5 config
         vae = AutoencoderKL(
@@ -105,10 +102,10 @@ def _save_transformers4_encoder(encoder: CLIPTextModel, folder: Path) -> None:
 def _write_common(root: Path, unet: UNet2DConditionModel) -> None:
     (root / "scheduler").mkdir(parents=True, exist_ok=True)
     (root / "scheduler" / "scheduler_config.json").write_text(
-        json.dumps(tiny.SD15_SCHEDULER_CONFIG)
+        json.dumps(tiny_models.SD15_SCHEDULER_CONFIG)
     )
     (root / "lcm-lora").mkdir(parents=True, exist_ok=True)
-    lora = {key: value.cpu() for key, value in tiny.build_tiny_lcm_lora(unet.float()).items()}
+    lora = {key: value.cpu() for key, value in tiny_models.build_tiny_lcm_lora(unet.float()).items()}
     save_file(lora, root / "lcm-lora" / "pytorch_lora_weights.safetensors")
     write_tiny_antelopev2(root / "antelopev2")
 
@@ -246,12 +243,12 @@ def prepare_models(args: argparse.Namespace, workdir: Path, device: torch.device
         return args.models_dir
     if args.full:
         return write_full_size_models(workdir / "models", device)
-    return tiny.write_tiny_models(workdir / "models")
+    return tiny_models.write_tiny_models(workdir / "models")
 
 
 def bench(args: argparse.Namespace, models_dir: Path) -> list[tuple[str, Timing, Timing]]:
     large = args.full or args.models_dir is not None
-    size = args.size or (512 if large else tiny.TINY_IMAGE_SIZE)
+    size = args.size or (512 if large else tiny_models.TINY_IMAGE_SIZE)
     identities = args.identities or (64 if large else 2)
     engine = Arc2FaceEngine.from_pretrained(
         models_dir,

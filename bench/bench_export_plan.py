@@ -1,7 +1,7 @@
 """Benchmark: what checking every name and path costs when planning an export.
 
 Builds the file-less synthetic datasets of bench_audit.py (100 images per identity,
-2,000 rows per part) and times `plan_export` (which streams the small manifest
+2,000 rows per part) and times `select_export` (which streams the small manifest
 columns and checks every image_id, identity_id and path, resolving symlinks on local
 disks) against the same streaming with the checks skipped. Prints one row per size.
 
@@ -30,8 +30,9 @@ def _timed(function) -> float:
 
 
 def main() -> None:
-    from arc2face_engine.dataset.exports import base, plan_export
     from arc2face_engine.dataset.reader import DatasetReader
+    from arc2face_engine.exports import base
+    from arc2face_engine.exports.base import select_export
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, nargs="*", default=[100_000, 300_000])
@@ -43,9 +44,9 @@ def main() -> None:
             root = f"{folder}/ds"
             parts = build(root, rows, 100, 2_000)
             reader = DatasetReader(root)
-            checked = _timed(lambda: plan_export(reader, include_rejected=True))  # noqa: B023
+            checked = _timed(lambda: select_export(reader, include_rejected=True))  # noqa: B023
             with mock.patch.object(base, "_check_row_paths", lambda *a: None):
-                bare = _timed(lambda: plan_export(reader, include_rejected=True))  # noqa: B023
+                bare = _timed(lambda: select_export(reader, include_rejected=True))  # noqa: B023
             per_row = (checked - bare) / rows * 1e6
             print(f"| {rows:,} | {parts} | {checked:.2f} | {bare:.2f} | {per_row:.1f} |")
 

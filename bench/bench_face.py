@@ -40,13 +40,14 @@ import numpy as np
 import torch
 from insightface.app import FaceAnalysis
 
-from arc2face_engine.face_analysis import FaceAnalyzer, FaceRecord
-from arc2face_engine.face_analysis_full import (
+from arc2face_engine.faces.onnxruntime_analyzer import FaceAnalyzer
+from arc2face_engine.faces.records import FaceRecord
+from arc2face_engine.faces.torch_analyzer import TorchFaceAnalyzer
+from arc2face_engine.testing.full_size_faces import (
     IRESNET100_GFLOP,
     SCRFD_10G_GFLOP,
     write_full_size_antelopev2,
 )
-from arc2face_engine.face_analysis_torch import TorchFaceAnalyzer
 
 IMAGE_SIZE = 512  # Arc2Face's output
 DET_SIZE = 640  # Arc2Face's demos

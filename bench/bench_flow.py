@@ -53,9 +53,10 @@ def main() -> None:
 
     from prefect import flow
 
-    from arc2face_engine.dataset.job import run_job_directly, worker_for
     from arc2face_engine.dataset.reader import DatasetReader
-    from arc2face_engine.tiny import write_tiny_models
+    from arc2face_engine.job.direct import run_job_directly
+    from arc2face_engine.job.workers import worker_for
+    from arc2face_engine.testing.tiny_models import write_tiny_models
     from flows.generate import generate_dataset
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-flow-"))

@@ -39,11 +39,11 @@ import time
 import numpy as np
 import torch
 
-from arc2face_engine import identities
-from arc2face_engine.dataset.audit import audit_dataset
-from arc2face_engine.exclusion import ExclusionGallery, apply_exclusion
-from arc2face_engine.neighbours import max_cosine
-from arc2face_engine.packing import PackingOptions, sample_packed
+from arc2face_engine.audit import audit_dataset
+from arc2face_engine.identities import sources
+from arc2face_engine.identities.exclusion import ExclusionGallery, apply_exclusion
+from arc2face_engine.identities.neighbours import max_cosine
+from arc2face_engine.identities.packing import PackingOptions, sample_packed
 from schemas.tables import EMBEDDING_DIM, vector_matrix
 
 GALLERY_ROWS = 10_000
@@ -90,7 +90,7 @@ def make_set(
     method: str, count: int, manifold: np.ndarray, people: ExclusionGallery, job_defaults: bool
 ):
     if method == "random":
-        table = identities.sample_random(count, SEPARATION, seed=0, allowed=people.allowed)
+        table = sources.sample_random(count, SEPARATION, seed=0, allowed=people.allowed)
     else:
         options = packing_options(count, job_defaults)
         table = sample_packed(count, manifold, seed=0, options=options)

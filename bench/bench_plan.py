@@ -1,7 +1,7 @@
 """Plan a 200k-identity x 50-image job (10M images) item by item; show memory stays bounded.
 
-Every (identity, variant) of every shard gets its grid cell (`plan.variant_for`)
-and its seed (`seeding.image_seed`, attempt 0), exactly as a shard run would
+Every (identity, variant) of every shard gets its grid cell (`job.shards.variant_for`)
+and its seed (`determinism.image_seed`, attempt 0), exactly as a shard run would
 compute them. Each size runs in a fresh subprocess so that its peak RSS is its own:
 if planning materialised the items, peak memory would grow with the job.
 
@@ -19,8 +19,8 @@ import sys
 import time
 import tracemalloc
 
-from arc2face_engine.dataset.plan import iter_shards, variant_for
-from arc2face_engine.seeding import image_seed
+from arc2face_engine.determinism import image_seed
+from arc2face_engine.job.shards import iter_shards, variant_for
 
 POSES, EXPRESSIONS = 5, 8  # a typical grid: 5 yaw angles x 8 expressions
 

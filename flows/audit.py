@@ -13,7 +13,8 @@ from typing import Any, Literal
 
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from flows.credentials import RedactingFlow, resolve_storage_options
+from flows.credentials import resolve_storage_options
+from flows.redacting import RedactingFlow
 from tasks.audit import audit, export
 
 

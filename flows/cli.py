@@ -13,8 +13,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from arc2face_engine.errors import UserError
 from flows.prefect_api import ephemeral_timeout_message, patient_ephemeral_server
+from schemas.errors import UserError
 
 # Prefect reads its settings at import time. Its run logs still reach its API (the UI);
 # the console shows this CLI's progress and one-line errors instead of Prefect's
@@ -82,7 +82,7 @@ def models_download(
     with_: Annotated[str, typer.Option("--with", help="Extras: controlnet,expression,lcm")] = "",
 ) -> None:
     """Fetch the real weights from the Hugging Face Hub and record their sha256."""
-    from arc2face_engine.store import download_models
+    from arc2face_engine.models_dir import download_models
 
     root = download_models(directory, _components(with_))
     console.print(f"models ready in {root}")
@@ -94,7 +94,7 @@ def models_verify(
     with_: Annotated[str, typer.Option("--with", help="Extras to require too.")] = "",
 ) -> None:
     """Check every file against checksums.json; exit 1 on any problem."""
-    from arc2face_engine.store import verify_models
+    from arc2face_engine.models_dir import verify_models
 
     problems = verify_models(directory, ("core", *_components(with_)))
     for problem in problems:
@@ -109,7 +109,7 @@ def models_tiny(
     directory: Annotated[Path, typer.Argument(help="Where to write the tiny models.")],
 ) -> None:
     """Write a complete models directory with tiny random weights (tests, demo)."""
-    from arc2face_engine.tiny import write_tiny_models
+    from arc2face_engine.testing.tiny_models import write_tiny_models
 
     console.print(f"tiny models written to {write_tiny_models(directory)}")
 
@@ -119,14 +119,12 @@ def schema(
     out: Annotated[Path | None, typer.Option(help="Write the JSON schema here.")] = None,
 ) -> None:
     """Print (or write) the JSON schema of job specs."""
-    from schemas.job import json_schema
+    from schemas.job import json_schema, write_json_schema
 
-    text = json.dumps(json_schema(), indent=2)
     if out is None:
-        print(text)
+        print(json.dumps(json_schema(), indent=2))
     else:
-        out.write_text(text + "\n")
-        console.print(f"wrote {out}")
+        console.print(f"wrote {write_json_schema(str(out))}")
 
 
 @app.command("plan")
@@ -141,7 +139,7 @@ def plan(
     ] = None,
 ) -> None:
     """Print counts, shards and an estimated GPU time; loads no model."""
-    from arc2face_engine.dataset.plan import load_throughput_table, summarize
+    from arc2face_engine.job.estimate import load_throughput_table, summarize
     from schemas.job import load_spec
 
     table = load_throughput_table(throughput_table) if throughput_table else None
@@ -158,10 +156,25 @@ def generate(
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Run the generate flow: identities, generation, verification, dataset."""
-    from flows.generate import generate_dataset
+    _check_spec_quickly(spec)
+    from flows.generate import generate_dataset  # Prefect and the model libraries: now
 
     info = generate_dataset(spec, show_progress=progress)
     _print_counts(info)
+
+
+def _check_spec_quickly(uri: str) -> None:
+    """Parse and validate the spec and make the checks that load no model library, before
+    Prefect, torch or diffusers are imported: a mistake is one line within a second."""
+    from schemas.job import load_spec
+
+    spec = load_spec(uri)
+    if spec.output.storage_options_secret:  # a Secret block needs the Prefect API first
+        return
+    from arc2face_engine.job.preflight import quick_checks
+    from flows.credentials import with_credentials
+
+    quick_checks(with_credentials(spec))
 
 
 def _print_counts(info) -> None:
@@ -255,7 +268,7 @@ def audit(
         check_api()
         report = audit_dataset_flow(uri, _storage_options(storage_options), **options)
     else:
-        from arc2face_engine.dataset.audit import audit_dataset
+        from arc2face_engine.audit import audit_dataset
 
         with _progress_bar(progress) as bar:
             report = audit_dataset(uri, _storage_options(storage_options), **options, progress=bar)
@@ -297,7 +310,7 @@ def export(
     storage_options: StorageOptions = None,
 ) -> None:
     """Export accepted images for face-recognition training (label_map.csv maps labels to ids)."""
-    from arc2face_engine.dataset.exports import ExportError, export_dataset
+    from arc2face_engine.exports import ExportError, export_dataset
 
     options = _storage_options(storage_options)
     extra = {}
@@ -332,7 +345,7 @@ def banks_poses(
     size: Annotated[int, typer.Option(help="Normal-map size in pixels.")] = 512,
 ) -> None:
     """Render normal maps over a yaw x pitch x roll grid into a folder bank."""
-    from arc2face_engine.poses import PoseBank
+    from arc2face_engine.controls.poses import PoseBank
 
     grid = [_angles(yaw, "yaw"), _angles(pitch, "pitch"), _angles(roll, "roll")]
     bank = (
@@ -363,7 +376,7 @@ def banks_expressions(
     models: Annotated[Path, typer.Option(help="Models dir holding smirk/.")] = Path("models"),
 ) -> None:
     """Write an expression bank: a seeded random prior, or SMIRK on reference photos."""
-    from arc2face_engine.expressions import ExpressionBank, extract_with_smirk
+    from arc2face_engine.controls.expressions import ExpressionBank, extract_with_smirk
 
     if smirk_images:
         bank = extract_with_smirk(smirk_images, models)

@@ -7,7 +7,7 @@ A spec names where credentials come from; the worker that runs the flow resolves
   Secret block BLOCK over `output.storage_options`;
 - anything else is fsspec's own lookup (AWS_* variables, `profile`, instance roles).
 dataset.json records the storage option keys with redacted values (schemas.job.recorded_spec)
-and the flow stores its `spec` parameter the same way (flows/generate.py).
+and flows store their `spec` parameter the same way (flows/redacting.py).
 """
 
 from __future__ import annotations
@@ -18,9 +18,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from prefect import Flow
-
-from arc2face_engine.errors import UserError
+from schemas.errors import UserError
 from schemas.job import JobSpec, recorded_spec
 
 ENV_REFERENCE = re.compile(r"^\$\{env:([A-Za-z_][A-Za-z0-9_]*)\}$")
@@ -116,11 +114,3 @@ def _redact(options: Any) -> Any:
     if not isinstance(options, dict):
         return options
     return {key: REDACTED for key in options}
-
-
-class RedactingFlow(Flow):
-    """A flow whose stored parameters (server database, UI) hold no storage credentials;
-    the flow function itself still gets the real values in its own process."""
-
-    def serialize_parameters(self, parameters: dict[str, Any]) -> dict[str, Any]:
-        return super().serialize_parameters(redacted_parameters(parameters))

@@ -51,8 +51,8 @@ def demo_spec(out: Path, identities: int = 8) -> JobSpec:
 
 def run_demo(out: Path, identities: int = 8, show_progress: bool = True):
     """Write tiny models, generate the dataset, audit it, export RecordIO."""
-    from arc2face_engine.store import verify_models
-    from arc2face_engine.tiny import write_tiny_models
+    from arc2face_engine.models_dir import verify_models
+    from arc2face_engine.testing.tiny_models import write_tiny_models
     from flows.audit import audit_dataset_flow, export_dataset_flow
     from flows.generate import generate_dataset
 

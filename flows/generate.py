@@ -13,13 +13,15 @@ from prefect.runtime import flow_run
 from prefect.task_runners import TaskRunner
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from arc2face_engine.dataset import job as dataset_job
-from arc2face_engine.dataset.plan import shard_count
-from arc2face_engine.dataset.shard import ShardJob, ShardResult
-from arc2face_engine.errors import UserError
-from flows.credentials import RedactingFlow, with_credentials
+from arc2face_engine.job import lifecycle, preflight
+from arc2face_engine.job.identities_step import BuiltIdentities
+from arc2face_engine.job.shard import ShardResult
+from arc2face_engine.job.shards import ShardWork, shard_count, shard_works
+from flows.credentials import with_credentials
 from flows.prefect_api import check_api
+from flows.redacting import RedactingFlow
 from flows.runners import check_dask_scheduler, submit_on_gpu, task_runner_for
+from schemas.errors import UserError
 from schemas.job import JobSpec, load_spec, parse_spec
 from schemas.tables import DatasetInfo
 from tasks.devices import SHARDS_PER_DEVICE
@@ -108,7 +110,7 @@ def _window(spec: JobSpec) -> int:
 
 
 def _fan_out(
-    spec: JobSpec, runner: TaskRunner, jobs: Iterator[ShardJob], window: int
+    spec: JobSpec, runner: TaskRunner, works: Iterator[ShardWork], window: int
 ) -> Iterator[tuple[int, PrefectFuture]]:
     """Submit shard tasks with at most `window` in flight; yield (shard, future) as each
     finishes.
@@ -119,11 +121,11 @@ def _fan_out(
     finished: queue.Queue[tuple[int, PrefectFuture]] = queue.Queue()
 
     def submit_next() -> bool:
-        job = next(jobs, None)
-        if job is None:
+        work = next(works, None)
+        if work is None:
             return False
-        shard = job.plan.shard
-        future = submit_on_gpu(runner, generate_shard, {"spec": spec, "job": job})
+        shard = work.range.shard
+        future = submit_on_gpu(runner, generate_shard, {"spec": spec, "work": work})
         future.add_done_callback(lambda done, shard=shard: finished.put((shard, done)))
         return True
 
@@ -147,12 +149,12 @@ def load_job_spec(spec: JobSpec | str | dict) -> JobSpec:
     return load_spec(spec)
 
 
-def check_before_run(spec: JobSpec) -> None:
-    """Everything a user can get wrong, before anything is written: the models, devices,
-    banks, identity source and output (dataset/job.py preflight) and the Dask scheduler."""
+def check_quickly(spec: JobSpec) -> None:
+    """The checks that load no model library (job/preflight.py quick_checks), and the
+    Dask scheduler: a mistake is one line within a second, before anything is written."""
+    preflight.quick_checks(spec)
     if spec.compute.task_runner == "dask" and spec.compute.dask_address:
         check_dask_scheduler(spec.compute.dask_address)  # seconds, before loading banks
-    dataset_job.preflight(spec)
 
 
 def _generate_dataset(spec: JobSpec | str, show_progress: bool = False) -> DatasetInfo:
@@ -163,26 +165,31 @@ def _generate_dataset(spec: JobSpec | str, show_progress: bool = False) -> Datas
     every check before anything is written, then the spec's own task runner.
     """
     spec = with_credentials(load_job_spec(spec))
-    check_before_run(spec)
+    check_quickly(spec)
+    built = preflight.preflight(spec)  # model files, devices, banks, resume, identities
     # One writer per output: the lease (heartbeat thread) is held until the flow ends.
-    with dataset_job.writer_lease(spec) as lease, task_runner_for(spec) as runner:
-        return _run_job(spec, runner, show_progress, lease.token)
+    with lifecycle.writer_lease(spec) as lease, task_runner_for(spec) as runner:
+        return _run_job(spec, runner, show_progress, lease.token, built)
 
 
 generate_dataset_flow = RedactingFlow(_generate_dataset, name="generate-dataset", log_prints=True)
 
 
 def _run_job(
-    spec: JobSpec, runner: TaskRunner, show_progress: bool, lease_token: str
+    spec: JobSpec,
+    runner: TaskRunner,
+    show_progress: bool,
+    lease_token: str,
+    built: BuiltIdentities | None,
 ) -> DatasetInfo:
     """prepare -> identities -> shards fanned out on `runner` -> finalise + summary."""
     committed = prepare_dataset(spec, lease_token)
-    identities = build_identities(spec, lease_token)
+    identities = build_identities(spec, lease_token, built)
     shards = shard_count(
         len(identities), spec.variations.images_per_identity, spec.output.shard_size
     )
-    jobs = dataset_job.shard_jobs(spec, identities, lease_token)
-    todo = (job for job in jobs if job.plan.shard not in committed)
+    works = shard_works(spec, identities, lease_token)
+    todo = (work for work in works if work.range.shard not in committed)
     if committed:
         print(f"resuming: {len(committed)} of {shards} shards already committed, skipped")
     finished = ShardResult(shard=-1)  # counts of finished shards
@@ -224,13 +231,7 @@ def _run_job(
 
 
 def generate_dataset(spec: JobSpec | str, show_progress: bool = False) -> DatasetInfo:
-    """Run the generate flow for a spec object or a spec file path/URI.
-
-    The spec is checked first here too (the flow checks it again), so a mistake is one
-    error line before Prefect starts; an unreachable Prefect API is one line as well.
-    """
-    loaded = load_job_spec(spec)
-    if not loaded.output.storage_options_secret:  # a Secret block needs the API first
-        check_before_run(with_credentials(loaded))
+    """Run the generate flow for a spec object or a spec file path/URI; an unreachable
+    Prefect API is one line. (The CLI makes the quick checks before it imports this.)"""
     check_api()
     return generate_dataset_flow(spec, show_progress)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 
-from arc2face_engine.errors import UserError
+from schemas.errors import UserError
 
 STARTUP_TIMEOUT_ENV = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
 STARTUP_TIMEOUT_S = "120"

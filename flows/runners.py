@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from prefect.futures import PrefectFuture
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
-from arc2face_engine.errors import UserError
+from schemas.errors import UserError
 from schemas.job import JobSpec
 from tasks.devices import DEVICE_ENV, SHARDS_PER_DEVICE
 

@@ -1,7 +1,7 @@
 """Errors a user can cause. Each message is one line: the problem, then the fix.
 
 They live in `schemas` (which imports nothing of the engine) so that both the spec
-models and the engine can raise them; `arc2face_engine.errors` re-exports them.
+models and the engine can raise them (the one errors module).
 """
 
 

@@ -3,6 +3,10 @@
 Every section forbids unknown keys so a typo fails loudly instead of silently
 falling back to a default. `load_spec` turns pydantic's errors into one
 `SpecError` whose first line names every bad field by its dotted path.
+
+Over 600 lines on purpose: the spec is one concept, and every section's fields, defaults,
+bounds and cross-field checks sit together, next to the loader that reports them, so a
+reader (and docs/job-spec.md, generated from these models) sees the whole contract at once.
 """
 
 from __future__ import annotations
@@ -91,7 +95,7 @@ class ModelsSpec(_Section):
     dir: str = Field(
         "./models",
         min_length=1,
-        description="Models directory in the published layout (see `arc2face-synth download-models`).",
+        description="Models directory in the published layout (`arc2face-synth models download DIR`, or `models tiny DIR` for stand-ins).",
     )
     device: str = Field(
         "auto", description="Device for single-process runs: auto, cpu, mps, cuda or cuda:N."

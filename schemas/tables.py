@@ -7,6 +7,9 @@ build tables with these schemas and the audit checks files against them.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
 import numpy as np
@@ -17,7 +20,26 @@ EMBEDDING_DIM = 512
 EXPRESSION_DIM = 55
 KEYPOINT_VALUES = 10  # 5 points x (x, y)
 
-# Reject reasons, in the order face_analysis.judge checks them.
+_SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+# Identity ids become part of image file names, so they are held to a conservative
+# file-name alphabet on every filesystem and object store: no '/', no spaces, no '..'.
+MAX_ID_LENGTH = 128
+SAFE_ID_RULE = (
+    f"1-{MAX_ID_LENGTH} letters, digits, '.', '_' or '-', starting with a letter or digit, "
+    "without '..'"
+)
+
+
+def is_safe_id(name: object) -> bool:
+    """Whether `name` may be an identity id (and so part of an image file name)."""
+    return (
+        isinstance(name, str)
+        and len(name) <= MAX_ID_LENGTH
+        and ".." not in name
+        and _SAFE_ID.match(name) is not None
+    )
+
+# Reject reasons, in the order arc2face_engine.faces.records.judge checks them.
 NO_FACE = "no_face"
 MULTIPLE_FACES = "multiple_faces"
 LOW_DETECTION_SCORE = "low_detection_score"
@@ -30,63 +52,109 @@ def _vector(size: int) -> pa.DataType:
     return pa.list_(pa.float32(), size)
 
 
-IDENTITIES_SCHEMA = pa.schema(
-    [
-        pa.field("identity_id", pa.string(), nullable=False),
-        pa.field("label", pa.int32(), nullable=False),
-        pa.field("embedding", _vector(EMBEDDING_DIM), nullable=False),
-        pa.field("source", pa.string(), nullable=False),
-        pa.field("provenance", pa.string(), nullable=False),
-    ],
-    metadata={"arc2face_synth.table": "identities"},
-)
+EMBEDDING_VECTOR = _vector(EMBEDDING_DIM)
+EXPRESSION_VECTOR = _vector(EXPRESSION_DIM)
+KEYPOINT_VECTOR = _vector(KEYPOINT_VALUES)
+BOX_VECTOR = _vector(4)
 
-MANIFEST_SCHEMA = pa.schema(
-    [
-        pa.field("image_id", pa.string(), nullable=False),
-        pa.field("identity_id", pa.string(), nullable=False),
-        pa.field("label", pa.int32(), nullable=False),
-        pa.field("shard", pa.int32(), nullable=False),
-        pa.field("variant", pa.int32(), nullable=False),
-        pa.field("attempt", pa.int32(), nullable=False),
-        pa.field("seed", pa.int64(), nullable=False),
-        # file
-        pa.field("path", pa.string()),
-        pa.field("sha256", pa.string()),
-        pa.field("size_bytes", pa.int64()),
-        pa.field("width", pa.int32(), nullable=False),
-        pa.field("height", pa.int32(), nullable=False),
-        # requested controls
-        pa.field("pose_name", pa.string()),
-        pa.field("pose_yaw", pa.float32()),
-        pa.field("pose_pitch", pa.float32()),
-        pa.field("pose_roll", pa.float32()),
-        pa.field("expression_name", pa.string()),
-        pa.field("expression", _vector(EXPRESSION_DIM)),
-        # generation settings
-        pa.field("scheduler", pa.string(), nullable=False),
-        pa.field("steps", pa.int32(), nullable=False),
-        pa.field("guidance", pa.float32(), nullable=False),
-        pa.field("controlnet_scale", pa.float32(), nullable=False),
-        pa.field("expression_scale", pa.float32(), nullable=False),
-        # face analysis of the generated image
-        pa.field("face_count", pa.int32(), nullable=False),
-        pa.field("det_score", pa.float32()),
-        pa.field("bbox", _vector(4)),
-        pa.field("keypoints", _vector(KEYPOINT_VALUES)),
-        pa.field("measured_yaw", pa.float32()),
-        pa.field("measured_pitch", pa.float32()),
-        pa.field("measured_roll", pa.float32()),
-        pa.field("face_embedding", _vector(EMBEDDING_DIM)),
-        # ArcFace feature norm before L2 normalisation: an image-quality proxy (AdaFace).
-        pa.field("feature_norm", pa.float32()),
-        pa.field("similarity", pa.float32()),
-        # verdict
-        pa.field("accepted", pa.bool_(), nullable=False),
-        pa.field("reject_reason", pa.string()),
-    ],
-    metadata={"arc2face_synth.table": "manifest"},
-)
+
+def _column(arrow: pa.DataType, doc: str, nullable: bool = True) -> Any:
+    """A ManifestRow field: its Parquet type, whether it may be null, what it means."""
+    return field(metadata={"arrow": arrow, "nullable": nullable, "doc": doc})
+
+
+@dataclass
+class ManifestRow:
+    """One row of `manifest/part-NNNNN.parquet`: one generated image, accepted or rejected.
+
+    The one definition of the manifest's columns: `MANIFEST_SCHEMA` is derived from these
+    fields (in this order), the shard fills one per image, and docs/dataset-format.md is
+    generated from the field docs.
+    """
+
+    # ids
+    image_id: str = _column(pa.string(), "`<identity_id>-v<variant>-a<attempt>`", False)
+    identity_id: str = _column(pa.string(), "the identity (identities.parquet)", False)
+    label: int = _column(pa.int32(), "the identity's integer label", False)
+    shard: int = _column(pa.int32(), "the shard that made the image", False)
+    variant: int = _column(pa.int32(), "which wanted image of the identity (0-based)", False)
+    attempt: int = _column(pa.int32(), "0 for the first try, +1 per top-up after a reject", False)
+    seed: int = _column(pa.int64(), "the image's generator seed (determinism.image_seed)", False)
+    # file
+    path: str | None = _column(pa.string(), "relative path of the image file (null: not kept)")
+    sha256: str | None = _column(pa.string(), "sha256 of the image file's bytes")
+    size_bytes: int | None = _column(pa.int64(), "size of the image file")
+    width: int = _column(pa.int32(), "image width in pixels", False)
+    height: int = _column(pa.int32(), "image height in pixels", False)
+    # requested controls
+    pose_name: str | None = _column(pa.string(), "requested pose (null: no pose control)")
+    pose_yaw: float | None = _column(pa.float32(), "requested yaw, degrees")
+    pose_pitch: float | None = _column(pa.float32(), "requested pitch, degrees")
+    pose_roll: float | None = _column(pa.float32(), "requested roll, degrees")
+    expression_name: str | None = _column(pa.string(), "requested expression (null: none)")
+    expression: list[float] | None = _column(
+        EXPRESSION_VECTOR, "requested FLAME values: 50 expression, 2 eyelid, 3 jaw"
+    )
+    # generation settings
+    scheduler: str = _column(pa.string(), "`dpmsolver++` or `lcm`", False)
+    steps: int = _column(pa.int32(), "inference steps", False)
+    guidance: float = _column(pa.float32(), "classifier-free guidance scale", False)
+    controlnet_scale: float = _column(pa.float32(), "pose ControlNet scale", False)
+    expression_scale: float = _column(pa.float32(), "Expression Adapter scale", False)
+    # face analysis of the stored image
+    face_count: int = _column(pa.int32(), "faces detected", False)
+    det_score: float | None = _column(pa.float32(), "the largest face's detection score")
+    bbox: list[float] | None = _column(BOX_VECTOR, "the largest face's box: x1, y1, x2, y2")
+    keypoints: list[float] | None = _column(
+        KEYPOINT_VECTOR, "its 5 keypoints (eyes, nose, mouth corners) as x, y pairs"
+    )
+    measured_yaw: float | None = _column(pa.float32(), "head yaw measured on the image")
+    measured_pitch: float | None = _column(pa.float32(), "head pitch measured on the image")
+    measured_roll: float | None = _column(pa.float32(), "head roll measured on the image")
+    face_embedding: list[float] | None = _column(
+        EMBEDDING_VECTOR, "ArcFace embedding of the largest face, L2-normalised"
+    )
+    feature_norm: float | None = _column(
+        pa.float32(),
+        "ArcFace feature norm before L2 normalisation: an image-quality proxy (AdaFace)",
+    )
+    similarity: float | None = _column(pa.float32(), "cosine of face_embedding and the identity")
+    # verdict
+    accepted: bool = _column(pa.bool_(), "passed every filter of the spec", False)
+    reject_reason: str | None = _column(pa.string(), "the first failed check (REJECT_REASONS)")
+
+
+def _schema_of(row: type, table: str) -> pa.Schema:
+    return pa.schema(
+        [pa.field(f.name, f.metadata["arrow"], f.metadata["nullable"]) for f in fields(row)],
+        metadata={"arc2face_synth.table": table},
+    )
+
+
+@dataclass
+class IdentityRow:
+    """One row of `identities.parquet`: one identity of the dataset."""
+
+    identity_id: str = _column(pa.string(), f"safe id ({SAFE_ID_RULE})", False)
+    label: int = _column(pa.int32(), "integer label, 0..N-1 in row order", False)
+    embedding: list[float] = _column(
+        EMBEDDING_VECTOR, "ArcFace identity embedding, L2-normalised", False
+    )
+    source: str = _column(pa.string(), "random, packed, file or images", False)
+    provenance: str = _column(
+        pa.string(), "where it came from: seed and candidate, file and row, photo path", False
+    )
+
+
+IDENTITIES_SCHEMA = _schema_of(IdentityRow, "identities")
+MANIFEST_SCHEMA = _schema_of(ManifestRow, "manifest")
+
+
+def manifest_table(rows: Sequence[ManifestRow]) -> pa.Table:
+    """ManifestRows as a manifest table (MANIFEST_SCHEMA), column by column."""
+    columns = {f.name: [getattr(row, f.name) for row in rows] for f in fields(ManifestRow)}
+    return pa.Table.from_pydict(columns, schema=MANIFEST_SCHEMA)
+
 
 TABLE_SCHEMAS: dict[str, pa.Schema] = {
     "identities": IDENTITIES_SCHEMA,
@@ -95,7 +163,7 @@ TABLE_SCHEMAS: dict[str, pa.Schema] = {
 
 # Bank tables: input files that users bring or that banks save, not dataset tables.
 
-# The angle table of a folder pose bank (arc2face_engine.poses.PoseBank.from_folder / save).
+# The angle table of a folder pose bank (arc2face_engine.controls.poses.PoseBank.from_folder / save).
 POSE_TABLE_SCHEMA = pa.schema(
     [
         pa.field("file", pa.string(), nullable=False),
@@ -106,7 +174,7 @@ POSE_TABLE_SCHEMA = pa.schema(
     ]
 )
 
-# The table written by arc2face_engine.expressions.ExpressionBank.save.
+# The table written by arc2face_engine.controls.expressions.ExpressionBank.save.
 EXPRESSION_TABLE_SCHEMA = pa.schema(
     [
         pa.field("name", pa.string(), nullable=False),
@@ -116,6 +184,8 @@ EXPRESSION_TABLE_SCHEMA = pa.schema(
 
 
 class DatasetCounts(BaseModel):
+    """What a dataset holds, counted from its committed manifest at finalize."""
+
     identities: int = 0
     shards: int = 0
     committed_shards: int = 0
@@ -126,38 +196,47 @@ class DatasetCounts(BaseModel):
 
 
 class ExclusionReport(BaseModel):
-    """How the identities meet `identities.exclusion` (arc2face_engine/exclusion.py)."""
+    """How the identities meet `identities.exclusion` (arc2face_engine/identities/exclusion.py)."""
 
     gallery_sha256: str
     gallery_size: int
     max_cosine: float
-    min_margin: float  # max_cosine - the largest identity-to-gallery cosine (>= 0)
-    excluded: int = 0  # candidates rejected, identities moved or photos dropped to meet it
+    min_margin: float = Field(
+        description="max_cosine minus the largest identity-to-gallery cosine (>= 0)"
+    )
+    excluded: int = Field(
+        0, description="candidates rejected, identities moved or photos dropped to meet it"
+    )
 
 
 class DatasetInfo(BaseModel):
     """The content of dataset.json."""
 
     format_version: int = 1
-    name: str
+    name: str = Field(description="the job's name")
     status: Literal["in_progress", "complete"]
-    spec: dict[str, Any]
-    spec_hash: str
-    versions: dict[str, str] = Field(default_factory=dict)
-    model_hashes: dict[str, str] = Field(default_factory=dict)
-    # The dtype the weights ran at ("fp32", "fp16", "bf16"): with the model hashes, what
-    # decides the pixels beyond the spec; a resume must match both.
-    precision: str | None = None
-    # sha256 of identities.parquet's bytes, recorded when it is written (audits verify it).
-    identities_sha256: str | None = None
+    spec: dict[str, Any] = Field(description="the job spec, storage option values redacted")
+    spec_hash: str = Field(description="sha256 of the spec fields that decide the content")
+    versions: dict[str, str] = Field(
+        default_factory=dict, description="versions of the packages that made it"
+    )
+    model_hashes: dict[str, str] = Field(
+        default_factory=dict, description="sha256 of every model file, by relative path"
+    )
+    precision: str | None = Field(
+        None,
+        description="the dtype the weights ran at (fp32, fp16, bf16): with the model hashes, "
+        "what decides the pixels beyond the spec; a resume must match both",
+    )
+    identities_sha256: str | None = Field(
+        None, description="sha256 of identities.parquet, recorded when written"
+    )
     counts: DatasetCounts = Field(default_factory=DatasetCounts)
-    created_at: str
-    finished_at: str | None = None
-    exclusion_report: ExclusionReport | None = None
-
-
-def empty_table(schema: pa.Schema) -> pa.Table:
-    return schema.empty_table()
+    created_at: str = Field(description="UTC, ISO 8601")
+    finished_at: str | None = Field(None, description="UTC, ISO 8601; set when complete")
+    exclusion_report: ExclusionReport | None = Field(
+        None, description="how the identities meet identities.exclusion"
+    )
 
 
 def l2_normalize(vectors: np.ndarray, axis: int = -1) -> np.ndarray:

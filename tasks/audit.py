@@ -5,8 +5,8 @@ from __future__ import annotations
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from arc2face_engine.dataset.audit import audit_dataset
-from arc2face_engine.dataset.exports import export_dataset
+from arc2face_engine.audit import audit_dataset
+from arc2face_engine.exports import export_dataset
 
 
 @task(name="audit-dataset", cache_policy=NO_CACHE, persist_result=False)

@@ -28,7 +28,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from arc2face_engine.errors import UserError
+from schemas.errors import UserError
 
 DEVICE_ENV = "ARC2FACE_DEVICE"
 
@@ -126,7 +126,7 @@ def claim_device(devices: list[str]) -> Iterator[Placement]:
         if key not in _POOLS:
             pool: queue.Queue = queue.Queue()
             # SHARDS_PER_DEVICE turns per device: one shard generates while another drains
-            # and commits (the worker's lock in dataset/job.py keeps generation one at a time).
+            # and commits (the worker's lock in job/workers.py keeps generation one at a time).
             for _ in range(SHARDS_PER_DEVICE):
                 for ordinal, device in enumerate(devices):
                     pool.put((ordinal, device))

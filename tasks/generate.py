@@ -1,4 +1,4 @@
-"""Prefect tasks of the generate flow: thin wrappers over arc2face_engine.dataset.job."""
+"""Prefect tasks of the generate flow: thin wrappers over arc2face_engine.job."""
 
 from __future__ import annotations
 
@@ -6,9 +6,11 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
-from arc2face_engine.dataset import job as dataset_job
-from arc2face_engine.dataset.shard import ShardJob, ShardResult
-from arc2face_engine.errors import UserError
+from arc2face_engine.job import identities_step, lifecycle, workers
+from arc2face_engine.job.identities_step import BuiltIdentities
+from arc2face_engine.job.shard import ShardResult
+from arc2face_engine.job.shards import ShardWork
+from schemas.errors import UserError
 from schemas.job import JobSpec
 from tasks import progress
 from tasks.devices import claim_device
@@ -18,12 +20,16 @@ from tasks.slots import slot_guard
 @task(name="prepare-dataset", cache_policy=NO_CACHE, persist_result=False)
 def prepare_dataset(spec: JobSpec, lease_token: str | None = None) -> set[int]:
     """Check the output, write dataset.json; return the already committed shards."""
-    return dataset_job.prepare_dataset(spec, lease_token).committed_shards()
+    return lifecycle.prepare_dataset(spec, lease_token).committed_shards()
 
 
 @task(name="build-identities", cache_policy=NO_CACHE, persist_result=False)
-def build_identities(spec: JobSpec, lease_token: str | None = None):
-    return dataset_job.build_identities(spec, dataset_job.open_writer(spec, lease_token))
+def build_identities(
+    spec: JobSpec, lease_token: str | None = None, built: BuiltIdentities | None = None
+):
+    """identities.parquet re-read, or `built` (preflight's) written, or made now."""
+    writer = lifecycle.open_writer(spec, lease_token)
+    return identities_step.build_identities(spec, writer, built)
 
 
 def _worth_retrying(task, task_run, state) -> bool:
@@ -34,27 +40,27 @@ def _worth_retrying(task, task_run, state) -> bool:
 
 @task(
     name="generate-shard",
-    task_run_name="shard-{job.plan.shard:05d}",
+    task_run_name="shard-{work.range.shard:05d}",
     cache_policy=NO_CACHE,
     persist_result=False,
     retries=1,
     retry_delay_seconds=5,
     retry_condition_fn=_worth_retrying,
 )
-def generate_shard(spec: JobSpec, job: ShardJob) -> ShardResult:
+def generate_shard(spec: JobSpec, work: ShardWork) -> ShardResult:
     """Generate, verify and commit one shard on a device of this worker, holding the
     device's cross-job slot (tasks/slots.py) while it generates."""
     on_batch = progress.callback_for(flow_run.get_id())
     with claim_device(spec.compute.devices) as placement:
-        label = f"shard {job.plan.shard:05d}"
+        label = f"shard {work.range.shard:05d}"
         worker = f" (Dask worker {placement.worker})" if placement.worker else ""
         get_run_logger().info(f"{label} on {placement.device}{worker}")
         guard = slot_guard(placement, spec.compute.device_limits, label)
-        return dataset_job.generate_shard(
-            spec, job, device=placement.device, on_batch=on_batch, hold_device=guard
+        return workers.generate_shard(
+            spec, work, device=placement.device, on_batch=on_batch, hold_device=guard
         )
 
 
 @task(name="finalize-dataset", cache_policy=NO_CACHE, persist_result=False)
 def finalize_dataset(spec: JobSpec, lease_token: str | None = None):
-    return dataset_job.finalize_dataset(spec, lease_token)
+    return lifecycle.finalize_dataset(spec, lease_token)

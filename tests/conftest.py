@@ -15,7 +15,7 @@ pytest_plugins = ["tests.s3_fixture"]
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A complete models directory with tiny random weights, in the published layout."""
-    from arc2face_engine.tiny import write_tiny_models
+    from arc2face_engine.testing.tiny_models import write_tiny_models
 
     return write_tiny_models(tmp_path_factory.mktemp("models"))
 

@@ -10,12 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from arc2face_engine.dataset.audit import (
-    AuditError,
-    audit_dataset,
-    greedy_ball_count,
-    load_report,
-)
+from arc2face_engine.audit import AuditError, audit_dataset, load_report
+from arc2face_engine.audit.quality import greedy_ball_count
 from tests.dataset_factory import make_dataset, normalise, rewrite_part
 
 
@@ -207,7 +203,7 @@ def test_collapsed_identities_are_quality_warnings_not_failures(tmp_path: Path) 
 
 
 def test_close_pair_count_blocks_agree_with_dense() -> None:
-    from arc2face_engine.dataset.audit import close_pair_count
+    from arc2face_engine.audit.quality import close_pair_count
 
     centres = normalise(np.random.default_rng(1).standard_normal((23, 8))).astype(np.float32)
     gram = centres @ centres.T
@@ -327,7 +323,7 @@ def _store_fresh_analysis(root: Path, models_dir: Path) -> list[dict]:
     """Replace the factory's face fields with what the tiny analyzer measures on the files."""
     from PIL import Image
 
-    from arc2face_engine.face_analysis import FaceAnalyzer
+    from arc2face_engine.faces.onnxruntime_analyzer import FaceAnalyzer
     from schemas.tables import MANIFEST_SCHEMA
 
     analyzer = FaceAnalyzer.from_models_dir(models_dir, det_size=640)
@@ -382,7 +378,7 @@ def test_reverify_agrees_with_stored_analysis_and_flags_tampering(
 
 
 def test_inter_class_blocks_agree_with_dense() -> None:
-    from arc2face_engine.dataset.audit import COSINE_BINS, inter_class_stats
+    from arc2face_engine.audit.quality import COSINE_BINS, inter_class_stats
 
     centres = normalise(np.random.default_rng(2).standard_normal((37, 16)))
     dense = centres @ centres.T

@@ -34,7 +34,7 @@ from arc2face_engine.dataset import layout
 from arc2face_engine.dataset.lease import WriterLease, read_lease
 from arc2face_engine.dataset.reader import DatasetReader
 from arc2face_engine.dataset.writer import DatasetWriter
-from arc2face_engine.errors import LeaseLost, OutputInUse
+from schemas.errors import LeaseLost, OutputInUse
 from schemas.job import JobSpec
 from schemas.tables import MANIFEST_SCHEMA
 
@@ -137,7 +137,7 @@ def assert_intact(root: Path) -> None:
 @pytest.fixture(scope="module")
 def base(tiny_models, tmp_path_factory) -> Path:
     """A complete dataset of spec_dict(...), made without Prefect."""
-    from arc2face_engine.dataset.job import run_job_directly
+    from arc2face_engine.job.direct import run_job_directly
 
     out = tmp_path_factory.mktemp("base") / "ds"
     info = run_job_directly(JobSpec.model_validate(spec_dict(tiny_models, out)))
@@ -695,7 +695,7 @@ def test_lease_left_by_a_killed_run_is_taken_over(ctx: Ctx):
     spec_path = write_spec(ctx.tmp, spec_dict(ctx.models, out))
     script = (
         "import sys; from schemas.job import load_spec; "
-        "from arc2face_engine.dataset.job import run_job_directly; "
+        "from arc2face_engine.job.direct import run_job_directly; "
         "run_job_directly(load_spec(sys.argv[1]))"
     )
     writer = subprocess.Popen(
@@ -726,7 +726,7 @@ def test_lease_left_by_a_killed_run_is_taken_over(ctx: Ctx):
 def test_expired_lease_of_another_host_is_taken_over(ctx: Ctx):
     """A lease whose heartbeat stopped longer ago than its expiry (a host that died):
     the uncommitted shard is redone and the dataset completes."""
-    from arc2face_engine.dataset.job import run_job_directly
+    from arc2face_engine.job.direct import run_job_directly
 
     copy = ctx.copy_base()
     (copy / layout.manifest_part(1)).unlink()  # shard 1 was in flight when the host died
@@ -775,18 +775,19 @@ def test_model_file_broken_after_preflight_fails_the_shard_once_naming_it(
 ):
     """A weights file that breaks between preflight and the shard (a disk going bad, a
     sync overwriting it) is a user error: not retried, and the message names the file."""
-    from arc2face_engine.dataset import job as dataset_job
+    from arc2face_engine.job import preflight
 
     models = ctx.copy_models()
     out = ctx.fresh()
     spec_path = write_spec(ctx.tmp, spec_dict(models, out))
-    real_preflight = dataset_job.preflight
+    real_preflight = preflight.preflight
 
     def preflight_then_break(spec):
-        real_preflight(spec)
+        built = real_preflight(spec)
         truncate(models / "arc2face" / "diffusion_pytorch_model.safetensors")
+        return built
 
-    monkeypatch.setattr(dataset_job, "preflight", preflight_then_break)
+    monkeypatch.setattr(preflight, "preflight", preflight_then_break)
     code, _out, err = run_cli(["generate", spec_path, "--no-progress"], monkeypatch, capsys)
     assert code == 2, err
     assert_one_line_error(err, "arc2face/diffusion_pytorch_model.safetensors")
@@ -833,7 +834,7 @@ def test_lease_on_an_object_store(s3_uri):
 def test_skipped_photos_are_listed_before_anything_is_written(ctx: Ctx, capsys):
     """Identities from photos are built at preflight, in plain Python: the skipped files
     reach the console (not Prefect's log) and nothing is written yet."""
-    from arc2face_engine.dataset import job as dataset_job
+    from arc2face_engine.job import preflight
     from tests.test_job_identities import _disc_photo
 
     folder = ctx.tmp / "photos"
@@ -842,7 +843,7 @@ def test_skipped_photos_are_listed_before_anything_is_written(ctx: Ctx, capsys):
     _disc_photo(folder / "empty.png", None)
     (folder / "broken.jpg").write_bytes(b"not a jpeg")
     raw = spec_dict(ctx.models, ctx.fresh(), identities={"source": "images", "path": str(folder)})
-    dataset_job.preflight(JobSpec.model_validate(raw))
+    preflight.preflight(JobSpec.model_validate(raw))
     printed = capsys.readouterr().out
     assert "skipped empty.png: no face detected" in printed
     assert "skipped broken.jpg: cannot decode" in printed

@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from arc2face_engine.errors import UserError
+from schemas.errors import UserError
 from schemas.tables import MANIFEST_SCHEMA
 from tests.dataset_factory import make_dataset, rewrite_part
 
@@ -344,7 +344,7 @@ LOADER_REFUSED = [
 
 @pytest.mark.parametrize("name,change,word", LOADER_REFUSED, ids=[c[0] for c in LOADER_REFUSED])
 def test_loader_refuses(name, change, word, work: Path, tmp_path: Path) -> None:
-    from arc2face_engine.dataset.torch_dataset import Arc2FaceDataset
+    from arc2face_engine.loader import Arc2FaceDataset
 
     change(work, tmp_path)
     before = hashes(work)
@@ -394,7 +394,7 @@ def test_in_progress_is_not_a_count_failure(work: Path, monkeypatch, capsys) -> 
 def test_live_lease_means_in_progress_expired_does_not(work: Path) -> None:
     import datetime as dt
 
-    from arc2face_engine.dataset.audit import audit_dataset
+    from arc2face_engine.audit import audit_dataset
 
     lease = work / ".writer-lease.json"
     future = dt.datetime.now(dt.timezone.utc) + dt.timedelta(minutes=5)
@@ -409,7 +409,7 @@ def test_live_lease_means_in_progress_expired_does_not(work: Path) -> None:
 
 def test_hostile_spec_gallery_is_a_warning(work: Path) -> None:
     """A gallery named by the dataset (not the user) that cannot be used does not stop the audit."""
-    from arc2face_engine.dataset.audit import audit_dataset
+    from arc2face_engine.audit import audit_dataset
 
     info = json.loads((work / "dataset.json").read_text())
     info["spec"]["identities"] = {"exclusion": {"gallery": str(work / "dataset.json")}}

@@ -14,8 +14,8 @@ from arc2face_engine.dataset import layout
 from arc2face_engine.dataset.lease import WriterLease
 from arc2face_engine.dataset.reader import DatasetNotFound, DatasetReader
 from arc2face_engine.dataset.writer import DatasetWriter
-from arc2face_engine.errors import DatasetCorrupt, LeaseLost, SpecError, UserError
-from arc2face_engine.identities import build_identities_table
+from arc2face_engine.identities.sources import build_identities_table
+from schemas.errors import DatasetCorrupt, LeaseLost, SpecError, UserError
 from schemas.tables import IDENTITIES_SCHEMA, MANIFEST_SCHEMA, DatasetInfo
 
 pytest_plugins = ["tests.s3_fixture"]

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import yaml
 
-from arc2face_engine.dataset import job as dataset_job
-from arc2face_engine.errors import EmbeddingFileError, SpecError
+from arc2face_engine.job import identities_step, lifecycle, preflight
+from schemas.errors import EmbeddingFileError, SpecError
 from schemas.job import JobSpec
 from schemas.tables import vector_matrix
 from tests.test_job_identities import _disc_photo, spec_for
@@ -27,7 +27,7 @@ def save_npy(path: Path, rows: np.ndarray) -> str:
 
 def build(spec: JobSpec):
     """identities.parquet's embeddings and the exclusion report recorded in dataset.json."""
-    table = dataset_job.build_identities(spec, dataset_job.prepare_dataset(spec))
+    table = identities_step.build_identities(spec, lifecycle.prepare_dataset(spec))
     info = json.loads((Path(spec.output.uri) / "dataset.json").read_text())
     return table, vector_matrix(table.column("embedding"), 512), info["exclusion_report"]
 
@@ -80,7 +80,7 @@ def test_packed_identities_are_moved_out_of_the_gallery(tiny_models, tmp_path):
 def test_packed_identities_from_arc2face_probes(tiny_models, tmp_path):
     identities = {"source": "packed", "count": 4, "packing": {"probes": 3, "steps": 3}}
     spec = spec_for(tiny_models, tmp_path / "ds", identities)
-    table = dataset_job.build_identities(spec, dataset_job.prepare_dataset(spec))
+    table = identities_step.build_identities(spec, lifecycle.prepare_dataset(spec))
     assert table.num_rows == 4
     rows = {text.rsplit(" ", 1)[1] for text in table.column("provenance").to_pylist()}
     assert rows <= {"0", "1", "2"}  # started from the three probe re-embeddings
@@ -102,14 +102,14 @@ def test_a_file_too_close_to_the_gallery_is_refused_and_a_clean_one_recorded(
         {"source": "file", "path": save_npy(tmp_path / "leaky.npy", leaky), "exclusion": exclusion},
     )
     with pytest.raises(SpecError, match=r"identity id-000001 has cosine 1\.000 to row 7"):
-        dataset_job.preflight(bad)
+        preflight.preflight(bad)
     assert not (tmp_path / "bad").exists()
     good = spec_for(
         tiny_models,
         tmp_path / "good",
         {"source": "file", "path": save_npy(tmp_path / "ok.npy", clean), "exclusion": exclusion},
     )
-    dataset_job.preflight(good)
+    preflight.preflight(good)
     _, rows, report = build(good)
     check_report(report, gallery_path, rows, gallery)
     assert report["excluded"] == 0
@@ -122,7 +122,7 @@ def test_photos_too_close_to_the_gallery_are_dropped_and_listed(tiny_models, tmp
     _disc_photo(photos / "b.png", (40, 80))
     plain = spec_for(tiny_models, tmp_path / "plain", {"source": "images", "path": str(photos)})
     faces = vector_matrix(
-        dataset_job.build_identities(plain, dataset_job.prepare_dataset(plain)).column(
+        identities_step.build_identities(plain, lifecycle.prepare_dataset(plain)).column(
             "embedding"
         ),
         512,
@@ -154,7 +154,7 @@ def test_bad_gallery_is_one_line_exit_2_before_anything_is_written(tiny_models, 
         {"source": "random", "count": 2, "exclusion": {"gallery": str(gallery)}},
     )
     with pytest.raises(EmbeddingFileError, match=r"not found: check identities\.exclusion\.gallery"):
-        dataset_job.preflight(spec)
+        preflight.preflight(spec)
     np.save(gallery, np.ones((4, 3)))
     spec_path = tmp_path / "spec.yaml"
     spec_path.write_text(yaml.safe_dump(spec.model_dump(mode="json")))

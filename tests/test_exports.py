@@ -13,9 +13,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from arc2face_engine.dataset.exports import DamagedDataset, ExportError, export_dataset
-from arc2face_engine.dataset.exports.recordio import encode_record, pack
 from arc2face_engine.dataset.reader import DatasetNotFound
+from arc2face_engine.exports import DamagedDataset, ExportError, export_dataset
+from arc2face_engine.exports.recordio import encode_record, pack
 from tests.dataset_factory import make_dataset
 
 MAGIC = 0xCED7230A

@@ -15,18 +15,15 @@ from diffusers.models.embeddings import (
     IPAdapterPlusImageProjection,
 )
 
-from arc2face_engine import adapter_layouts as layouts
-from arc2face_engine import tiny
-from arc2face_engine.errors import CheckpointMismatch
-from arc2face_engine.generation import (
-    CPU_THREADS,
-    EXPRESSION_DIM,
-    Arc2FaceEngine,
-    GenerationSettings,
-    ImageRequest,
-)
-from arc2face_engine.loading import load_unet
-from arc2face_engine.tiny import build_tiny_expression_adapter, write_tiny_models
+from arc2face_engine.determinism import CPU_THREADS
+from arc2face_engine.generation import adapter_layouts as layouts
+from arc2face_engine.generation.checkpoints import load_unet
+from arc2face_engine.generation.engine import Arc2FaceEngine
+from arc2face_engine.generation.settings import GenerationSettings, ImageRequest
+from arc2face_engine.testing import tiny_models
+from arc2face_engine.testing.tiny_models import build_tiny_expression_adapter, write_tiny_models
+from schemas.errors import CheckpointMismatch
+from schemas.tables import EXPRESSION_DIM
 
 SETTINGS = GenerationSettings(num_inference_steps=2, height=64, width=64)
 UNGUIDED = GenerationSettings(num_inference_steps=2, height=64, width=64, guidance_scale=1.0)
@@ -114,7 +111,7 @@ def test_layout_with_a_stray_key_or_another_input_width_is_refused(
 
     # The same layout built for 50-value "image" embeddings instead of the 55 FLAME values.
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(tiny, "EXPRESSION_DIM", 50)
+        patch.setattr(tiny_models, "EXPRESSION_DIM", 50)
         narrow = build_tiny_expression_adapter(load_unet(models_dir, torch.float32), layout)
     directory = with_adapter(models_dir, tmp_path / "narrow", narrow)
     with pytest.raises(CheckpointMismatch, match="55 FLAME values"):

@@ -10,9 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from arc2face_engine.errors import BankError, ModelFileMissing
-from arc2face_engine.expressions import (
-    EXPRESSION_DIM,
+from arc2face_engine.controls.expressions import (
     EXPRESSION_STD,
     Expression,
     ExpressionBank,
@@ -20,6 +18,8 @@ from arc2face_engine.expressions import (
     extract_with_smirk,
     load_expression_bank,
 )
+from schemas.errors import BankError, ModelFileMissing
+from schemas.tables import EXPRESSION_DIM
 
 
 def one_line(error: pytest.ExceptionInfo) -> str:
@@ -281,7 +281,7 @@ def test_expression_is_frozen():
 
 
 def test_smirk_crop_centres_the_landmark_box_at_1_4_scale():
-    from arc2face_engine.expressions import _crop_face
+    from arc2face_engine.controls.expressions import _crop_face
 
     image = np.zeros((300, 400, 3), np.uint8)
     image[100:200, 150:250] = 255  # the landmarks' box, 100 px square

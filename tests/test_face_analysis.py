@@ -16,19 +16,18 @@ from insightface.model_zoo.attribute import Attribute
 from insightface.model_zoo.landmark import Landmark
 from insightface.model_zoo.scrfd import SCRFD
 
-from arc2face_engine.errors import ModelFileMissing, UserError
-from arc2face_engine.face_analysis import (
+from arc2face_engine.faces.align import align_face
+from arc2face_engine.faces.onnxruntime_analyzer import FaceAnalyzer
+from arc2face_engine.faces.records import FaceRecord, judge
+from arc2face_engine.testing.tiny_faces import TINY_ANTELOPEV2_FILES, write_tiny_antelopev2
+from schemas.errors import ModelFileMissing, UserError
+from schemas.tables import (
     LOW_DETECTION_SCORE,
     LOW_SIMILARITY,
     MULTIPLE_FACES,
     NO_FACE,
     REJECT_REASONS,
-    FaceAnalyzer,
-    FaceRecord,
-    align_face,
-    judge,
 )
-from arc2face_engine.face_analysis_tiny import TINY_ANTELOPEV2_FILES, write_tiny_antelopev2
 from schemas.tables import REJECT_REASONS as TABLE_REJECT_REASONS
 
 DET_SIZE = 128
@@ -256,7 +255,7 @@ def test_noise_like_images_give_a_mix_of_outcomes(face_models: Path) -> None:
     """Images decoded by the tiny random VAE (what the pipeline's tiny engine produces),
     analysed at the pipeline's detection size for them: every outcome occurs."""
     torch = pytest.importorskip("torch")
-    tiny = pytest.importorskip("arc2face_engine.tiny")
+    tiny = pytest.importorskip("arc2face_engine.testing.tiny_models")
     vae = tiny.build_tiny_vae().eval()
     latents = torch.randn(32, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

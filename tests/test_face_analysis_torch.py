@@ -23,24 +23,21 @@ from insightface.model_zoo.scrfd import SCRFD
 from insightface.utils import face_align
 from onnx import helper
 
-from arc2face_engine.errors import SpecError
-from arc2face_engine.face_analysis import (
-    FaceAnalyzer,
-    FaceRecord,
-    detection_settings,
-    face_analysis_placement,
-    judge,
-)
-from arc2face_engine.face_analysis_full import (
+from arc2face_engine.faces.loading import face_analysis_placement, load_face_analyzer
+from arc2face_engine.faces.onnx_torch import OnnxModule
+from arc2face_engine.faces.onnxruntime_analyzer import FaceAnalyzer
+from arc2face_engine.faces.pack import detection_settings
+from arc2face_engine.faces.records import FaceRecord, judge
+from arc2face_engine.faces.torch_analyzer import TorchFaceAnalyzer
+from arc2face_engine.faces.warp import resize_linear_u8, warp_affine_u8
+from arc2face_engine.testing.full_size_faces import (
     IRESNET100_GFLOP,
     SCRFD_10G_GFLOP,
     count_flops,
     write_full_size_antelopev2,
 )
-from arc2face_engine.face_analysis_tiny import BUILDERS, write_tiny_antelopev2
-from arc2face_engine.face_analysis_torch import TorchFaceAnalyzer
-from arc2face_engine.face_warp import resize_linear_u8, warp_affine_u8
-from arc2face_engine.onnx_torch import OnnxModule
+from arc2face_engine.testing.tiny_faces import BUILDERS, write_tiny_antelopev2
+from schemas.errors import SpecError
 from schemas.job import JobSpec
 
 CPU = ["CPUExecutionProvider"]
@@ -65,8 +62,9 @@ def discs(size: int, centers: list[tuple[int, int]], radius: int) -> np.ndarray:
 @pytest.fixture(scope="module")
 def generated(tiny_models: Path) -> list[np.ndarray]:
     """Images made by the tiny Arc2Face engine (64 px)."""
-    from arc2face_engine.generation import Arc2FaceEngine, GenerationSettings, ImageRequest
-    from arc2face_engine.tiny import TINY_IMAGE_SIZE
+    from arc2face_engine.generation.engine import Arc2FaceEngine
+    from arc2face_engine.generation.settings import GenerationSettings, ImageRequest
+    from arc2face_engine.testing.tiny_models import TINY_IMAGE_SIZE
 
     engine = Arc2FaceEngine.from_pretrained(tiny_models, device="cpu")
     rng = np.random.default_rng(5)
@@ -199,7 +197,7 @@ def test_embedding_norm_is_the_recognizer_feature_norm(tiny_face_models: Path) -
 
 
 def test_cpu_device_keeps_the_onnxruntime_reference(tiny_face_models: Path) -> None:
-    assert isinstance(FaceAnalyzer.from_models_dir(tiny_face_models, device="cpu"), FaceAnalyzer)
+    assert isinstance(load_face_analyzer(tiny_face_models, device="cpu"), FaceAnalyzer)
     assert face_analysis_placement(tiny_face_models, "cpu") == ("onnxruntime", "cpu")
 
 
@@ -262,7 +260,7 @@ def _with_unconvertible_recognizer(models: Path, target: Path) -> Path:
     graph.node[-1].output[0] = "fc1_raw"
     graph.node.append(helper.make_node("Hardmax", ["fc1_raw"], ["fc1"], name="arcface_hardmax"))
     onnx.save(model, str(target / "antelopev2" / "arcface.onnx"))
-    from arc2face_engine.store import write_checksums
+    from arc2face_engine.models_dir import write_checksums
 
     write_checksums(target)
     return target
@@ -271,17 +269,17 @@ def _with_unconvertible_recognizer(models: Path, target: Path) -> Path:
 def test_preflight_refuses_cpu_face_analysis_on_a_gpu_job(
     tiny_models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from arc2face_engine import generation
-    from arc2face_engine.dataset import job
+    from arc2face_engine.generation import devices
+    from arc2face_engine.job import preflight
 
-    monkeypatch.setattr(generation, "resolve_device", lambda device: torch.device("cuda"))
+    monkeypatch.setattr(devices, "resolve_device", lambda device: torch.device("cuda"))
     monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: CPU)
-    job.preflight(_spec(tiny_models, tmp_path / "ok"))  # the torch runner converts them
+    preflight.preflight(_spec(tiny_models, tmp_path / "ok"))  # the torch runner converts them
 
     broken = _with_unconvertible_recognizer(tiny_models, tmp_path / "models")
     with pytest.raises(SpecError, match="face analysis would run on the CPU") as error:
-        job.preflight(_spec(broken, tmp_path / "refused"))
+        preflight.preflight(_spec(broken, tmp_path / "refused"))
     message = str(error.value)
     assert "\n" not in message and "Hardmax" in message and "allow_cpu_face_analysis" in message
-    job.preflight(_spec(broken, tmp_path / "allowed", allow=True))
+    preflight.preflight(_spec(broken, tmp_path / "allowed", allow=True))
     assert not os.path.exists(tmp_path / "refused" / "dataset.json")

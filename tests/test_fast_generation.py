@@ -14,12 +14,14 @@ import numpy as np
 import pytest
 import torch
 
-from arc2face_engine import generation
-from arc2face_engine.dataset import job as dataset_job
 from arc2face_engine.dataset.reader import DatasetReader
 from arc2face_engine.dataset.writer import DatasetWriter
-from arc2face_engine.generation import Arc2FaceEngine, GenerationSettings, ImageRequest
-from arc2face_engine.tiny import TINY_IMAGE_SIZE
+from arc2face_engine.generation import engine as generation_engine
+from arc2face_engine.generation.engine import Arc2FaceEngine
+from arc2face_engine.generation.settings import GenerationSettings, ImageRequest
+from arc2face_engine.job import direct, identities_step, lifecycle, workers
+from arc2face_engine.job.shards import shard_works
+from arc2face_engine.testing.tiny_models import TINY_IMAGE_SIZE
 from schemas.job import JobSpec, default_batch_buckets, parse_spec
 
 SIZE = TINY_IMAGE_SIZE
@@ -73,14 +75,14 @@ def test_settings_derive_from_the_spec():
 
 def test_spec_compile_and_batch_fields_reach_the_engine(tiny_models, tmp_path):
     spec = job_spec(tiny_models, tmp_path / "ds", batch_size=6, batch_buckets=[2], compile=True)
-    engine = dataset_job.worker_for(spec, "cpu").engine
+    engine = workers.worker_for(spec, "cpu").engine
     assert engine.max_batch_size == 6
     assert engine.batch_buckets == [2, 6]
     base = engine.variants["dpmsolver++"].pipeline
     # nn.Module.compile wraps in place; compilation itself waits for the first forward.
     assert base.unet._compiled_call_impl is not None
     assert base.vae.decoder._compiled_call_impl is not None
-    eager = dataset_job.worker_for(job_spec(tiny_models, tmp_path / "ds"), "cpu").engine
+    eager = workers.worker_for(job_spec(tiny_models, tmp_path / "ds"), "cpu").engine
     assert eager.variants["dpmsolver++"].pipeline.unet._compiled_call_impl is None
     assert eager.max_batch_size == 16 and eager.batch_buckets == []
 
@@ -102,7 +104,7 @@ class CountingBackend:
 @pytest.fixture
 def full_batches(monkeypatch):
     """The GPU path on CPU: whole batches in one forward (as in test_generation)."""
-    monkeypatch.setattr(generation, "_CPU_MICRO_BATCH", None)
+    monkeypatch.setattr(generation_engine, "_CPU_MICRO_BATCH", None)
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
@@ -172,17 +174,17 @@ def _dataset_bytes(root: Path) -> tuple[list[dict], dict[str, str]]:
 
 def test_overlapped_commits_keep_the_dataset_identical(tiny_models, tmp_path, monkeypatch):
     sequential = job_spec(tiny_models, tmp_path / "sequential", batch_size=4)
-    with dataset_job.writer_lease(sequential) as lease:
-        writer = dataset_job.prepare_dataset(sequential, lease.token)
-        table = dataset_job.build_identities(sequential, writer)
-        for job in dataset_job.shard_jobs(sequential, table, lease.token):
-            dataset_job.generate_shard(sequential, job)  # waits for each commit
-        dataset_job.finalize_dataset(sequential, lease.token)
+    with lifecycle.writer_lease(sequential) as lease:
+        writer = lifecycle.prepare_dataset(sequential, lease.token)
+        table = identities_step.build_identities(sequential, writer)
+        for work in shard_works(sequential, table, lease.token):
+            workers.generate_shard(sequential, work)  # waits for each commit
+        lifecycle.finalize_dataset(sequential, lease.token)
 
     events: list[tuple[str, int]] = []
     lock = threading.Lock()
     original_commit = DatasetWriter.commit_shard
-    original_start = dataset_job.start_shard
+    original_start = direct.start_shard
 
     def slow_commit(self, shard, table):
         time.sleep(0.3)  # a slow object store: the next shard must not wait for it
@@ -191,15 +193,15 @@ def test_overlapped_commits_keep_the_dataset_identical(tiny_models, tmp_path, mo
             events.append(("committed", shard))
         return result
 
-    def recorded_start(spec, job, *args, **kwargs):
+    def recorded_start(spec, work, *args, **kwargs):
         with lock:
-            events.append(("generating", job.plan.shard))
-        return original_start(spec, job, *args, **kwargs)
+            events.append(("generating", work.range.shard))
+        return original_start(spec, work, *args, **kwargs)
 
     monkeypatch.setattr(DatasetWriter, "commit_shard", slow_commit)
-    monkeypatch.setattr(dataset_job, "start_shard", recorded_start)
+    monkeypatch.setattr(direct, "start_shard", recorded_start)
     overlapped = job_spec(tiny_models, tmp_path / "overlapped", batch_size=4)
-    info = dataset_job.run_job_directly(overlapped)
+    info = direct.run_job_directly(overlapped)
     assert info.status == "complete" and info.counts.committed_shards == 3
     assert events.index(("generating", 1)) < events.index(("committed", 0))
     assert _dataset_bytes(tmp_path / "overlapped") == _dataset_bytes(tmp_path / "sequential")
@@ -216,11 +218,11 @@ def test_a_failed_commit_surfaces_and_a_rerun_completes(tiny_models, tmp_path, m
 
     monkeypatch.setattr(DatasetWriter, "commit_shard", failing)
     with pytest.raises(OSError, match="storage went away"):
-        dataset_job.run_job_directly(spec)
+        direct.run_job_directly(spec)
     committed = DatasetWriter(str(tmp_path / "ds")).committed_shards()
     assert 0 in committed and 1 not in committed
     monkeypatch.setattr(DatasetWriter, "commit_shard", original_commit)
-    assert dataset_job.run_job_directly(spec).counts.committed_shards == 3
+    assert direct.run_job_directly(spec).counts.committed_shards == 3
 
 
 # --- the end-to-end benchmark's JSON feeds the plan -------------------------------------------

@@ -14,7 +14,7 @@ import pytest
 
 from arc2face_engine.dataset.reader import DatasetReader
 from arc2face_engine.dataset.writer import DatasetWriter
-from arc2face_engine.errors import SpecError
+from schemas.errors import SpecError
 from schemas.job import JobSpec
 from schemas.tables import IDENTITIES_SCHEMA, MANIFEST_SCHEMA, REJECT_REASONS
 
@@ -252,8 +252,8 @@ def test_demo_leaves_a_complete_audited_dataset(tmp_path):
 
 
 def test_setup_mistakes_fail_before_anything_is_written(tiny_models, tmp_path):
-    from arc2face_engine.errors import BankError, ModelFileMissing
     from flows.generate import generate_dataset
+    from schemas.errors import BankError, ModelFileMissing
 
     out = tmp_path / "never"
     with pytest.raises(ModelFileMissing, match=r"arc2face/config\.json"):
@@ -267,17 +267,17 @@ def test_setup_mistakes_fail_before_anything_is_written(tiny_models, tmp_path):
 def test_shard_user_errors_are_not_retried_and_surface_as_themselves(
     tiny_models, tmp_path, monkeypatch
 ):
-    from arc2face_engine.dataset import job as dataset_job
-    from arc2face_engine.errors import BankError
+    from arc2face_engine.job import workers
     from flows.generate import generate_dataset
+    from schemas.errors import BankError
 
     calls = []
 
-    def failing(spec, job, device="auto", on_batch=None, **_):
-        calls.append(job.plan.shard)
+    def failing(spec, work, device="auto", on_batch=None, **_):
+        calls.append(work.range.shard)
         raise BankError("pose bank changed under the job: rebuild it")
 
-    monkeypatch.setattr(dataset_job, "generate_shard", failing)
+    monkeypatch.setattr(workers, "generate_shard", failing)
     with pytest.raises(BankError, match="rebuild it"):
         generate_dataset(small_spec(tiny_models, str(tmp_path / "ds")))
     assert sorted(calls) == [0, 1, 2]  # each shard tried once: no retry of a user error

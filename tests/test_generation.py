@@ -29,19 +29,14 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from arc2face_engine import generation
-from arc2face_engine.conditioning import IdentityConditioner
-from arc2face_engine.errors import CheckpointMismatch, SpecError, UserError
-from arc2face_engine.generation import (
-    CPU_THREADS,
-    Arc2FaceEngine,
-    GenerationSettings,
-    ImageRequest,
-    resolve_device,
-    resolve_dtype,
-)
-from arc2face_engine.seeding import image_seed
-from arc2face_engine.tiny import TINY_IMAGE_SIZE, write_tiny_models
+from arc2face_engine.determinism import CPU_THREADS, image_seed
+from arc2face_engine.generation import engine as generation_engine
+from arc2face_engine.generation.conditioning import IdentityConditioner
+from arc2face_engine.generation.devices import resolve_device, resolve_dtype
+from arc2face_engine.generation.engine import Arc2FaceEngine
+from arc2face_engine.generation.settings import GenerationSettings, ImageRequest
+from arc2face_engine.testing.tiny_models import TINY_IMAGE_SIZE, write_tiny_models
+from schemas.errors import CheckpointMismatch, SpecError, UserError
 
 SIZE = TINY_IMAGE_SIZE
 BASE = GenerationSettings(num_inference_steps=3, height=SIZE, width=SIZE)
@@ -409,7 +404,7 @@ def test_mixed_controls_keep_invariance(engine):
 def test_full_batches_keep_request_order(engine, monkeypatch):
     """The GPU path (whole groups in one forward) on CPU: same images up to CPU kernels'
     batch-size rounding, each in its request's place."""
-    monkeypatch.setattr(generation, "_CPU_MICRO_BATCH", None)
+    monkeypatch.setattr(generation_engine, "_CPU_MICRO_BATCH", None)
     embeddings = _embeddings(4, seed=13)
     requests = [
         ImageRequest(embeddings[0], 31, pose_image=_pose(11)),

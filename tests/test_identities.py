@@ -12,8 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from arc2face_engine import identities
-from arc2face_engine.errors import EmbeddingFileError, SpecError, UserError
+from arc2face_engine.identities import sources
+from schemas.errors import EmbeddingFileError, SpecError, UserError
 from schemas.tables import IDENTITIES_SCHEMA
 
 pytest_plugins = ["tests.s3_fixture"]
@@ -34,7 +34,7 @@ def max_pairwise_cosine(rows: np.ndarray) -> float:
 
 
 def test_random_identities_are_unit_separated_and_labelled():
-    table = identities.sample_random(300, 0.2, seed=5)
+    table = sources.sample_random(300, 0.2, seed=5)
     assert table.schema.equals(IDENTITIES_SCHEMA)
     assert table.column("identity_id").to_pylist()[:2] == ["id-000000", "id-000001"]
     assert table.column("label").to_pylist() == list(range(300))
@@ -47,16 +47,16 @@ def test_random_identities_are_unit_separated_and_labelled():
 
 
 def test_random_identities_are_reproducible_per_seed():
-    first = identities.sample_random(50, 0.3, seed=1)
-    assert first.equals(identities.sample_random(50, 0.3, seed=1))
-    assert not first.equals(identities.sample_random(50, 0.3, seed=2))
+    first = sources.sample_random(50, 0.3, seed=1)
+    assert first.equals(sources.sample_random(50, 0.3, seed=1))
+    assert not first.equals(sources.sample_random(50, 0.3, seed=2))
     # a different candidate budget does not change the draw order
-    assert first.equals(identities.sample_random(50, 0.3, seed=1, max_candidates=51))
+    assert first.equals(sources.sample_random(50, 0.3, seed=1, max_candidates=51))
 
 
 def sequential_reference(count: int, separation: float, seed: int, budget: int) -> list[int]:
     """Accept candidates one by one: the definition the blocked sampler must match."""
-    rng = np.random.default_rng([seed, identities.IDENTITY_STREAM])
+    rng = np.random.default_rng([seed, sources.IDENTITY_STREAM])
     kept_rows, kept = [], []
     for index in range(budget):
         row = rng.standard_normal(512)
@@ -70,8 +70,8 @@ def sequential_reference(count: int, separation: float, seed: int, budget: int) 
 
 
 def test_blocked_sampler_matches_one_at_a_time_with_many_conflicts(monkeypatch):
-    monkeypatch.setattr(identities, "BLOCK", 64)  # several blocks, conflicts inside blocks
-    table = identities.sample_random(150, 0.1, seed=3, max_candidates=5000)
+    monkeypatch.setattr(sources, "BLOCK", 64)  # several blocks, conflicts inside blocks
+    table = sources.sample_random(150, 0.1, seed=3, max_candidates=5000)
     candidates = [int(p.rsplit("=", 1)[1]) for p in table.column("provenance").to_pylist()]
     assert candidates == sequential_reference(150, 0.1, 3, 5000)
     assert candidates[-1] > 300  # the separation really rejected candidates
@@ -80,7 +80,7 @@ def test_blocked_sampler_matches_one_at_a_time_with_many_conflicts(monkeypatch):
 
 def test_unreachable_separation_is_a_user_error():
     with pytest.raises(SpecError) as caught:
-        identities.sample_random(500, 0.01, seed=0, max_candidates=600)
+        sources.sample_random(500, 0.01, seed=0, max_candidates=600)
     message = str(caught.value)
     assert (
         "cannot be met" in message and "of 500 identities accepted after 600 candidates" in message
@@ -106,7 +106,7 @@ class FakeProjector:
 
 def test_projection_keeps_reembedded_vectors_and_checks_them():
     projector = FakeProjector()
-    table = identities.sample_random(20, 0.15, seed=0, project=projector, max_candidates=2000)
+    table = sources.sample_random(20, 0.15, seed=0, project=projector, max_candidates=2000)
     rows = embeddings_of(table)
     np.testing.assert_allclose(np.linalg.norm(rows, axis=1), 1.0, atol=1e-5)
     assert max_pairwise_cosine(rows) <= 0.15
@@ -115,7 +115,7 @@ def test_projection_keeps_reembedded_vectors_and_checks_them():
     assert all((k + 1) % 3 != 0 for k in kept)  # no-face probes were dropped
     assert table.column("provenance")[0].as_py().startswith("random seed=0 projected candidate=")
     # the projected sampler draws the same candidates as the plain one
-    rng = np.random.default_rng([0, identities.IDENTITY_STREAM])
+    rng = np.random.default_rng([0, sources.IDENTITY_STREAM])
     first = rng.standard_normal(512)
     expected = first / np.linalg.norm(first)
     expected[0] += 0.3
@@ -124,7 +124,7 @@ def test_projection_keeps_reembedded_vectors_and_checks_them():
 
 def test_projection_returning_garbage_is_refused():
     with pytest.raises(ValueError, match="projection returned a vector of shape"):
-        identities.sample_random(2, 0.3, seed=0, project=lambda c: np.zeros(3))
+        sources.sample_random(2, 0.3, seed=0, project=lambda c: np.zeros(3))
 
 
 # --- embedding files --------------------------------------------------------------------------
@@ -138,14 +138,14 @@ def unit_rows(count: int, seed: int = 0) -> np.ndarray:
 def test_npy_file_is_normalised_and_capped(tmp_path):
     rows = unit_rows(6) * 3.0  # not unit length on disk
     np.save(tmp_path / "e.npy", rows)  # float64
-    table = identities.load_embedding_file(str(tmp_path / "e.npy"))
+    table = sources.load_embedding_file(str(tmp_path / "e.npy"))
     assert table.schema.equals(IDENTITIES_SCHEMA)
     np.testing.assert_allclose(embeddings_of(table), rows / 3.0, atol=1e-6)
     assert table.column("provenance")[5].as_py() == f"file {tmp_path / 'e.npy'} row 5"
     assert set(table.column("source").to_pylist()) == {"file"}
-    capped = identities.load_embedding_file(str(tmp_path / "e.npy"), limit=4)
+    capped = sources.load_embedding_file(str(tmp_path / "e.npy"), limit=4)
     np.testing.assert_allclose(embeddings_of(capped), rows[:4] / 3.0, atol=1e-6)
-    assert identities.embedding_file_rows(str(tmp_path / "e.npy")) == 6
+    assert sources.embedding_file_rows(str(tmp_path / "e.npy")) == 6
 
 
 @pytest.mark.parametrize("fixed", [True, False])
@@ -160,7 +160,7 @@ def test_parquet_file_with_ids(tmp_path, fixed):
         }
     )
     pq.write_table(table, tmp_path / "e.parquet", row_group_size=2)
-    loaded = identities.load_embedding_file(str(tmp_path / "e.parquet"), limit=3)
+    loaded = sources.load_embedding_file(str(tmp_path / "e.parquet"), limit=3)
     assert loaded.column("identity_id").to_pylist() == ["p0", "p1", "p2"]
     assert loaded.column("label").to_pylist() == [0, 1, 2]
     np.testing.assert_allclose(embeddings_of(loaded), rows[:3], atol=1e-6)
@@ -173,7 +173,7 @@ def test_embedding_file_on_s3(s3_uri):
     table = pa.table({"embedding": pa.array(list(rows.astype(np.float32)), pa.list_(pa.float32()))})
     with fs.open(f"{root}/ids/e.parquet", "wb") as handle:
         pq.write_table(table, handle)
-    loaded = identities.load_embedding_file(f"{uri}/ids/e.parquet", options)
+    loaded = sources.load_embedding_file(f"{uri}/ids/e.parquet", options)
     np.testing.assert_allclose(embeddings_of(loaded), rows, atol=1e-6)
 
 
@@ -208,14 +208,14 @@ def zero_row(count: int, row: int) -> np.ndarray:
 )
 def test_bad_npy_files(tmp_path, array, message):
     with pytest.raises(EmbeddingFileError, match=message) as caught:
-        identities.load_embedding_file(npy(tmp_path, array))
+        sources.load_embedding_file(npy(tmp_path, array))
     assert "\n" not in str(caught.value)
     assert str(tmp_path) in str(caught.value)
 
 
 def test_bad_npy_shape_is_found_with_limit_too(tmp_path):
     with pytest.raises(EmbeddingFileError, match=r"has shape \(4, 128\)"):
-        identities.load_embedding_file(npy(tmp_path, np.ones((4, 128), np.float32)), limit=2)
+        sources.load_embedding_file(npy(tmp_path, np.ones((4, 128), np.float32)), limit=2)
 
 
 def parquet(tmp_path: Path, **columns) -> str:
@@ -241,20 +241,20 @@ def parquet(tmp_path: Path, **columns) -> str:
 )
 def test_bad_parquet_files(tmp_path, columns, message):
     with pytest.raises(EmbeddingFileError, match=message):
-        identities.load_embedding_file(parquet(tmp_path, **columns))
+        sources.load_embedding_file(parquet(tmp_path, **columns))
 
 
 def test_missing_or_unsupported_files(tmp_path):
     with pytest.raises(EmbeddingFileError, match=r"not found: check identities\.path"):
-        identities.load_embedding_file(str(tmp_path / "nope.npy"))
+        sources.load_embedding_file(str(tmp_path / "nope.npy"))
     (tmp_path / "e.csv").write_text("1,2,3")
     with pytest.raises(
         EmbeddingFileError, match=r"unsupported extension: use a \.parquet or \.npy"
     ):
-        identities.load_embedding_file(str(tmp_path / "e.csv"))
+        sources.load_embedding_file(str(tmp_path / "e.csv"))
     (tmp_path / "junk.parquet").write_bytes(b"not parquet at all")
     with pytest.raises(EmbeddingFileError, match="not a valid Parquet file"):
-        identities.load_embedding_file(str(tmp_path / "junk.parquet"))
+        sources.load_embedding_file(str(tmp_path / "junk.parquet"))
     assert issubclass(EmbeddingFileError, UserError)
 
 
@@ -295,7 +295,7 @@ def photo_folder(root: Path) -> Path:
 
 def test_image_folder_embeds_largest_faces_in_sorted_order(tmp_path):
     folder = photo_folder(tmp_path / "photos")
-    table, skipped = identities.embed_image_folder(str(folder), FakeAnalyzer())
+    table, skipped = sources.embed_image_folder(str(folder), FakeAnalyzer())
     assert table.schema.equals(IDENTITIES_SCHEMA)
     assert table.column("provenance").to_pylist() == ["image a_blue.jpg", "image b/red.png"]
     assert set(table.column("source").to_pylist()) == {"images"}
@@ -309,18 +309,18 @@ def test_image_folder_embeds_largest_faces_in_sorted_order(tmp_path):
 def test_image_folder_limit_stops_early(tmp_path):
     folder = photo_folder(tmp_path / "photos")
     analyzer = FakeAnalyzer()
-    table, skipped = identities.embed_image_folder(str(folder), analyzer, limit=1)
+    table, skipped = sources.embed_image_folder(str(folder), analyzer, limit=1)
     assert table.num_rows == 1 and skipped == []
     assert len(analyzer.seen) == 1
 
 
 def test_image_folder_errors(tmp_path):
     with pytest.raises(SpecError, match=r"image folder .* not found"):
-        identities.embed_image_folder(str(tmp_path / "missing"), FakeAnalyzer())
+        sources.embed_image_folder(str(tmp_path / "missing"), FakeAnalyzer())
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(SpecError, match=r"no \.jpg/\.jpeg/\.png/\.webp files"):
-        identities.embed_image_folder(str(empty), FakeAnalyzer())
+        sources.embed_image_folder(str(empty), FakeAnalyzer())
     Image.new("RGB", (8, 8), (0, 0, 0)).save(empty / "black.png")
     with pytest.raises(SpecError, match="no face found in any of the 1 photos"):
-        identities.embed_image_folder(str(empty), FakeAnalyzer())
+        sources.embed_image_folder(str(empty), FakeAnalyzer())

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from arc2face_engine.dataset import job as dataset_job
 from arc2face_engine.dataset.reader import DatasetReader
+from arc2face_engine.job import identities_step, lifecycle
 from schemas.job import JobSpec
 from schemas.tables import vector_matrix
 
@@ -34,8 +34,8 @@ def test_manifold_projection_keeps_the_probe_re_embedding(tiny_models, tmp_path)
         tmp_path / "ds",
         {"source": "random", "count": 2, "separation": 0.99, "project_to_manifold": True},
     )
-    writer = dataset_job.prepare_dataset(spec)
-    table = dataset_job.build_identities(spec, writer)
+    writer = lifecycle.prepare_dataset(spec)
+    table = identities_step.build_identities(spec, writer)
     assert table.num_rows == 2
     assert all("projected" in text for text in table.column("provenance").to_pylist())
     embeddings = vector_matrix(table.column("embedding"), 512)
@@ -46,7 +46,7 @@ def test_manifold_projection_keeps_the_probe_re_embedding(tiny_models, tmp_path)
     unprojected = spec_for(
         tiny_models, tmp_path / "raw", {"source": "random", "count": 2, "separation": 0.99}
     )
-    raw = dataset_job.build_identities(unprojected, dataset_job.prepare_dataset(unprojected))
+    raw = identities_step.build_identities(unprojected, lifecycle.prepare_dataset(unprojected))
     assert not np.allclose(vector_matrix(raw.column("embedding"), 512), embeddings)
 
 
@@ -66,7 +66,7 @@ def test_image_folder_source_embeds_faces_and_skips_the_rest(tiny_models, tmp_pa
     _disc_photo(photos / "empty.png", None)
     (photos / "broken.jpg").write_bytes(b"not a jpeg")
     spec = spec_for(tiny_models, tmp_path / "ds", {"source": "images", "path": str(photos)})
-    table = dataset_job.build_identities(spec, dataset_job.prepare_dataset(spec))
+    table = identities_step.build_identities(spec, lifecycle.prepare_dataset(spec))
     assert table.num_rows == 2
     assert table.column("source").to_pylist() == ["images", "images"]
     printed = capsys.readouterr().out

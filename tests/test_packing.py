@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from arc2face_engine import identities
-from arc2face_engine.packing import PackingOptions, pack_identities, sample_packed
+from arc2face_engine.identities import sources
+from arc2face_engine.identities.packing import PackingOptions, pack_identities, sample_packed
 from schemas.tables import IDENTITIES_SCHEMA, vector_matrix
 
 COUNT = 300
@@ -38,7 +38,7 @@ def gallery() -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def random_set() -> np.ndarray:
-    return vector_matrix(identities.sample_random(COUNT, 0.3, seed=4).column("embedding"), 512)
+    return vector_matrix(sources.sample_random(COUNT, 0.3, seed=4).column("embedding"), 512)
 
 
 @pytest.mark.parametrize(
@@ -106,7 +106,7 @@ def test_shared_gallery_rows_still_beat_random_sampling(gallery):
     sets): siblings start apart, so packing still out-separates random sampling."""
     count, rows = 600, gallery[:60]
     random_rows = vector_matrix(
-        identities.sample_random(count, 0.3, seed=4).column("embedding"), 512
+        sources.sample_random(count, 0.3, seed=4).column("embedding"), 512
     )
     options = PackingOptions(steps=30, separation_target=0.1, refresh_every=5)
     packed, start_rows = pack_identities(count, rows, seed=4, options=options)

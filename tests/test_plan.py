@@ -9,15 +9,8 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from arc2face_engine.dataset.plan import (
-    ShardPlan,
-    Variant,
-    iter_shards,
-    load_throughput_table,
-    shard_count,
-    summarize,
-    variant_for,
-)
+from arc2face_engine.job.estimate import load_throughput_table, summarize
+from arc2face_engine.job.shards import ShardRange, Variant, iter_shards, shard_count, variant_for
 from schemas.job import parse_spec
 
 
@@ -175,13 +168,13 @@ def test_shards_cover_identities_once_in_order(identities, per_identity, shard_s
 
 def test_shards_are_lazy_for_huge_jobs():
     shards = iter_shards(10**15, 50, 256)
-    assert next(shards) == ShardPlan(0, 0, 5)
-    assert list(itertools.islice(shards, 2)) == [ShardPlan(1, 5, 10), ShardPlan(2, 10, 15)]
+    assert next(shards) == ShardRange(0, 0, 5)
+    assert list(itertools.islice(shards, 2)) == [ShardRange(1, 5, 10), ShardRange(2, 10, 15)]
     assert shard_count(10**15, 50, 256) == 2 * 10**14
 
 
 def test_shard_items():
-    items = list(ShardPlan(3, 10, 12).items(2))
+    items = list(ShardRange(3, 10, 12).items(2))
     assert items == [(10, 0), (10, 1), (11, 0), (11, 1)]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import math
 import subprocess
 import sys
@@ -15,24 +16,37 @@ import pyarrow.parquet as pq
 import pytest
 from insightface.utils.transform import matrix2angle
 
-from arc2face_engine import poses as poses_module
-from arc2face_engine.errors import BankError
-from arc2face_engine.poses import Pose, PoseBank, load_pose_bank, pose_name
-from arc2face_engine.render import (
+from arc2face_engine.controls import poses as poses_module
+from arc2face_engine.controls.poses import Pose, PoseBank, load_pose_bank, pose_name
+from arc2face_engine.controls.render import (
     BACKGROUND,
     Framing,
     Landmarks,
     estimate_landmarks,
     ffhq_framing,
     procedural_head,
-    procedural_landmarks,
     read_mesh,
     render_normals,
     rotation_matrix,
-    write_obj,
 )
+from schemas.errors import BankError
 
 CENTRED = Framing(centre_x=0.0, centre_y=0.0, extent=3.0)
+
+
+def write_obj(vertices: np.ndarray, faces: np.ndarray) -> bytes:
+    """A triangle mesh as OBJ bytes (1-based indices): mesh files for the tests."""
+    out = io.StringIO()
+    np.savetxt(out, vertices, fmt="v %.6f %.6f %.6f")
+    np.savetxt(out, np.asarray(faces) + 1, fmt="f %d %d %d")
+    return out.getvalue().encode()
+
+
+def procedural_landmarks() -> Landmarks:
+    """The procedural head's eye-socket and mouth centres (neutral pose, on its surface)."""
+    vertices, _ = procedural_head(64)
+    return estimate_landmarks(vertices)
+
 
 
 def uv_sphere(rings: int = 24, segments: int = 48) -> tuple[np.ndarray, np.ndarray]:
@@ -457,9 +471,9 @@ def render_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple]:
         return real(*args, **kwargs)
 
     monkeypatch.setattr(poses_module, "render_normals", counting)
-    poses_module.clear_render_cache()
+    poses_module._render_cache.clear()
     yield calls
-    poses_module.clear_render_cache()
+    poses_module._render_cache.clear()
 
 
 def test_procedural_bank_renders_the_grid_once(render_calls: list, tmp_path: Path):
@@ -484,7 +498,7 @@ def test_disk_cache_survives_a_new_process(render_calls: list, tmp_path: Path):
     cache = str(tmp_path / "cache")
     first = PoseBank.procedural([0, 20], [0], [5], size=32, resolution=12, cache_dir=cache)
     assert len(render_calls) == 2 and len(list((tmp_path / "cache").glob("*.png"))) == 2
-    poses_module.clear_render_cache()  # as in a fresh worker process
+    poses_module._render_cache.clear()  # as in a fresh worker process
     second = PoseBank.procedural([0, 20], [0], [5], size=32, resolution=12, cache_dir=cache)
     assert len(render_calls) == 2
     for a, b in zip(first, second, strict=True):

@@ -12,18 +12,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from arc2face_engine.dataset import job as dataset_job
 from arc2face_engine.dataset.reader import DatasetReader
-from arc2face_engine.face_analysis import (
+from arc2face_engine.faces.onnxruntime_analyzer import FaceAnalyzer
+from arc2face_engine.faces.records import FaceRecord, judge
+from arc2face_engine.job import direct
+from schemas.job import JobSpec
+from schemas.tables import (
     LOW_DETECTION_SCORE,
     LOW_FEATURE_NORM,
     LOW_SIMILARITY,
-    FaceAnalyzer,
-    FaceRecord,
-    judge,
+    MANIFEST_SCHEMA,
+    REJECT_REASONS,
 )
-from schemas.job import JobSpec
-from schemas.tables import MANIFEST_SCHEMA, REJECT_REASONS
 
 
 def face(norm: float | None, det_score: float = 0.9) -> FaceRecord:
@@ -94,7 +94,7 @@ def spec_for(models: Path, out: Path, min_feature_norm: float) -> JobSpec:
 def test_manifest_records_feature_norms_and_the_filter_rejects_low_ones(
     tiny_models, tmp_path, measured_norms
 ):
-    dataset_job.run_job_directly(spec_for(tiny_models, tmp_path / "open", 0.0))
+    direct.run_job_directly(spec_for(tiny_models, tmp_path / "open", 0.0))
     part = next((tmp_path / "open" / "manifest").glob("part-*.parquet"))
     assert pq.read_schema(part).field("feature_norm").type == pa.float32()
     assert MANIFEST_SCHEMA.field("feature_norm").nullable
@@ -110,7 +110,7 @@ def test_manifest_records_feature_norms_and_the_filter_rejects_low_ones(
     distinct = np.unique(norms)
     middle = len(distinct) // 2
     threshold = float(distinct[middle - 1] + distinct[middle]) / 2
-    dataset_job.run_job_directly(spec_for(tiny_models, tmp_path / "filtered", threshold))
+    direct.run_job_directly(spec_for(tiny_models, tmp_path / "filtered", threshold))
     manifest = DatasetReader(str(tmp_path / "filtered")).manifest().to_pylist()
     filtered = {row["image_id"]: row for row in manifest}
     rejected = 0

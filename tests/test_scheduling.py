@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from arc2face_engine.dataset.reader import DatasetReader
-from arc2face_engine.errors import UserError
+from schemas.errors import UserError
 from schemas.job import JobSpec
 from tasks.devices import DEVICE_ENV, owned_device, slot_name
 

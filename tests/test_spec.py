@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from arc2face_engine.errors import SpecError, UserError
+from schemas.errors import SpecError, UserError
 from schemas.job import JobSpec, json_schema, load_spec, parse_spec, spec_hash, write_json_schema
 
 GOOD = """\

@@ -19,15 +19,16 @@ from diffusers import (
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from arc2face_engine import loading, store
-from arc2face_engine.errors import CheckpointMismatch, ModelFileMissing, UserError
-from arc2face_engine.tiny import (
+from arc2face_engine import models_dir
+from arc2face_engine.generation import checkpoints
+from arc2face_engine.testing.tiny_models import (
     END_TOKEN,
-    EXPRESSION_DIM,
     PROMPT_WORDS,
     TINY_IMAGE_SIZE,
     write_tiny_models,
 )
+from schemas.errors import CheckpointMismatch, ModelFileMissing, UserError
+from schemas.tables import EXPRESSION_DIM
 
 OPTIONAL = ("controlnet", "expression", "lcm")
 UNET_WEIGHTS = "arc2face/diffusion_pytorch_model.safetensors"
@@ -56,27 +57,27 @@ def _one_line(error: pytest.ExceptionInfo) -> str:
 
 
 def test_tiny_models_verify_clean_and_are_deterministic(pristine: Path, tmp_path: Path) -> None:
-    diffusion_files = [f for f in store.COMPONENT_FILES["core"] if not f.startswith("antelopev2/")]
+    diffusion_files = [f for f in models_dir.COMPONENT_FILES["core"] if not f.startswith("antelopev2/")]
     for relative in diffusion_files:
         assert (pristine / relative).is_file(), relative
-    assert store.verify_models(pristine, OPTIONAL) == []
+    assert models_dir.verify_models(pristine, OPTIONAL) == []
     again = write_tiny_models(tmp_path / "again", include_face_models=False)
-    assert store.read_checksums(again) == store.read_checksums(pristine)
+    assert models_dir.read_checksums(again) == models_dir.read_checksums(pristine)
 
 
 def test_tiny_models_with_face_models_verify_clean(request: pytest.FixtureRequest) -> None:
-    pytest.importorskip("arc2face_engine.face_analysis_tiny")
+    pytest.importorskip("arc2face_engine.testing.tiny_faces")
     tiny_models = request.getfixturevalue("tiny_models")  # conftest: include_face_models=True
-    assert store.verify_models(tiny_models, ("core", *OPTIONAL)) == []
+    assert models_dir.verify_models(tiny_models, ("core", *OPTIONAL)) == []
 
 
 def test_checksums_cover_every_file(pristine: Path) -> None:
-    recorded = store.read_checksums(pristine)
+    recorded = models_dir.read_checksums(pristine)
     on_disk = {p.relative_to(pristine).as_posix() for p in pristine.rglob("*") if p.is_file()} - {
-        store.CHECKSUMS_FILE
+        models_dir.CHECKSUMS_FILE
     }
     assert set(recorded) == on_disk
-    assert store.file_hashes(pristine) == recorded
+    assert models_dir.file_hashes(pristine) == recorded
 
 
 def test_changed_byte_fails_verification(models: Path) -> None:
@@ -84,16 +85,16 @@ def test_changed_byte_fails_verification(models: Path) -> None:
     data = bytearray(target.read_bytes())
     data[len(data) // 2] ^= 0x01
     target.write_bytes(bytes(data))
-    problems = store.verify_models(models, ["core"])
+    problems = models_dir.verify_models(models, ["core"])
     assert len([p for p in problems if "sha256 mismatch" in p and UNET_WEIGHTS in p]) == 1
 
 
 def test_missing_and_unrecorded_files_are_problems(models: Path) -> None:
     (models / "controlnet" / "config.json").unlink()
-    checksums = store.read_checksums(models)
+    checksums = models_dir.read_checksums(models)
     del checksums["lcm-lora/pytorch_lora_weights.safetensors"]
-    (models / store.CHECKSUMS_FILE).write_text(json.dumps(checksums))
-    problems = store.verify_models(models, OPTIONAL)
+    (models / models_dir.CHECKSUMS_FILE).write_text(json.dumps(checksums))
+    problems = models_dir.verify_models(models, OPTIONAL)
     assert any("missing controlnet/config.json" in p and "--with controlnet" in p for p in problems)
     assert any("no recorded checksum for lcm-lora/" in p for p in problems)
     assert len(problems) == 2
@@ -103,21 +104,21 @@ def test_recorded_files_are_verified_whatever_the_components(models: Path) -> No
     (models / "controlnet" / "config.json").unlink()
     target = models / "lcm-lora" / "pytorch_lora_weights.safetensors"
     target.write_bytes(target.read_bytes() + b"x")
-    problems = store.verify_models(models, [])
+    problems = models_dir.verify_models(models, [])
     assert len(problems) == 2
     assert any("missing controlnet/config.json" in p and "--with controlnet" in p for p in problems)
     assert any("sha256 mismatch for lcm-lora/" in p and "--with lcm" in p for p in problems)
     # Optional components that were never recorded stay optional.
-    checksums = store.read_checksums(models)
-    for relative in store.COMPONENT_FILES["controlnet"] + store.COMPONENT_FILES["lcm"]:
+    checksums = models_dir.read_checksums(models)
+    for relative in models_dir.COMPONENT_FILES["controlnet"] + models_dir.COMPONENT_FILES["lcm"]:
         del checksums[relative]
         (models / relative).unlink(missing_ok=True)
-    (models / store.CHECKSUMS_FILE).write_text(json.dumps(checksums))
-    assert store.verify_models(models, ["expression"]) == []
+    (models / models_dir.CHECKSUMS_FILE).write_text(json.dumps(checksums))
+    assert models_dir.verify_models(models, ["expression"]) == []
 
 
 def test_missing_models_directory_is_one_problem(tmp_path: Path) -> None:
-    problems = store.verify_models(tmp_path / "nope", ("core", *OPTIONAL))
+    problems = models_dir.verify_models(tmp_path / "nope", ("core", *OPTIONAL))
     assert len(problems) == 1
     assert "no models directory at" in problems[0]
     assert "models download" in problems[0] and "models tiny" in problems[0]
@@ -125,16 +126,16 @@ def test_missing_models_directory_is_one_problem(tmp_path: Path) -> None:
 
 
 def test_file_hashes_are_cached(pristine: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    first = store.file_hashes(pristine)
+    first = models_dir.file_hashes(pristine)
     calls = []
-    monkeypatch.setattr(store, "_sha256", lambda path: calls.append(path) or "x")
-    assert store.file_hashes(pristine) == first
+    monkeypatch.setattr(models_dir, "_sha256", lambda path: calls.append(path) or "x")
+    assert models_dir.file_hashes(pristine) == first
     assert calls == []
 
 
 def test_unknown_component_is_a_user_error(pristine: Path) -> None:
     with pytest.raises(UserError, match="unknown model component 'pose'"):
-        store.verify_models(pristine, ["pose"])
+        models_dir.verify_models(pristine, ["pose"])
 
 
 # --- download (the Hub and insightface faked: no internet here) -----------------------------
@@ -158,7 +159,7 @@ def _fake_insightface_pack(sub_dir: str, name: str, root: str) -> str:
     # The published zip nests the pack one folder deeper and carries glintr100.onnx.
     pack = Path(root) / sub_dir / name
     (pack / name).mkdir(parents=True)
-    for file in (*store.ANTELOPEV2_PACK_FILES, "glintr100.onnx"):
+    for file in (*models_dir.ANTELOPEV2_PACK_FILES, "glintr100.onnx"):
         (pack / name / file).write_bytes(file.encode())
     return str(pack)
 
@@ -173,7 +174,7 @@ def test_download_models_fetches_every_file_and_records_checksums(
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", _fake_hub(requested))
     monkeypatch.setattr(storage, "ensure_available", _fake_insightface_pack)
 
-    root = store.download_models(tmp_path / "models", with_=["controlnet", "lcm"])
+    root = models_dir.download_models(tmp_path / "models", with_=["controlnet", "lcm"])
 
     assert ("FoivosPar/Arc2Face", "encoder/pytorch_model.bin") in requested
     assert ("FoivosPar/Arc2Face", "arcface.onnx") in requested
@@ -183,15 +184,15 @@ def test_download_models_fetches_every_file_and_records_checksums(
     assert len(requested) == len(set(requested)) == 15  # 12 core, 2 controlnet, 1 lcm
     assert (root / "antelopev2" / "arcface.onnx").read_bytes() == b"FoivosPar/Arc2Face/arcface.onnx"
     assert not (root / "antelopev2" / "glintr100.onnx").exists()
-    assert store.verify_models(root, ["core", "controlnet", "lcm"]) == []
-    expected = [f for c in ("core", "controlnet", "lcm") for f in store.COMPONENT_FILES[c]]
-    assert sorted(store.read_checksums(root)) == sorted(expected)
-    assert store.verify_models(root, ["expression"]) != []
+    assert models_dir.verify_models(root, ["core", "controlnet", "lcm"]) == []
+    expected = [f for c in ("core", "controlnet", "lcm") for f in models_dir.COMPONENT_FILES[c]]
+    assert sorted(models_dir.read_checksums(root)) == sorted(expected)
+    assert models_dir.verify_models(root, ["expression"]) != []
 
 
 def test_download_refuses_what_the_hub_does_not_have(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="not on the Hugging Face Hub") as error:
-        store.download_models(tmp_path, with_=["smirk"])
+        models_dir.download_models(tmp_path, with_=["smirk"])
     assert "smirk" in _one_line(error)
 
 
@@ -199,21 +200,21 @@ def test_download_refuses_what_the_hub_does_not_have(tmp_path: Path) -> None:
 
 
 def test_loaders_load_the_published_layout(pristine: Path) -> None:
-    unet = loading.load_unet(pristine, torch.float32)
-    encoder = loading.load_text_encoder(pristine, torch.float32)
+    unet = checkpoints.load_unet(pristine, torch.float32)
+    encoder = checkpoints.load_text_encoder(pristine, torch.float32)
     assert isinstance(unet, UNet2DConditionModel)
-    assert isinstance(loading.load_vae(pristine, torch.float32), AutoencoderKL)
-    assert isinstance(loading.load_controlnet(pristine, torch.float32), ControlNetModel)
+    assert isinstance(checkpoints.load_vae(pristine, torch.float32), AutoencoderKL)
+    assert isinstance(checkpoints.load_controlnet(pristine, torch.float32), ControlNetModel)
     assert isinstance(encoder, CLIPTextModel)
     # Wider than ArcFace's 512 so that conditioning's zero-padding is exercised.
     assert encoder.config.hidden_size > 512
     assert unet.config.cross_attention_dim == encoder.config.hidden_size
-    assert loading.load_scheduler_config(pristine)["beta_schedule"] == "scaled_linear"
-    assert loading.load_unet(pristine, torch.float16).dtype == torch.float16
+    assert checkpoints.load_scheduler_config(pristine)["beta_schedule"] == "scaled_linear"
+    assert checkpoints.load_unet(pristine, torch.float16).dtype == torch.float16
 
 
 def test_text_encoder_matches_a_model_built_from_its_state_dict(pristine: Path) -> None:
-    loaded = loading.load_text_encoder(pristine, torch.float32)
+    loaded = checkpoints.load_text_encoder(pristine, torch.float32)
     state_dict = torch.load(pristine / ENCODER_WEIGHTS, weights_only=True)
     assert all(key.startswith("text_model.") for key in state_dict)
     reference = CLIPTextModel(CLIPTextConfig.from_pretrained(pristine / "encoder")).eval()
@@ -228,7 +229,7 @@ def test_text_encoder_matches_a_model_built_from_its_state_dict(pristine: Path) 
 
 
 def test_tokenizer_knows_the_prompt_and_any_text(pristine: Path) -> None:
-    tokenizer = loading.load_tokenizer(pristine)
+    tokenizer = checkpoints.load_tokenizer(pristine)
     ids = tokenizer("photo of a id person", padding="max_length", max_length=77).input_ids
     assert len(ids) == 77 == tokenizer.model_max_length
     assert tokenizer.convert_ids_to_tokens(ids[1:6]) == [f"{w}</w>" for w in PROMPT_WORDS]
@@ -239,13 +240,13 @@ def test_tokenizer_knows_the_prompt_and_any_text(pristine: Path) -> None:
 def test_missing_file_names_the_file_and_the_command(models: Path) -> None:
     (models / "controlnet" / "config.json").unlink()
     with pytest.raises(ModelFileMissing) as error:
-        loading.load_controlnet(models, torch.float32)
+        checkpoints.load_controlnet(models, torch.float32)
     message = _one_line(error)
     assert str(models / "controlnet" / "config.json") in message
     assert f"arc2face-synth models download {models} --with controlnet" in message
     (models / ENCODER_WEIGHTS).unlink()
     with pytest.raises(ModelFileMissing, match=r"encoder/pytorch_model\.bin"):
-        loading.load_text_encoder(models, torch.float32)
+        checkpoints.load_text_encoder(models, torch.float32)
 
 
 def _edit_unet(models: Path, edit) -> None:
@@ -284,7 +285,7 @@ ENCODER_KEY = "text_model.final_layer_norm.weight"
 def test_unet_checkpoint_mismatch(models: Path, edit, expected: str) -> None:
     _edit_unet(models, edit)
     with pytest.raises(CheckpointMismatch) as error:
-        loading.load_unet(models, torch.float32)
+        checkpoints.load_unet(models, torch.float32)
     message = _one_line(error)
     assert expected in message
     assert UNET_WEIGHTS in message and "arc2face-synth models download" in message
@@ -305,7 +306,7 @@ def test_unet_checkpoint_mismatch(models: Path, edit, expected: str) -> None:
 def test_encoder_checkpoint_mismatch(models: Path, edit, expected: str) -> None:
     _edit_encoder(models, edit)
     with pytest.raises(CheckpointMismatch) as error:
-        loading.load_text_encoder(models, torch.float32)
+        checkpoints.load_text_encoder(models, torch.float32)
     message = _one_line(error)
     assert expected in message and ENCODER_WEIGHTS in message
 
@@ -314,13 +315,13 @@ def test_truncated_checkpoint_is_a_mismatch(models: Path) -> None:
     path = models / "vae" / "diffusion_pytorch_model.safetensors"
     path.write_bytes(path.read_bytes()[:100])
     with pytest.raises(CheckpointMismatch, match=r"cannot read .*vae"):
-        loading.load_vae(models, torch.float32)
+        checkpoints.load_vae(models, torch.float32)
 
 
 def test_bad_scheduler_config_is_a_mismatch(models: Path) -> None:
     (models / "scheduler" / "scheduler_config.json").write_text("{not json")
     with pytest.raises(CheckpointMismatch, match=r"scheduler_config\.json"):
-        loading.load_scheduler_config(models)
+        checkpoints.load_scheduler_config(models)
 
 
 # --- the tiny parts plug into diffusers' pipelines ------------------------------------------------
@@ -328,11 +329,11 @@ def test_bad_scheduler_config_is_a_mismatch(models: Path) -> None:
 
 def _pipeline_parts(root: Path) -> dict:
     return {
-        "unet": loading.load_unet(root, torch.float32),
-        "text_encoder": loading.load_text_encoder(root, torch.float32),
-        "vae": loading.load_vae(root, torch.float32),
-        "tokenizer": loading.load_tokenizer(root),
-        "scheduler": PNDMScheduler.from_config(loading.load_scheduler_config(root)),
+        "unet": checkpoints.load_unet(root, torch.float32),
+        "text_encoder": checkpoints.load_text_encoder(root, torch.float32),
+        "vae": checkpoints.load_vae(root, torch.float32),
+        "tokenizer": checkpoints.load_tokenizer(root),
+        "scheduler": PNDMScheduler.from_config(checkpoints.load_scheduler_config(root)),
         "safety_checker": None,
         "feature_extractor": None,
         "requires_safety_checker": False,
@@ -378,7 +379,7 @@ def test_lcm_lora_and_expression_adapter_load_and_change_the_output(pristine: Pa
 
 def test_controlnet_changes_the_output(pristine: Path) -> None:
     pipeline = StableDiffusionControlNetPipeline(
-        controlnet=loading.load_controlnet(pristine, torch.float32), **_pipeline_parts(pristine)
+        controlnet=checkpoints.load_controlnet(pristine, torch.float32), **_pipeline_parts(pristine)
     )
     pose = torch.rand(
         1, 3, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE, generator=torch.Generator().manual_seed(2)

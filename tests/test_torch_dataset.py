@@ -12,12 +12,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from arc2face_engine.dataset.reader import DatasetNotFound
-from arc2face_engine.dataset.torch_dataset import (
-    Arc2FaceDataset,
-    DatasetSplitError,
-    EmptySplit,
-    identity_split,
-)
+from arc2face_engine.loader import Arc2FaceDataset, DatasetSplitError, EmptySplit, identity_split
 from tests.dataset_factory import make_dataset
 
 
@@ -118,7 +113,7 @@ def test_dataloader_with_two_workers(made) -> None:
 
 
 def test_align_returns_112_crops(made) -> None:
-    pytest.importorskip("arc2face_engine.face_analysis")
+    pytest.importorskip("arc2face_engine.faces.align")
     dataset = Arc2FaceDataset(made.uri, align=True)
     image, _ = dataset[0]
     assert image.shape == (3, 112, 112)

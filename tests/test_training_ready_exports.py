@@ -17,7 +17,7 @@ import yaml
 from PIL import Image
 from torch import nn
 
-from arc2face_engine.dataset.exports import export_dataset
+from arc2face_engine.exports import export_dataset
 from schemas.tables import MANIFEST_SCHEMA
 from tests.dataset_factory import make_dataset, rewrite_part
 from tests.test_exports import read_indexed, unpack_irheader

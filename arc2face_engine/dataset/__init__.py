@@ -1,5 +1,7 @@
-"""Plain-Python dataset IO over fsspec: layout, shard commit, reader, streaming plan.
+"""The dataset format, plain Python over fsspec: where every file lives (`layout`), the
+one check that paths read from a dataset stay inside it (`paths`), the image codec
+(`codec`), atomic writes and the shard commit (`writer`), streamed reading (`reader`),
+one writer per output (`lease`), and the dataset card (`card`).
 
-Submodules are imported directly (`from arc2face_engine.dataset.writer import
-DatasetWriter`) so that reading a dataset never pulls in torch or diffusers.
+Nothing here imports a model library: reading or writing a dataset never loads torch.
 """

@@ -5,10 +5,6 @@ from __future__ import annotations
 import io
 import json
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import numpy as np
 
 from arc2face_engine.dataset.reader import DatasetReader
@@ -42,7 +38,11 @@ def _similarities(reader: DatasetReader) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _similarity_png(similarity: np.ndarray, accepted: np.ndarray, threshold: float) -> bytes:
-    figure, axis = plt.subplots(figsize=(6, 3.2), dpi=100)
+    # matplotlib loads here, when a card is drawn: a job's checks should not pay for it.
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(6, 3.2), dpi=100)
+    axis = figure.subplots()
     bins = np.linspace(-1, 1, 81)
     finite = ~np.isnan(similarity)
     axis.hist(similarity[finite & accepted], bins=bins, alpha=0.7, label="accepted")
@@ -54,7 +54,6 @@ def _similarity_png(similarity: np.ndarray, accepted: np.ndarray, threshold: flo
     figure.tight_layout()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
-    plt.close(figure)
     return buffer.getvalue()
 
 

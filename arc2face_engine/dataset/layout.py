@@ -39,25 +39,6 @@ CHECKSUM_SUFFIX = ".sha256"
 
 _PART_NAME = re.compile(r"^part-(\d{5,})\.parquet$")
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-# Identity ids become part of image file names, so they are held to a conservative
-# file-name alphabet on every filesystem and object store: no '/', no spaces, no '..'.
-MAX_ID_LENGTH = 128
-SAFE_ID_RULE = (
-    f"1-{MAX_ID_LENGTH} letters, digits, '.', '_' or '-', starting with a letter or digit, "
-    "without '..'"
-)
-
-
-def is_safe_id(name: object) -> bool:
-    """Whether `name` may be an identity id (and so part of an image file name)."""
-    return (
-        isinstance(name, str)
-        and len(name) <= MAX_ID_LENGTH
-        and ".." not in name
-        and _SAFE_NAME.match(name) is not None
-    )
-
-
 def shard_name(shard: int) -> str:
     if shard < 0:
         raise ValueError(f"shard must be >= 0, got {shard}")

@@ -18,7 +18,7 @@ import os
 import re
 import stat
 
-from arc2face_engine.errors import UserError
+from schemas.errors import UserError
 
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _PLAIN_PATH = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]*(?:/[A-Za-z0-9_-][A-Za-z0-9._-]*)*$")

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 
 from arc2face_engine.dataset import layout
 from arc2face_engine.dataset.paths import LocalRoot, check_relative
-from arc2face_engine.errors import DatasetCorrupt, UserError
+from schemas.errors import DatasetCorrupt, UserError
 from schemas.tables import MANIFEST_SCHEMA, DatasetInfo
 
 

@@ -28,8 +28,8 @@ import pyarrow.parquet as pq
 from pydantic import ValidationError
 
 from arc2face_engine.dataset import layout, lease
-from arc2face_engine.errors import DatasetCorrupt, SpecError
-from schemas.tables import IDENTITIES_SCHEMA, MANIFEST_SCHEMA, DatasetInfo
+from schemas.errors import DatasetCorrupt, SpecError
+from schemas.tables import IDENTITIES_SCHEMA, MANIFEST_SCHEMA, SAFE_ID_RULE, DatasetInfo, is_safe_id
 
 TEMP_MARKER = ".tmp-"
 MAX_DATASET_JSON_BYTES = 64 * 1024 * 1024
@@ -143,9 +143,9 @@ class DatasetWriter:
         if pc.count_distinct(table.column("identity_id")).as_py() != table.num_rows:
             raise ValueError("identity_id values must be unique")
         ids = table.column("identity_id").to_pylist()
-        unsafe = next((value for value in ids if not layout.is_safe_id(value)), None)
+        unsafe = next((value for value in ids if not is_safe_id(value)), None)
         if unsafe is not None:
-            raise ValueError(f"identity_id {unsafe!r} is not a safe name: {layout.SAFE_ID_RULE}")
+            raise ValueError(f"identity_id {unsafe!r} is not a safe name: {SAFE_ID_RULE}")
         data = table_to_parquet_bytes(table)
         self.check_lease()
         self.write_bytes(layout.IDENTITIES, data)

@@ -1,0 +1,48 @@
+"""Exact nearest-neighbour search by cosine, in blocks, with torch (CPU or GPU).
+
+Blocked brute force: memory is one `query_rows x key_rows` similarity block, never
+queries x keys, so a million-row gallery against 100k queries runs in bounded memory.
+Its cost is plain matmul (measured in bench/bench_identities.py); it is exact, which
+a privacy check needs (an approximate index could miss the one close pair).
+"""
+
+from __future__ import annotations
+
+import torch
+
+QUERY_ROWS = 4096
+KEY_ROWS = 16_384
+def max_cosine(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    query_rows: int = QUERY_ROWS,
+    key_rows: int = KEY_ROWS,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(best cosine, index of the best key) per query row; rows are assumed unit-norm.
+
+    Ties keep the lowest key index, so the answer does not depend on the block sizes.
+    """
+    count = len(queries)
+    best = torch.full((count,), -torch.inf, dtype=queries.dtype, device=queries.device)
+    best_index = torch.zeros(count, dtype=torch.long, device=queries.device)
+    for key_start in range(0, len(keys), key_rows):
+        block = keys[key_start : key_start + key_rows]
+        for start in range(0, count, query_rows):
+            values, index = (queries[start : start + query_rows] @ block.T).max(dim=1)
+            better = values > best[start : start + query_rows]
+            best[start : start + query_rows] = torch.where(
+                better, values, best[start : start + query_rows]
+            )
+            best_index[start : start + query_rows] = torch.where(
+                better, index + key_start, best_index[start : start + query_rows]
+            )
+    return best, best_index
+
+
+def merge_top_k(
+    best: torch.Tensor, best_index: torch.Tensor, values: torch.Tensor, index: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest of two (rows, *) candidate sets, with their indices."""
+    merged = torch.cat([best, values], dim=1)
+    order = torch.topk(merged, k, dim=1).indices
+    return merged.gather(1, order), torch.cat([best_index, index], dim=1).gather(1, order)

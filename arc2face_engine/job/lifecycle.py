@@ -1,0 +1,115 @@
+"""A dataset's life as a job sees it: opened under the writer lease, marked in progress
+(dataset.json), and finalised (counted, marked complete, its card written).
+
+Light: no model library is imported here.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from importlib import metadata
+
+from arc2face_engine import models_dir
+from arc2face_engine.dataset.card import write_dataset_card
+from arc2face_engine.dataset.lease import WriterLease
+from arc2face_engine.dataset.reader import DatasetReader
+from arc2face_engine.dataset.writer import DatasetWriter
+from arc2face_engine.job import output_checks
+from arc2face_engine.job.shards import shard_count
+from schemas.job import JobSpec, recorded_spec, spec_hash
+from schemas.tables import DatasetCounts, DatasetInfo
+
+# Recorded in dataset.json: the versions that decide a dataset's pixels.
+PACKAGES = ("arc2face-synth", "torch", "diffusers", "transformers", "insightface", "onnxruntime")
+
+
+def required_components(spec: JobSpec) -> list[str]:
+    """The parts of the models directory this spec uses."""
+    components = ["core"]
+    if spec.variations.poses.kind != "none":
+        components.append("controlnet")
+    if spec.variations.expressions.kind != "none":
+        components.append("expression")
+    if spec.generation.scheduler == "lcm":
+        components.append("lcm")
+    return components
+
+
+def open_writer(spec: JobSpec, lease_token: str | None = None) -> DatasetWriter:
+    return DatasetWriter(spec.output.uri, spec.output.storage_options, lease_token)
+
+
+def writer_lease(spec: JobSpec) -> WriterLease:
+    """The output's writer lease; hold it (`with`) around everything a job writes."""
+    writer = open_writer(spec)
+    return WriterLease(writer.fs, writer.root, writer.uri)
+
+
+def prepare_dataset(spec: JobSpec, lease_token: str | None = None) -> DatasetWriter:
+    """Refuse an output made from another spec, other models or another precision; mark
+    the dataset in progress."""
+    writer = open_writer(spec, lease_token)
+    digest = spec_hash(spec)
+    precision = output_checks.resolved_precision(spec)
+    info = writer.check_compatible(digest)
+    if info is not None:
+        output_checks.check_resume(spec, info, required_components(spec), precision)
+    else:
+        writer.write_dataset_json(
+            DatasetInfo(
+                name=spec.name,
+                status="in_progress",
+                spec=recorded_spec(spec),
+                spec_hash=digest,
+                versions=package_versions(),
+                model_hashes=models_dir.file_hashes(spec.models.dir),
+                precision=precision,
+                created_at=_now(),
+            )
+        )
+    return writer
+
+
+def finalize_dataset(spec: JobSpec, lease_token: str | None = None) -> DatasetInfo:
+    """Count the committed manifest, write dataset.json (complete) and the card."""
+    writer = open_writer(spec, lease_token)
+    reader = DatasetReader(spec.output.uri, spec.output.storage_options)
+    counts = count_manifest(reader)
+    counts.identities = reader.identities().num_rows
+    counts.shards = shard_count(
+        counts.identities, spec.variations.images_per_identity, spec.output.shard_size
+    )
+    info = writer.read_dataset_json()
+    info.counts = counts
+    complete = counts.committed_shards == counts.shards
+    info.status = "complete" if complete else "in_progress"
+    info.finished_at = _now() if complete else None
+    writer.write_dataset_json(info)
+    write_dataset_card(writer, info)
+    return info
+
+
+def count_manifest(reader: DatasetReader) -> DatasetCounts:
+    counts = DatasetCounts(committed_shards=len(reader.manifest_parts()))
+    for batch in reader.iter_manifest(columns=["accepted", "reject_reason"]):
+        accepted = batch.column("accepted").to_numpy(zero_copy_only=False)
+        counts.images += len(accepted)
+        counts.accepted += int(accepted.sum())
+        for reason in batch.column("reject_reason").drop_null().to_pylist():
+            counts.reject_reasons[reason] = counts.reject_reasons.get(reason, 0) + 1
+    counts.rejected = counts.images - counts.accepted
+    return counts
+
+
+def package_versions() -> dict[str, str]:
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")

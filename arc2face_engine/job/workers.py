@@ -1,0 +1,142 @@
+"""One worker process's models and banks per device, loaded once and kept (`worker_for`),
+and one shard run on them (`start_shard`, `generate_shard`).
+
+The engine and the face analyzer are imported where they are built: importing this
+module does not load torch, diffusers or insightface (see job/__init__.py).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+
+from arc2face_engine import models_dir
+from arc2face_engine.controls.expressions import ExpressionBank, load_expression_bank
+from arc2face_engine.controls.poses import PoseBank, load_pose_bank
+from arc2face_engine.job.lifecycle import open_writer, required_components
+from arc2face_engine.job.shard import (
+    FaceVerifier,
+    ImageGenerator,
+    PendingCommit,
+    ShardResult,
+    run_shard,
+)
+from arc2face_engine.job.shards import ShardWork
+from schemas.errors import UserError
+from schemas.job import JobSpec
+
+
+@dataclass
+class Worker:
+    """Models and banks of one worker process (one device), loaded once."""
+
+    engine: ImageGenerator
+    analyzer: FaceVerifier
+    poses: PoseBank | None
+    expressions: ExpressionBank | None
+    lock: threading.Lock
+
+
+_WORKERS: dict[tuple, Worker] = {}
+_WORKERS_LOCK = threading.Lock()
+
+
+def worker_for(spec: JobSpec, device: str = "auto") -> Worker:
+    """The process-wide worker for (models, device, controls); built on first use."""
+    from arc2face_engine.faces.loading import load_face_analyzer
+    from arc2face_engine.faces.pack import detection_settings
+    from arc2face_engine.generation.engine import Arc2FaceEngine
+
+    poses_spec = spec.variations.poses
+    expressions_spec = spec.variations.expressions
+    key = (
+        str(spec.models.dir),
+        device,
+        spec.models.precision,
+        spec.generation.scheduler,
+        poses_spec.model_dump_json(),
+        expressions_spec.model_dump_json(),
+        spec.seed,
+        spec.generation.height,
+        spec.generation.batch_size,
+        tuple(spec.generation.engine_buckets() or ()),
+        spec.generation.compile,
+        spec.filter.min_det_score,
+    )
+    with _WORKERS_LOCK:
+        if key not in _WORKERS:
+            poses = load_pose_bank(poses_spec, size=spec.generation.height)
+            expressions = load_expression_bank(
+                expressions_spec, seed=spec.seed, models_dir=spec.models.dir
+            )
+            engine = Arc2FaceEngine.from_pretrained(
+                spec.models.dir,
+                device=device,
+                precision=spec.models.precision,
+                controlnet=poses is not None,
+                expression=expressions is not None,
+                lcm=spec.generation.scheduler == "lcm",
+                compile=spec.generation.compile,
+                max_batch_size=spec.generation.batch_size,
+                batch_buckets=spec.generation.engine_buckets(),
+            )
+            det_size, det_thresh = detection_settings(
+                spec.generation.height, spec.generation.width, spec.filter.min_det_score
+            )
+            # On a GPU the analyzer runs there too (batched torch, fp16): verification must
+            # keep up with generation. On CPU, the onnxruntime reference.
+            analyzer = load_face_analyzer(
+                spec.models.dir,
+                det_size=det_size,
+                det_thresh=det_thresh,
+                device=str(engine.device),
+                batch_size=max(32, spec.generation.batch_size),
+            )
+            _WORKERS[key] = Worker(engine, analyzer, poses, expressions, threading.Lock())
+        return _WORKERS[key]
+
+
+def start_shard(
+    spec: JobSpec,
+    work: ShardWork,
+    device: str = "auto",
+    on_batch: Callable[[int, int], None] | None = None,
+    hold_device: Callable[[], AbstractContextManager] = nullcontext,
+) -> PendingCommit:
+    """Generate and verify one shard on this process's worker for `device`; returns as
+    soon as the device is free, with the shard's writes and commit still running.
+    `hold_device()` is held with the device lock: the orchestrator's cross-job turn on
+    the device (tasks/slots.py), released before the commit like the lock."""
+    try:
+        worker = worker_for(spec, device)
+    except UserError:
+        raise
+    except Exception:
+        # A model file that broke after preflight: name it as a user error (not retried,
+        # says what to fix) when it no longer opens; anything else propagates unchanged.
+        models_dir.check_model_files(spec.models.dir, required_components(spec))
+        raise
+    with worker.lock, hold_device():  # one generation at a time per device
+        return run_shard(
+            work,
+            open_writer(spec, work.lease_token),
+            worker.engine,
+            worker.analyzer,
+            worker.poses,
+            worker.expressions,
+            on_batch=on_batch,
+        )
+
+
+def generate_shard(
+    spec: JobSpec,
+    work: ShardWork,
+    device: str = "auto",
+    on_batch: Callable[[int, int], None] | None = None,
+    hold_device: Callable[[], AbstractContextManager] = nullcontext,
+) -> ShardResult:
+    """Run one shard to its commit. The device lock is released before the commit, so
+    another shard task on the same device generates while this one drains."""
+    return start_shard(spec, work, device, on_batch, hold_device).result()
