@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-pytest_plugins = ["tests.s3_fixture"]
+pytest_plugins = ["tests.s3_fixture", "tests.real_photos"]
 
 
 @pytest.fixture(scope="session")
