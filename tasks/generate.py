@@ -56,9 +56,15 @@ def generate_shard(spec: JobSpec, work: ShardWork) -> ShardResult:
         worker = f" (Dask worker {placement.worker})" if placement.worker else ""
         get_run_logger().info(f"{label} on {placement.device}{worker}")
         guard = slot_guard(placement, spec.compute.device_limits, label)
-        return workers.generate_shard(
+        result = workers.generate_shard(
             spec, work, device=placement.device, on_batch=on_batch, hold_device=guard
         )
+        if result.superseded:  # e.g. this worker was paused, presumed lost, and resumed
+            get_run_logger().warning(
+                f"{label}: another attempt at it committed or claimed it first; this attempt "
+                "stopped without writing more (dataset/attempt.py)"
+            )
+        return result
 
 
 @task(name="finalize-dataset", cache_policy=NO_CACHE, persist_result=False)

@@ -31,6 +31,7 @@ import yaml
 from PIL import Image
 
 from arc2face_engine.dataset import layout
+from arc2face_engine.dataset.attempt import begin_shard
 from arc2face_engine.dataset.lease import WriterLease, read_lease
 from arc2face_engine.dataset.reader import DatasetReader
 from arc2face_engine.dataset.writer import DatasetWriter
@@ -652,10 +653,10 @@ def test_second_generate_on_a_live_output_is_refused_and_the_first_completes(ctx
     at_commit, resume_a = threading.Event(), threading.Event()
     original = DatasetWriter.commit_shard
 
-    def paused_commit(self, shard, table):
+    def paused_commit(self, shard, table, **options):
         at_commit.set()
         assert resume_a.wait(300)
-        return original(self, shard, table)
+        return original(self, shard, table, **options)
 
     monkeypatch.setattr(DatasetWriter, "commit_shard", paused_commit)
     outcome: dict = {}
@@ -813,7 +814,7 @@ def test_lease_on_an_object_store(s3_uri):
         leased = DatasetWriter(uri + "/ds", options, lease_token=first.token)
         leased.write_image(0, "id-a-v0000-a00", b"in flight", "jpg")
         with pytest.raises(LeaseLost):
-            DatasetWriter(uri + "/ds", options, lease_token="someone-else").clear_uncommitted(0)
+            begin_shard(DatasetWriter(uri + "/ds", options, lease_token="someone-else"), 0)
         assert writer.fs.exists(writer.path("images/00000/id-a-v0000-a00.jpg"))
     assert read_lease(writer.fs, writer.root) is None  # released
 

@@ -10,7 +10,9 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from arc2face_engine.dataset import attempt as attempt_module
 from arc2face_engine.dataset import layout
+from arc2face_engine.dataset.attempt import ShardAttempt, ShardSuperseded, begin_shard
 from arc2face_engine.dataset.lease import WriterLease
 from arc2face_engine.dataset.reader import DatasetNotFound, DatasetReader
 from arc2face_engine.dataset.writer import DatasetWriter
@@ -172,30 +174,85 @@ def leased(writer: DatasetWriter) -> WriterLease:
     return WriterLease(writer.fs, writer.root, writer.uri, settle_s=0.0)
 
 
+def write_attempt(attempt: ShardAttempt, identity: int, variants: int = 3) -> pa.Table:
+    """Write a shard's images and commit it through one attempt; returns its rows."""
+    paths = {}
+    for variant in range(variants):
+        image_id = f"id-{identity:06d}-v{variant:04d}-a00"
+        paths[image_id] = attempt.write_image(image_id, f"{image_id}-bytes".encode(), "jpg")
+    rows = manifest_rows(attempt.shard, identity, variants, paths)
+    table = pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
+    attempt.commit(table)
+    return table
+
+
+def shard_files(writer: DatasetWriter, shard: int) -> list[str]:
+    folder = writer.path(layout.image_dir(shard))
+    writer.fs.invalidate_cache()
+    return sorted(path.rsplit("/", 1)[1] for path in writer.fs.find(folder))
+
+
 def test_crash_before_commit_leaves_shard_uncommitted_and_rewritable(target):
     uri, options = target
     with leased(DatasetWriter(uri, options)) as lease:
         writer = DatasetWriter(uri, options, lease.token)
+        # An interrupted attempt: one image the redo writes again, one it does not.
         writer.write_image(4, "id-000004-v0000-a00", b"half a shard", "jpg")
+        writer.write_image(4, "id-000004-v0009-a00", b"rejected by the redo", "jpg")
         assert writer.committed_shards() == set()
         assert DatasetReader(uri, options).manifest_parts() == []
-        writer.clear_uncommitted(4)
-        assert not writer.fs.exists(writer.path(layout.image_dir(4)))
-        write_shard(writer, 4, identity=4)
+        attempt = begin_shard(writer, 4)
+        table = write_attempt(attempt, identity=4)
         assert writer.committed_shards() == {4}
-        with pytest.raises(ValueError, match="is committed"):
-            writer.clear_uncommitted(4)
+        # After the commit, exactly the files the part names are left, and no claim.
+        assert shard_files(writer, 4) == sorted(
+            path.rsplit("/", 1)[1] for path in table.column("path").to_pylist()
+        )
+        assert not writer.fs.exists(attempt.claim_path)
+        assert begin_shard(writer, 4) is None  # committed: nothing to do, not an error
 
 
-def test_clear_uncommitted_only_under_a_live_lease(tmp_path):
+def test_attempts_only_under_a_live_lease(tmp_path):
     unleased = DatasetWriter(str(tmp_path))
     unleased.write_image(1, "id-000001-v0000-a00", b"another run's file", "jpg")
     with pytest.raises(ValueError, match="hold the writer lease"):
-        unleased.clear_uncommitted(1)
+        begin_shard(unleased, 1)
     stale = DatasetWriter(str(tmp_path), lease_token="not-the-holder")
     with leased(unleased), pytest.raises(LeaseLost, match="no longer holds"):
-        stale.clear_uncommitted(1)
+        begin_shard(stale, 1)
     assert (tmp_path / "images" / "00001" / "id-000001-v0000-a00.jpg").exists()
+
+
+def test_a_superseded_attempt_cannot_write_or_replace_the_commit(target, monkeypatch):
+    """A paused attempt (a zombie worker) resumes after another attempt re-ran and
+    committed its shard: it writes nothing more, its commit is refused, and even one
+    that slipped past its claim check cannot replace the committed part."""
+    monkeypatch.setattr(attempt_module, "FENCE_FRESH_S", 0.0)  # every check re-reads
+    uri, options = target
+    with leased(DatasetWriter(uri, options)) as lease:
+        writer = DatasetWriter(uri, options, lease.token)
+        zombie = begin_shard(writer, 6)
+        zombie.write_image("id-000006-v0000-a00", b"zombie bytes", "jpg")
+        rerun = begin_shard(writer, 6)  # the scheduler re-ran the shard elsewhere
+        with pytest.raises(ShardSuperseded):
+            zombie.write_image("id-000006-v0001-a00", b"zombie bytes", "jpg")
+        committed = write_attempt(rerun, identity=6)
+        part = writer.fs.cat_file(writer.path(layout.manifest_part(6)))
+        late = committed.set_column(
+            committed.schema.get_field_index("similarity"),
+            "similarity",
+            pa.array([0.1] * committed.num_rows, pa.float32()),
+        )
+        with pytest.raises(ShardSuperseded):
+            zombie.commit(late)
+        # The residual window: a write that slipped past its last claim check.
+        monkeypatch.setattr(zombie, "check", lambda force=False: None)
+        with pytest.raises(ShardSuperseded, match="committed by another attempt first"):
+            zombie.commit(late)
+        assert writer.fs.cat_file(writer.path(layout.manifest_part(6))) == part
+        sidecar = writer.fs.cat_file(writer.path(layout.part_checksum_path(6)))
+        assert sidecar.decode().strip() == hashlib.sha256(part).hexdigest()
+        assert begin_shard(writer, 6) is None
 
 
 def test_interrupted_local_rename_is_not_a_commit(tmp_path, monkeypatch):
@@ -223,9 +280,7 @@ def test_half_written_temp_file_is_ignored_and_cleared(tmp_path):
         writer = DatasetWriter(str(tmp_path), lease_token=lease.token)
         assert writer.committed_shards() == set()
         assert DatasetReader(str(tmp_path)).manifest_parts() == []
-        writer.clear_uncommitted(3)
-        assert not stale.exists() and not sidecar.exists()
-        write_shard(writer, 3, identity=3)
+        write_attempt(begin_shard(writer, 3), identity=3)
     assert sorted(os.listdir(tmp_path / "manifest")) == [
         "part-00003.parquet",
         "part-00003.parquet.sha256",

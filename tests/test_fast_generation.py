@@ -186,9 +186,9 @@ def test_overlapped_commits_keep_the_dataset_identical(tiny_models, tmp_path, mo
     original_commit = DatasetWriter.commit_shard
     original_start = direct.start_shard
 
-    def slow_commit(self, shard, table):
+    def slow_commit(self, shard, table, **options):
         time.sleep(0.3)  # a slow object store: the next shard must not wait for it
-        result = original_commit(self, shard, table)
+        result = original_commit(self, shard, table, **options)
         with lock:
             events.append(("committed", shard))
         return result
@@ -211,10 +211,10 @@ def test_a_failed_commit_surfaces_and_a_rerun_completes(tiny_models, tmp_path, m
     spec = job_spec(tiny_models, tmp_path / "ds", batch_size=4)
     original_commit = DatasetWriter.commit_shard
 
-    def failing(self, shard, table):
+    def failing(self, shard, table, **options):
         if shard == 1:
             raise OSError("injected: storage went away")
-        return original_commit(self, shard, table)
+        return original_commit(self, shard, table, **options)
 
     monkeypatch.setattr(DatasetWriter, "commit_shard", failing)
     with pytest.raises(OSError, match="storage went away"):

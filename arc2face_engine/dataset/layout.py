@@ -9,6 +9,7 @@ images/00000/<image_id>.jpg
 README.md
 audit/report.json, audit/report.html
 .writer-lease.json            who is writing the dataset now (see lease.py)
+.attempts/00000               which attempt at a shard may write it (see attempt.py)
 ```
 
 Paths here are POSIX and relative; `join` anchors them under the root that
@@ -35,6 +36,7 @@ AUDIT_DIR = "audit"
 AUDIT_REPORT_JSON = f"{AUDIT_DIR}/report.json"
 AUDIT_REPORT_HTML = f"{AUDIT_DIR}/report.html"
 LEASE_FILE = ".writer-lease.json"
+ATTEMPTS_DIR = ".attempts"
 CHECKSUM_SUFFIX = ".sha256"
 
 _PART_NAME = re.compile(r"^part-(\d{5,})\.parquet$")
@@ -58,6 +60,11 @@ def shard_of_part(name: str) -> int | None:
     """The shard of a committed part's file name (or path); None for anything else."""
     match = _PART_NAME.match(name.rsplit("/", 1)[-1])
     return int(match.group(1)) if match else None
+
+
+def attempt_claim(shard: int) -> str:
+    """The claim of the attempt that may write `shard` now (dataset/attempt.py)."""
+    return f"{ATTEMPTS_DIR}/{shard_name(shard)}"
 
 
 def image_dir(shard: int) -> str:
@@ -131,3 +138,31 @@ def write_failure(uri: str, path: str, error: OSError) -> UserError | None:
         f"cannot write {path} in output {uri}: {problem}: {fix}, then re-run "
         "(committed shards are kept)"
     )
+
+
+# The store did not answer (after its client's own retries), which says nothing about
+# the request: s3fs raises OSError(EBUSY) for 503 SlowDown / ServiceUnavailable and
+# EREMOTEIO for 500; dropped or timed-out connections come as botocore's or aiohttp's
+# exceptions (or OSError ECONNRESET / ETIMEDOUT) as they are.
+_UNAVAILABLE_ERRNOS = {
+    errno.EBUSY, errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNREFUSED, errno.ECONNABORTED,
+    errno.EAGAIN, getattr(errno, "EREMOTEIO", errno.EIO),
+}  # fmt: skip
+_UNAVAILABLE_TYPES = {
+    "HTTPClientError", "EndpointConnectionError", "ConnectionClosedError", "ReadTimeoutError",
+    "ConnectTimeoutError", "ClientConnectionError", "ServerDisconnectedError", "TimeoutError",
+}  # fmt: skip
+
+
+def store_unavailable(error: BaseException | None) -> bool:
+    """Whether `error` (or what caused it) is the storage not answering: an outage a
+    re-run outlives, not a problem with the output or the data."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in _UNAVAILABLE_ERRNOS:
+            return True
+        if any(cls.__name__ in _UNAVAILABLE_TYPES for cls in type(error).__mro__):
+            return True
+        error = error.__cause__ or error.__context__
+    return False

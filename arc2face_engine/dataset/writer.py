@@ -10,8 +10,9 @@ visible when complete). A re-run lists the committed parts and redoes the rest.
 Each part's sha256 goes into a sidecar `part-NNNNN.parquet.sha256` written just
 before the part, and identities.parquet's into dataset.json, so an audit can tell
 a damaged file from a committed one. A writer that holds the output's lease
-(`lease.py`) passes its token: deleting an uncommitted shard's leftovers and every
-commit first check the lease is still this run's.
+(`lease.py`) passes its token: every commit and every deletion first checks the lease
+is still this run's. Shard tasks write through `attempt.ShardAttempt`, which fences
+the attempts at one shard against each other.
 """
 
 from __future__ import annotations
@@ -91,27 +92,41 @@ class DatasetWriter:
         if self.local:
             self.fs.makedirs(full_path.rsplit("/", 1)[0], exist_ok=True)
 
-    def write_bytes(self, relative: str, data: bytes) -> str:
-        """Write a whole file atomically: readers see the old file or the new one, never half."""
+    def write_bytes(
+        self, relative: str, data: bytes, *, exclusive: bool = False, durable: bool = True
+    ) -> str:
+        """Write a whole file atomically: readers see the old file or the new one, never half.
+
+        `exclusive`: create it only if absent, or raise FileExistsError (a hard link on a
+        local disk; `If-None-Match: *` on S3, a check then a write elsewhere). `durable`
+        False skips the fsync (files that only matter while their process lives)."""
         full = self.path(relative)
         try:
-            return self._write_atomic(full, data)
-        except OSError as error:  # a full or read-only disk is the user's to fix
+            return self._write_atomic(full, data, exclusive, durable)
+        except OSError as error:
+            if exclusive and isinstance(error, FileExistsError):
+                raise  # the file is there: the caller decides
+            # A full or read-only disk is the user's to fix.
             raise (layout.write_failure(self.uri, full, error) or error) from None
 
-    def _write_atomic(self, full: str, data: bytes) -> str:
+    def _write_atomic(self, full: str, data: bytes, exclusive: bool, durable: bool) -> str:
         self._ensure_parent(full)
         if not self.local:
-            self.fs.pipe_file(full, data)  # one PUT: the object appears complete or not at all
+            # One PUT: the object appears complete or not at all.
+            self.fs.pipe_file(full, data, **({"mode": "create"} if exclusive else {}))
             return full
         folder, name = full.rsplit("/", 1)
         temp = f"{folder}/.{name}{TEMP_MARKER}{uuid.uuid4().hex}"
         try:
             with open(temp, "wb") as handle:
                 handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())  # the rename must not land before the bytes do
-            os.replace(temp, full)
+                if durable:
+                    handle.flush()
+                    os.fsync(handle.fileno())  # the rename must not land before the bytes do
+            if exclusive:
+                os.link(temp, full)  # fails if the file exists: atomic create-if-absent
+            else:
+                os.replace(temp, full)
         finally:
             if os.path.exists(temp):
                 os.remove(temp)
@@ -121,7 +136,8 @@ class DatasetWriter:
         """Write one image file; returns (relative path, sha256 hex, size in bytes).
 
         Not atomic on its own: until the shard's part is committed the file is a
-        leftover that `clear_uncommitted` removes before the shard is redone.
+        leftover, which the attempt that commits the shard overwrites or removes
+        (`remove_unnamed_files`).
         """
         relative = layout.image_path(shard, image_id, ext)
         full = self.path(relative)
@@ -151,8 +167,13 @@ class DatasetWriter:
         self.write_bytes(layout.IDENTITIES, data)
         return hashlib.sha256(data).hexdigest()
 
-    def commit_shard(self, shard: int, table: pa.Table) -> str:
-        """Validate and write the shard's manifest part in one atomic step (the commit)."""
+    def commit_shard(self, shard: int, table: pa.Table, *, exclusive: bool = False) -> str:
+        """Validate and write the shard's manifest part in one atomic step (the commit).
+
+        `exclusive` (a shard attempt's commit, see attempt.py): never replace a committed
+        part. If one is there already, its own checksum goes back into the sidecar and
+        FileExistsError is raised, unless it holds these very bytes (a retried write
+        that had landed)."""
         check_table(table, MANIFEST_SCHEMA, "manifest")
         shards = pc.unique(table.column("shard")).to_pylist()
         if shards and shards != [shard]:
@@ -162,10 +183,21 @@ class DatasetWriter:
         data = table_to_parquet_bytes(table)
         self.check_lease()
         # The checksum first: a crash between the two leaves a sidecar without a part,
-        # which is not a commit and is cleared with the shard's other leftovers.
+        # which is not a commit; the next attempt's commit writes it again.
         digest = hashlib.sha256(data).hexdigest()
         self.write_bytes(layout.part_checksum_path(shard), f"{digest}\n".encode("ascii"))
-        return self.write_bytes(layout.manifest_part(shard), data)
+        try:
+            return self.write_bytes(layout.manifest_part(shard), data, exclusive=exclusive)
+        except FileExistsError:
+            if self.restore_part_checksum(shard) != digest:
+                raise
+            return self.path(layout.manifest_part(shard))
+
+    def is_committed(self, shard: int) -> bool:
+        """Whether `shard`'s part exists (one look-up, whatever the number of shards)."""
+        part = self.path(layout.manifest_part(shard))
+        self.fs.invalidate_cache(part)  # another process may have committed since
+        return self.fs.exists(part)
 
     def committed_shards(self) -> set[int]:
         """Shards whose manifest part exists; temp files of a crashed write do not count."""
@@ -178,26 +210,39 @@ class DatasetWriter:
         shards = (layout.shard_of_part(name) for name in names)
         return {shard for shard in shards if shard is not None}
 
-    def clear_uncommitted(self, shard: int) -> None:
-        """Remove leftovers of an interrupted attempt at `shard` before redoing it.
+    def restore_part_checksum(self, shard: int) -> str:
+        """Write the committed part's own sha256 into its sidecar (after a late attempt
+        overwrote it) and return it."""
+        data = self.fs.cat_file(self.path(layout.manifest_part(shard)))
+        digest = hashlib.sha256(data).hexdigest()
+        self.write_bytes(layout.part_checksum_path(shard), f"{digest}\n".encode("ascii"))
+        return digest
 
-        Only under the writer lease: without it another live run could be producing
-        exactly these files.
-        """
-        if self.lease_token is None:
-            raise ValueError("clear_uncommitted deletes files: hold the writer lease first")
-        self.check_lease()
-        if shard in self.committed_shards():
-            raise ValueError(f"shard {shard} is committed; refusing to delete its images")
+    def remove_unnamed_files(self, shard: int, named: set[str]) -> None:
+        """After `shard` is committed: delete the files in its folder that its part does
+        not name (an interrupted attempt's leftovers) and stale temp files."""
         folder = self.path(layout.image_dir(shard))
+        self.fs.invalidate_cache(folder)
+        try:
+            found = self.fs.find(folder)
+        except FileNotFoundError:
+            found = []
+        prefix = self.path(layout.IMAGES_DIR) + "/"
+        unnamed = [
+            path for path in found if f"{layout.IMAGES_DIR}/{path[len(prefix) :]}" not in named
+        ]
+        if unnamed:
+            self.fs.rm(unnamed)
+        if self.local:
+            self._remove_stale_temps(shard)
+
+    def clear_attempt_claims(self) -> None:
+        """Remove the claims interrupted attempts left (see attempt.py): a finished dataset
+        has none."""
+        folder = self.path(layout.ATTEMPTS_DIR)
         self.fs.invalidate_cache(folder)
         if self.fs.exists(folder):
             self.fs.rm(folder, recursive=True)
-        sidecar = self.path(layout.part_checksum_path(shard))
-        if self.fs.exists(sidecar):
-            self.fs.rm_file(sidecar)
-        if self.local:
-            self._remove_stale_temps(shard)
 
     def _remove_stale_temps(self, shard: int) -> None:
         part = self.path(layout.manifest_part(shard))

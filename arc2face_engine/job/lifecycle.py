@@ -85,6 +85,8 @@ def finalize_dataset(spec: JobSpec, lease_token: str | None = None) -> DatasetIn
     info.status = "complete" if complete else "in_progress"
     info.finished_at = _now() if complete else None
     writer.write_dataset_json(info)
+    if complete:
+        writer.clear_attempt_claims()  # left by attempts that were interrupted
     write_dataset_card(writer, info)
     return info
 

@@ -6,7 +6,9 @@ returns when the engine is done with the shard; a writer thread finishes the
 image writes and the commit (`PendingCommit`), so the next shard can generate
 meanwhile. The shard's manifest part is written last, so a crash anywhere before
 it leaves the shard uncommitted and a re-run redoes it from scratch with the
-same seeds.
+same seeds. Every write goes through the shard's `ShardAttempt` (dataset/attempt.py),
+so a second attempt at the same shard (a re-run elsewhere while a paused worker
+resumes) never replaces or deletes what the other committed.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import numpy as np
 
 from arc2face_engine.controls.expressions import Expression, ExpressionBank
 from arc2face_engine.controls.poses import Pose, PoseBank
+from arc2face_engine.dataset.attempt import ShardAttempt, ShardSuperseded, begin_shard
 from arc2face_engine.dataset.codec import IMAGE_EXTENSIONS, decode_image_into, encode_image
 from arc2face_engine.dataset.writer import DatasetWriter
 from arc2face_engine.determinism import image_seed
@@ -43,6 +46,8 @@ class ShardResult:
     rejected: int = 0
     reject_reasons: dict[str, int] = field(default_factory=dict)
     generate_seconds: float = 0.0
+    # Another attempt committed (or took over) the shard; this one wrote nothing of it.
+    superseded: bool = False
 
     def merge(self, other: ShardResult) -> None:
         """Add another shard's counts to these (running totals over a job)."""
@@ -160,6 +165,12 @@ class PendingCommit:
         self.shard = shard
         self._future = future
 
+    @classmethod
+    def done(cls, result: ShardResult) -> PendingCommit:
+        future: Future[ShardResult] = Future()
+        future.set_result(result)
+        return cls(result.shard, future)
+
     def result(self) -> ShardResult:
         """Wait for the commit; re-raises any write or commit error (the shard then stays
         uncommitted, and a re-run redoes it)."""
@@ -187,7 +198,9 @@ def run_shard(
     `on_batch(images, accepted)` is called after every verified batch (progress).
     """
     shard = work.range.shard
-    writer.clear_uncommitted(shard)
+    attempt = begin_shard(writer, shard)
+    if attempt is None:  # committed by another attempt (a re-run elsewhere): nothing to do
+        return PendingCommit.done(ShardResult(shard=shard, superseded=True))
     result = ShardResult(shard=shard)
     queue = deque(
         _Item(position, variant, 0)
@@ -221,7 +234,7 @@ def run_shard(
                         row = _row(work, item, request, pixels, verdict, poses, expressions)
                         rows.append(row)
                         if verdict.accepted or work.output.keep_rejected_images:
-                            write = io_pool.submit(_write_image, writer, work, row, data)
+                            write = io_pool.submit(_write_image, attempt, work, row, data)
                             pending_writes.append(write)
                     if on_batch is not None:
                         on_batch(len(checked.generated.batch), accepted)
@@ -232,28 +245,31 @@ def run_shard(
         io_pool.shutdown(wait=True, cancel_futures=True)
         raise
     committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"shard{shard}-commit")
-    future = committer.submit(_commit, writer, shard, rows, pending_writes, io_pool, result)
+    future = committer.submit(_commit, attempt, rows, pending_writes, io_pool, result)
     committer.shutdown(wait=False)  # the thread ends with the commit
     return PendingCommit(shard, future)
 
 
 def _commit(
-    writer: DatasetWriter,
-    shard: int,
+    attempt: ShardAttempt,
     rows: list[ManifestRow],
     pending_writes: list[Future],
     io_pool: ThreadPoolExecutor,
     result: ShardResult,
 ) -> ShardResult:
     """Wait for every image write, then write the manifest part: the commit. A failed
-    write raises before the part exists, so the shard stays uncommitted."""
+    write raises before the part exists, so the shard stays uncommitted. An attempt that
+    another one superseded stops without an error: the shard is that one's."""
     try:
-        for write in pending_writes:
-            write.result()
-    finally:
-        io_pool.shutdown(wait=True, cancel_futures=True)
-    rows.sort(key=lambda row: row.image_id)
-    writer.commit_shard(shard, manifest_table(rows))
+        try:
+            for write in pending_writes:
+                write.result()
+        finally:
+            io_pool.shutdown(wait=True, cancel_futures=True)
+        rows.sort(key=lambda row: row.image_id)
+        attempt.commit(manifest_table(rows))
+    except ShardSuperseded:
+        return ShardResult(shard=attempt.shard, superseded=True)
     return result
 
 
@@ -364,8 +380,6 @@ def _as_stored(
     return stored
 
 
-def _write_image(writer: DatasetWriter, work: ShardWork, row: ManifestRow, data: bytes) -> None:
+def _write_image(attempt: ShardAttempt, work: ShardWork, row: ManifestRow, data: bytes) -> None:
     ext = IMAGE_EXTENSIONS[work.output.image_format]
-    row.path, row.sha256, row.size_bytes = writer.write_image(
-        work.range.shard, row.image_id, data, ext
-    )
+    row.path, row.sha256, row.size_bytes = attempt.write_image(row.image_id, data, ext)
