@@ -3,14 +3,23 @@ and one shard run on them (`start_shard`, `generate_shard`).
 
 The engine and the face analyzer are imported where they are built: importing this
 module does not load torch, diffusers or insightface (see job/__init__.py).
+
+The one injection point: `ARC2FACE_MODEL_FACTORY=module:function` in a worker process's
+environment makes `worker_for` take its generator and verifier from that function
+(a `ModelFactory`) instead of loading Arc2Face and the face models. Harnesses and
+benchmarks use it to drive the real flow, runners and writer without diffusion
+(`arc2face_engine.testing.standin`); everything else about the shard is unchanged.
 """
 
 from __future__ import annotations
 
+import importlib
+import os
 import threading
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from typing import Protocol
 
 from arc2face_engine import models_dir
 from arc2face_engine.controls.expressions import ExpressionBank, load_expression_bank
@@ -42,16 +51,37 @@ class Worker:
 _WORKERS: dict[tuple, Worker] = {}
 _WORKERS_LOCK = threading.Lock()
 
+MODEL_FACTORY_ENV = "ARC2FACE_MODEL_FACTORY"
+
+
+class ModelFactory(Protocol):
+    """Builds a worker's generator and verifier for a spec on a device."""
+
+    def __call__(self, spec: JobSpec, device: str) -> tuple[ImageGenerator, FaceVerifier]: ...
+
+
+def injected_model_factory() -> ModelFactory | None:
+    """The factory `ARC2FACE_MODEL_FACTORY` names (`package.module:function`), if any."""
+    target = os.environ.get(MODEL_FACTORY_ENV, "").strip()
+    if not target:
+        return None
+    module, _, name = target.partition(":")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError) as error:
+        raise UserError(
+            f"{MODEL_FACTORY_ENV}={target!r} names no importable function ({error}): "
+            "write package.module:function, or unset it to load the real models"
+        ) from None
+
 
 def worker_for(spec: JobSpec, device: str = "auto") -> Worker:
     """The process-wide worker for (models, device, controls); built on first use."""
-    from arc2face_engine.faces.loading import load_face_analyzer
-    from arc2face_engine.faces.pack import detection_settings
-    from arc2face_engine.generation.engine import Arc2FaceEngine
-
     poses_spec = spec.variations.poses
     expressions_spec = spec.variations.expressions
+    factory = injected_model_factory()
     key = (
+        factory,
         str(spec.models.dir),
         device,
         spec.models.precision,
@@ -71,6 +101,14 @@ def worker_for(spec: JobSpec, device: str = "auto") -> Worker:
             expressions = load_expression_bank(
                 expressions_spec, seed=spec.seed, models_dir=spec.models.dir
             )
+            if factory is not None:
+                engine, analyzer = factory(spec, device)
+                _WORKERS[key] = Worker(engine, analyzer, poses, expressions, threading.Lock())
+                return _WORKERS[key]
+            from arc2face_engine.faces.loading import load_face_analyzer
+            from arc2face_engine.faces.pack import detection_settings
+            from arc2face_engine.generation.engine import Arc2FaceEngine
+
             engine = Arc2FaceEngine.from_pretrained(
                 spec.models.dir,
                 device=device,
