@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import queue
 import threading
 import time
@@ -13,6 +14,7 @@ from prefect.runtime import flow_run
 from prefect.task_runners import TaskRunner
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from arc2face_engine.dataset import layout
 from arc2face_engine.job import lifecycle, preflight
 from arc2face_engine.job.identities_step import BuiltIdentities
 from arc2face_engine.job.shard import ShardResult
@@ -21,7 +23,7 @@ from flows.credentials import with_credentials
 from flows.prefect_api import check_api
 from flows.redacting import RedactingFlow
 from flows.runners import check_dask_scheduler, submit_on_gpu, task_runner_for
-from schemas.errors import UserError
+from schemas.errors import UserError, first_line
 from schemas.job import JobSpec, load_spec, parse_spec
 from schemas.tables import DatasetInfo
 from tasks.devices import SHARDS_PER_DEVICE
@@ -31,6 +33,31 @@ from tasks.progress import listening
 
 class ShardsFailed(RuntimeError):
     """Some shards failed; the committed ones are kept and a re-run resumes."""
+
+
+class StorageUnavailable(ShardsFailed):
+    """The output's store stopped answering, even after its client's retries; the
+    committed shards are kept, nothing half-written counts, and a re-run resumes."""
+
+
+def _store_down(spec: JobSpec, detail: str) -> StorageUnavailable:
+    return StorageUnavailable(
+        f"the store of output {spec.output.uri} stopped answering, even after retries "
+        f"({detail}): the committed shards are kept and nothing half-written counts: "
+        "re-run the same command once it answers again"
+    )
+
+
+def _buried_failure(error: BaseException) -> ShardsFailed | None:
+    """A ShardsFailed that a later error (a lease release during an outage) hid."""
+    seen: set[int] = set()
+    cause: BaseException | None = error
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, ShardsFailed):
+            return cause
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return None
 
 
 def _failure(failures: list[tuple[int, Exception]], attempted: int) -> Exception:
@@ -167,9 +194,19 @@ def _generate_dataset(spec: JobSpec | str, show_progress: bool = False) -> Datas
     spec = with_credentials(load_job_spec(spec))
     check_quickly(spec)
     built = preflight.preflight(spec)  # model files, devices, banks, resume, identities
-    # One writer per output: the lease (heartbeat thread) is held until the flow ends.
-    with lifecycle.writer_lease(spec) as lease, task_runner_for(spec) as runner:
-        return _run_job(spec, runner, show_progress, lease.token, built)
+    try:
+        # One writer per output: the lease (heartbeat thread) is held until the flow ends.
+        with lifecycle.writer_lease(spec) as lease, task_runner_for(spec) as runner:
+            return _run_job(spec, runner, show_progress, lease.token, built)
+    except (UserError, ShardsFailed):
+        raise
+    except Exception as error:  # an outage: one line, not a storage client's traceback
+        buried = _buried_failure(error)
+        if buried is not None:
+            raise buried from None
+        if layout.store_unavailable(error):
+            raise _store_down(spec, f"{type(error).__name__}: {first_line(error)}") from None
+        raise
 
 
 generate_dataset_flow = RedactingFlow(_generate_dataset, name="generate-dataset", log_prints=True)
@@ -189,7 +226,11 @@ def _run_job(
         len(identities), spec.variations.images_per_identity, spec.output.shard_size
     )
     works = shard_works(spec, identities, lease_token)
-    todo = (work for work in works if work.range.shard not in committed)
+    store_down = threading.Event()  # then every further shard would wait out its retries
+    todo = itertools.takewhile(
+        lambda _: not store_down.is_set(),
+        (work for work in works if work.range.shard not in committed),
+    )
     if committed:
         print(f"resuming: {len(committed)} of {shards} shards already committed, skipped")
     finished = ShardResult(shard=-1)  # counts of finished shards
@@ -215,10 +256,17 @@ def _run_job(
                     result = future.result()
                 except Exception as error:  # the other shards go on; re-run retries this one
                     failures.append((shard, error))
+                    if layout.store_unavailable(error):
+                        store_down.set()
                     continue
                 finished.merge(result)
                 progress.advance(bar)
                 live.at_least(finished, show)
+    if store_down.is_set():  # finalize would wait out the same outage: the re-run does it
+        shard, error = next(f for f in failures if layout.store_unavailable(f[1]))
+        raise _store_down(
+            spec, f"first: shard {shard:05d}: {type(error).__name__}: {first_line(error)}"
+        )
     info = finalize_dataset(spec, lease_token)
     create_table_artifact(
         key="dataset-summary",
@@ -227,6 +275,13 @@ def _run_job(
     )
     if failures:
         raise _failure(failures, shards - len(committed))
+    if info.status != "complete":  # every task returned, yet a shard is not committed
+        missing = info.counts.shards - info.counts.committed_shards
+        raise ShardsFailed(
+            f"{missing} of {info.counts.shards} shards are not committed although every "
+            "shard task finished (another attempt took them over and did not finish): "
+            "re-run the same command to redo only those"
+        )
     return info
 
 
