@@ -281,6 +281,8 @@ def test_half_written_temp_file_is_ignored_and_cleared(tmp_path):
         assert writer.committed_shards() == set()
         assert DatasetReader(str(tmp_path)).manifest_parts() == []
         write_attempt(begin_shard(writer, 3), identity=3)
+        assert stale.exists()  # not worth a listing of manifest/ per shard
+        writer.clear_leftovers()  # when the dataset is complete (lifecycle.finalize_dataset)
     assert sorted(os.listdir(tmp_path / "manifest")) == [
         "part-00003.parquet",
         "part-00003.parquet.sha256",

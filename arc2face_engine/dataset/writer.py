@@ -220,7 +220,7 @@ class DatasetWriter:
 
     def remove_unnamed_files(self, shard: int, named: set[str]) -> None:
         """After `shard` is committed: delete the files in its folder that its part does
-        not name (an interrupted attempt's leftovers) and stale temp files."""
+        not name (an interrupted attempt's leftovers)."""
         folder = self.path(layout.image_dir(shard))
         self.fs.invalidate_cache(folder)
         try:
@@ -233,22 +233,19 @@ class DatasetWriter:
         ]
         if unnamed:
             self.fs.rm(unnamed)
+
+    def clear_leftovers(self) -> None:
+        """Once every shard is committed: remove the claims of interrupted attempts
+        (attempt.py) and the temp files of writes a crash cut short. One listing each,
+        not one per shard (a listing of the manifest folder grows with the dataset)."""
+        claims = self.path(layout.ATTEMPTS_DIR)
+        self.fs.invalidate_cache(claims)
+        if self.fs.exists(claims):
+            self.fs.rm(claims, recursive=True)
         if self.local:
-            self._remove_stale_temps(shard)
-
-    def clear_attempt_claims(self) -> None:
-        """Remove the claims interrupted attempts left (see attempt.py): a finished dataset
-        has none."""
-        folder = self.path(layout.ATTEMPTS_DIR)
-        self.fs.invalidate_cache(folder)
-        if self.fs.exists(folder):
-            self.fs.rm(folder, recursive=True)
-
-    def _remove_stale_temps(self, shard: int) -> None:
-        part = self.path(layout.manifest_part(shard))
-        folder, name = part.rsplit("/", 1)
-        for stale in self.fs.glob(f"{folder}/.{name}*{TEMP_MARKER}*"):  # part and its sidecar
-            self.fs.rm(stale)
+            manifest = self.path(layout.MANIFEST_DIR)
+            for stale in self.fs.glob(f"{manifest}/.*{TEMP_MARKER}*"):  # parts and sidecars
+                self.fs.rm(stale)
 
     # --- dataset.json ---------------------------------------------------------------------
 

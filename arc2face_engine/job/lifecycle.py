@@ -86,7 +86,7 @@ def finalize_dataset(spec: JobSpec, lease_token: str | None = None) -> DatasetIn
     info.finished_at = _now() if complete else None
     writer.write_dataset_json(info)
     if complete:
-        writer.clear_attempt_claims()  # left by attempts that were interrupted
+        writer.clear_leftovers()  # of attempts that were interrupted
     write_dataset_card(writer, info)
     return info
 
