@@ -28,7 +28,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -194,8 +194,6 @@ class ClusterOptions:
     worker_ttl: str = "10s"
     seconds_per_image: float = 0.25
     database_url: str | None = None
-    # Workers whose disk fills after this many writes (tests/disk_full_preload.py).
-    disk_full_after: dict[str, int] = field(default_factory=dict)
 
 
 class Cluster:
@@ -252,12 +250,22 @@ class Cluster:
         argv = [PYTHON, "-m", "distributed.cli.dask_worker", self.scheduler_address,
                 "--name", name, "--nthreads", "1", "--resources", "GPU=1", "--no-dashboard",
                 "--death-timeout", "60"]  # fmt: skip
-        if name in self.options.disk_full_after:
-            env["ARC2FACE_TEST_DISK_FULL_AFTER"] = str(self.options.disk_full_after[name])
-            argv += ["--preload", str(ROOT / "tests" / "disk_full_preload.py")]
+        # Its disk can be filled and freed while it runs (fill_disk, free_disk).
+        env["ARC2FACE_TEST_DISK_FILE"] = str(self.disk_control(name))
+        argv += ["--preload", str(ROOT / "tests" / "disk_full_preload.py")]
         worker = Service(name, argv, env, self.workdir).start()
         self.workers[name] = worker
         return worker
+
+    def disk_control(self, name: str) -> Path:
+        return self.workdir / f"disk-{name}"
+
+    def fill_disk(self, name: str, after_writes: int) -> None:
+        """Worker `name`'s disk is full after `after_writes` more writes."""
+        self.disk_control(name).write_text(str(after_writes))
+
+    def free_disk(self, name: str) -> None:
+        self.disk_control(name).unlink(missing_ok=True)
 
     def client(self):
         from distributed import Client
@@ -285,6 +293,8 @@ class Cluster:
         healthy (after a test killed, paused or broke something)."""
         self.proxy.plan = type(self.proxy.plan)()
         self.proxy.end_outage()
+        for name in self.workers:
+            self.free_disk(name)
         if not self.server.healthy():
             self.server.start()
         for worker in self.workers.values():

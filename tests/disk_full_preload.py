@@ -1,30 +1,40 @@
-"""Dask worker preload: this worker's disk fills up after a number of writes.
+"""Dask worker preload: this worker's disk can fill up, and be freed, while it runs.
 
-`dask worker --preload tests/disk_full_preload.py` with ARC2FACE_TEST_DISK_FULL_AFTER=N
-in the worker's environment: its first N file writes through fsspec (S3 PUTs or local
-writes) succeed, every later one raises OSError(ENOSPC), as a full disk does. The
-other workers are unaffected.
+`dask worker --preload tests/disk_full_preload.py` with ARC2FACE_TEST_DISK_FILE=PATH in
+the worker's environment. While PATH does not exist, writes go through. Once a harness
+writes a number N into it, this worker's next N file writes through fsspec (S3 PUTs or
+local writes) succeed and every later one raises OSError(ENOSPC), as a full disk does;
+removing the file frees the disk again. The other workers are unaffected.
 """
 
 from __future__ import annotations
 
 import errno
-import itertools
 import os
 import threading
 
 import s3fs
 from fsspec.implementations.local import LocalFileSystem
 
-AFTER_ENV = "ARC2FACE_TEST_DISK_FULL_AFTER"
-_writes = itertools.count(1)
+CONTROL_ENV = "ARC2FACE_TEST_DISK_FILE"
 _lock = threading.Lock()
+_state = {"key": None, "writes": 0}
 
 
 def _full() -> bool:
-    limit = int(os.environ.get(AFTER_ENV, "0"))
+    """Whether this write finds the disk full (counting writes since the file changed)."""
+    path = os.environ.get(CONTROL_ENV, "")
+    try:
+        with open(path) as handle:
+            allowed = int(handle.read().strip() or 0)
+        key = (os.stat(path).st_mtime_ns, allowed)
+    except (FileNotFoundError, ValueError):
+        return False
     with _lock:
-        return next(_writes) > limit
+        if _state["key"] != key:
+            _state["key"], _state["writes"] = key, 0
+        _state["writes"] += 1
+        return _state["writes"] > allowed
 
 
 def _disk_full(path: str) -> OSError:
