@@ -118,7 +118,7 @@ def __dir__() -> list[str]:
 class _NoTorchvisionFallbackNotice(logging.Filter):
     """transformers announces, once per class, that CLIP/SigLIP image processors fall back
     to their PIL versions without torchvision (diffusers imports them with its pipelines).
-    Arc2Face uses no image processor and torchvision is deliberately absent (see README),
+    Arc2Face uses no image processor and torchvision is deliberately absent (docs/gpu.md),
     so the notice is noise in every run's output."""
 
     def filter(self, record: logging.LogRecord) -> bool:
