@@ -156,25 +156,32 @@ def generate(
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Run the generate flow: identities, generation, verification, dataset."""
-    _check_spec_quickly(spec)
+    finished = _check_spec_quickly(spec)
     from flows.generate import generate_dataset  # Prefect and the model libraries: now
 
-    info = generate_dataset(spec, show_progress=progress)
-    _print_counts(info)
+    info = generate_dataset(spec, show_progress=progress)  # a finished one: checked, not rewritten
+    if finished:
+        console.print(finished)
+    else:
+        _print_counts(info)
 
 
-def _check_spec_quickly(uri: str) -> None:
+def _check_spec_quickly(uri: str) -> str | None:
     """Parse and validate the spec and make the checks that load no model library, before
-    Prefect, torch or diffusers are imported: a mistake is one line within a second."""
+    Prefect, torch or diffusers are imported: a mistake is one line within a second.
+    Returns what to say when the output already holds the finished dataset (the flow
+    still makes the other checks, and then rewrites nothing)."""
     from schemas.job import load_spec
 
     spec = load_spec(uri)
     if spec.output.storage_options_secret:  # a Secret block needs the Prefect API first
-        return
+        return None
+    from arc2face_engine.job.lifecycle import nothing_to_do
     from arc2face_engine.job.preflight import quick_checks
     from flows.credentials import with_credentials
 
-    quick_checks(with_credentials(spec))
+    spec = with_credentials(spec)
+    return nothing_to_do(spec, quick_checks(spec))
 
 
 def _print_counts(info) -> None:

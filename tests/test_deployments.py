@@ -199,8 +199,14 @@ def test_deployments_on_process_pools(server: Server, tmp_path: Path):
     bad_path = tmp_path / "bad.yaml"
     bad_path.write_text(yaml.safe_dump(_tiny_spec(tmp_path / "no-models", never, "bad")))
 
+    # A relative path resolves against the flow run's working folder (a temporary one):
+    # the failure names it and says what to do in a deployment.
+    relative_path = tmp_path / "relative.yaml"
+    relative_path.write_text(yaml.safe_dump(_tiny_spec(Path("models"), never, "relative")))
+
     generate = server.run_deployment("generate-dataset/generate", f"spec={spec_path}")
     bad = server.run_deployment("generate-dataset/generate", f"spec={bad_path}")
+    relative = server.run_deployment("generate-dataset/generate", f"spec={relative_path}")
     run = server.wait(generate)
     assert run["state_type"] == "COMPLETED", server.logs_of(generate)
     assert run["parameters"] == {"spec": str(spec_path), "show_progress": False}
@@ -217,7 +223,12 @@ def test_deployments_on_process_pools(server: Server, tmp_path: Path):
     assert len(held) == 2, server.logs_of(generate)
 
     assert server.wait(bad)["state_type"] == "FAILED"
-    assert any("arc2face/config.json" in line for line in server.logs_of(bad))
+    assert any("no-models does not exist" in line for line in server.logs_of(bad))
+    assert server.wait(relative)["state_type"] == "FAILED"
+    said = next(line for line in server.logs_of(relative) if "models.dir models" in line)
+    assert "does not exist (resolved against " in said
+    assert "in a deployment run relative paths resolve against" in said
+    assert "working_dir" in said and "absolute paths" in said
     assert not never.exists()
 
     audit = server.run_deployment("audit-dataset/audit", f"uri={dataset}")
