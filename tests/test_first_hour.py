@@ -130,3 +130,17 @@ def test_rerunning_a_finished_job_says_there_is_nothing_to_do(copy):
     assert tree_hashes(copy / "ds") == before  # dataset.json and the card included
 
 
+# --- models download ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("offline", [False, True], ids=["no-network", "hf-hub-offline"])
+def test_models_download_without_a_network_says_so(tmp_path, offline: bool):
+    env = {"HF_HOME": str(tmp_path / "hf"), "HF_ENDPOINT": "http://127.0.0.1:9"}  # refused
+    if offline:
+        env["HF_HUB_OFFLINE"] = "1"
+    line = error_line(cli("models", "download", "models", cwd=tmp_path, **env))
+    assert "cannot download the models from the Hugging Face Hub" in line
+    expected = "HF_HUB_OFFLINE is set" if offline else "(http://127.0.0.1:9) cannot be reached"
+    assert expected in line
+    assert "check the path" not in line and "connect this machine to the internet" in line
+    assert not (tmp_path / "models").exists()
