@@ -11,6 +11,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from flows.prefect_api import ephemeral_timeout_message, patient_ephemeral_server
@@ -254,7 +255,10 @@ def audit(
         typer.Option(help="Leak flag above this cosine; default: the spec's exclusion max_cosine, else 0.5."),
     ] = None,
     reverify: Annotated[int, typer.Option(help="Re-run face analysis on N images.")] = 0,
-    models: Annotated[Path | None, typer.Option(help="Models dir for --reverify.")] = None,
+    models: Annotated[
+        Path | None,
+        typer.Option(help="Models dir for --reverify; default: the models.dir dataset.json records."),
+    ] = None,
     radius: Annotated[float, typer.Option(help="Cosine-distance radius for quality.")] = 0.3,
     prefect: Annotated[bool, typer.Option(help="Run as a Prefect flow (artifacts).")] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
@@ -288,7 +292,12 @@ def _print_audit(report) -> None:
     verdict = "[green]PASSED[/green]" if report.passed else "[red]FAILED[/red]"
     if report.in_progress:
         verdict += f" [yellow](dataset in progress: {report.in_progress_reason})[/yellow]"
-    console.print(f"audit {verdict}: {report.report_uri}")
+    console.print(f"audit {verdict}: {report.report_uri}; {escape(report.headline())}")
+    if report.reverify is not None:
+        console.print(
+            f"re-verified {report.reverify.checked} images with the models in "
+            f"{report.reverify.models_dir} ({report.reverify.models_from})"
+        )
     for problem in report.problems[:20]:
         console.print(f"  - {problem}")
 

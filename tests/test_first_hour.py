@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.dataset_factory import make_dataset
 from tests.test_bad_inputs import spec_dict, tree_hashes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -128,6 +129,69 @@ def test_rerunning_a_finished_job_says_there_is_nothing_to_do(copy):
     assert done.returncode == 0, done.stderr
     assert "nothing to do: ds already holds the complete dataset of this spec" in done.stdout
     assert tree_hashes(copy / "ds") == before  # dataset.json and the card included
+
+
+# --- the audit ----------------------------------------------------------------------------------
+
+
+def test_audit_line_gives_warnings_and_unchecked_leakage(tmp_path):
+    import json
+
+    import numpy as np
+
+    twins = np.random.default_rng(0).standard_normal((2, 512))[[0, 0, 1]]  # two alike
+    made = make_dataset(str(tmp_path / "ds"), identity_embeddings=twins, shards=1)
+    done = cli("audit", made.uri, "--no-progress", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    warnings = json.loads((tmp_path / "ds" / "audit" / "report.json").read_text())["warnings"]
+    assert len(warnings) >= 2 and warnings[0].startswith("quality: uniqueness")
+    line = done.stdout.splitlines()[0]
+    assert "PASSED" in line
+    assert f"; {len(warnings)} warnings (first: {warnings[0]})" in line
+    assert line.endswith("; leakage: not checked (no gallery)")
+    page = (tmp_path / "ds" / "audit" / "report.html").read_text()
+    assert "<th>leaked_identities</th><td>not checked</td>" in page
+    assert "<h2>Leakage</h2><p>not checked (no gallery)" in page
+    assert "<td>None</td>" not in page
+
+
+def test_reverify_takes_the_models_folder_from_dataset_json(project, copy, tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    # From another folder: models.dir 'models' resolves against the folder the dataset
+    # was generated from (its recorded output.uri 'ds' is where it lies now).
+    done = cli("audit", copy / "ds", "--reverify", "2", "--no-progress", cwd=elsewhere)
+    assert done.returncode == 0, (done.stdout, done.stderr)
+    assert (
+        f"re-verified 2 images with the models in {copy / 'models'} "
+        "(dataset.json models.dir models)" in done.stdout
+    )
+    (copy / "models").unlink()
+    line = error_line(cli("audit", copy / "ds", "--reverify", "2", cwd=elsewhere))
+    assert "dataset.json's models.dir models is not a folder here" in line
+    assert f"tried {elsewhere / 'models'}, {copy / 'models'}" in line
+    assert line.endswith("pass --models DIR")
+
+
+def test_audit_plots_pitch_and_counts_on_integer_axes(tmp_path, monkeypatch):
+    from arc2face_engine.audit import audit_dataset, html
+
+    figures = []
+
+    def keep(figure) -> str:  # the PNG encoder, seeing each figure the report draws
+        figures.append(figure)
+        return ""
+
+    monkeypatch.setattr(html, "_png", keep)
+    made = make_dataset(str(tmp_path / "ds"), n_identities=2, images_per_identity=2, shards=1)
+    audit_dataset(made.uri)
+    axes = {figure.axes[0].get_title(): figure.axes[0] for figure in figures}
+    assert "pitch: requested vs measured" in axes and "yaw: requested vs measured" in axes
+    counted = [ax for ax in axes.values() if ax.get_ylabel() in ("images", "pairs")]
+    assert len(counted) >= 2
+    for ax in counted:  # 4 images: matplotlib's default ticks would be 0, 0.5, 1, ...
+        ticks = ax.get_yticks()
+        assert all(float(tick).is_integer() for tick in ticks), (ax.get_title(), ticks)
 
 
 # --- models download ----------------------------------------------------------------------------
