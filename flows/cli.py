@@ -277,7 +277,10 @@ def audit(
         from flows.prefect_api import check_api
 
         check_api()
-        report = audit_dataset_flow(uri, _storage_options(storage_options), **options)
+        models_dir = options.pop("models_dir")  # the flow takes the CLI's names
+        report = audit_dataset_flow(
+            uri, _storage_options(storage_options), models=models_dir, **options
+        )
     else:
         from arc2face_engine.audit import audit_dataset
 

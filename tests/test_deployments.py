@@ -188,8 +188,9 @@ def test_deployments_on_process_pools(server: Server, tmp_path: Path):
     for pool in ("gpu-pool", "cpu-pool"):
         server.start("worker", "start", "--pool", pool, "--type", "process", log=f"{pool}.log")
     server.cli(
-        "deploy", "--prefect-file", "infra/prefect.yaml", "--name", "generate", "--name", "audit"
-    )
+        "deploy", "--prefect-file", "infra/prefect.yaml",
+        "--name", "generate", "--name", "audit", "--name", "export",
+    )  # fmt: skip
     spec_path = tmp_path / "job.yaml"
     dataset = tmp_path / "dataset"
     spec_path.write_text(yaml.safe_dump(_tiny_spec(models, dataset, "deployed")))
@@ -239,3 +240,16 @@ def test_deployments_on_process_pools(server: Server, tmp_path: Path):
     artifacts = server.post("/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [audit]}}})
     verdict = next(artifact for artifact in artifacts if artifact["key"] == "audit-verdict")
     assert "PASSED" in verdict["data"]
+
+    # The export deployment takes the CLI's names: out and format.
+    folder = tmp_path / "exported"
+    export = server.run_deployment(
+        "export-dataset/export", f"uri={dataset}", f"out={folder}", "format=imagefolder",
+        "align=false",
+    )  # fmt: skip
+    run = server.wait(export)
+    assert run["state_type"] == "COMPLETED", server.logs_of(export)
+    assert run["parameters"] == {
+        "uri": str(dataset), "out": str(folder), "format": "imagefolder", "align": False,
+    }  # fmt: skip
+    assert len(list(folder.rglob("*.jpg"))) == rows["accepted (dataset)"]

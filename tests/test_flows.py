@@ -230,7 +230,7 @@ def test_audit_and_export_flows_on_a_generated_dataset(reference, tiny_models, t
 
     _, out = reference
     accepted = sum(row["accepted"] for row in manifest_rows(str(out)))
-    report = audit_dataset_flow(str(out), models_dir=str(tiny_models), reverify=3)
+    report = audit_dataset_flow(str(out), models=str(tiny_models), reverify=3)
     assert report.passed, report.problems
     # Re-verification samples accepted images and measures as the job did: no mismatch.
     assert report.reverify.checked == min(3, accepted) > 0
