@@ -32,14 +32,15 @@ def _audit_dataset(
     gallery: str | None = None,
     gallery_threshold: float | None = None,
     reverify: int = 0,
-    models_dir: str | None = None,
+    models: str | None = None,
     radius: float = 0.3,
     storage_options_secret: str | None = None,
 ):
     """Audit the dataset at `uri` (schema, integrity, quality, leakage against `gallery`,
-    re-verification of `reverify` images with `models_dir`); report.json/html land in
-    its audit/ folder."""
-    options: dict[str, Any] = dict(reverify=reverify, models_dir=models_dir, radius=radius)
+    re-verification of `reverify` images with the face models in `models`, by default the
+    models.dir dataset.json records); report.json/html land in its audit/ folder. The
+    parameters are the CLI's (`arc2face-synth audit URI --models DIR ...`)."""
+    options: dict[str, Any] = dict(reverify=reverify, models_dir=models, radius=radius)
     if gallery is not None:
         options["gallery"] = gallery
     if gallery_threshold is not None:  # else the audit's own default
@@ -64,32 +65,34 @@ audit_dataset_flow = RedactingFlow(_audit_dataset, name="audit-dataset", log_pri
 
 def _export_dataset(
     uri: str,
-    out_uri: str,
-    fmt: Literal["recordio", "imagefolder", "webdataset", "hf"] = "recordio",
+    out: str,
+    format: Literal["recordio", "imagefolder", "webdataset", "hf"] = "recordio",  # the CLI's name
     align: bool = True,
     include_rejected: bool = False,
     overwrite: bool = False,
     labels: Literal["contiguous", "dataset"] = "contiguous",
     dali: bool = False,
+    shuffle_seed: int = 0,
     storage_options: dict[str, Any] | None = None,
     storage_options_secret: str | None = None,
     out_storage_options: dict[str, Any] | None = None,
 ):
-    """Export the accepted images of the dataset at `uri` to `out_uri` as `fmt`, aligned
-    to 112x112 unless `align` is false; `overwrite` replaces a non-empty `out_uri`;
-    `dali` (recordio): images only, keys 0..N-1. Output storage options default to the
-    input's."""
+    """Export the accepted images of the dataset at `uri` to `out` as `format`, aligned
+    to 112x112 unless `align` is false; `overwrite` replaces a non-empty `out`;
+    `dali` (recordio): images only, shuffled with `shuffle_seed`, keys 0..N-1. The
+    parameters are the CLI's (`arc2face-synth export URI --out OUT --format FORMAT`).
+    Output storage options default to the input's."""
     resolved = resolve_storage_options(storage_options, storage_options_secret)
-    out = resolve_storage_options(out_storage_options, None, "out_storage_options")
-    extra = {"dali": True} if dali else {}
+    out_options = resolve_storage_options(out_storage_options, None, "out_storage_options")
+    extra = {"dali": dali, "shuffle_seed": shuffle_seed} if dali or shuffle_seed else {}
     return export(
         uri,
-        out_uri,
-        fmt,
+        out,
+        format,
         resolved,
         align=align,
         include_rejected=include_rejected,
-        out_storage_options=out or resolved,
+        out_storage_options=out_options or resolved,
         overwrite=overwrite,
         labels=labels,
         **extra,

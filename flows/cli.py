@@ -11,6 +11,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from flows.prefect_api import ephemeral_timeout_message, patient_ephemeral_server
@@ -156,25 +157,32 @@ def generate(
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Run the generate flow: identities, generation, verification, dataset."""
-    _check_spec_quickly(spec)
+    finished = _check_spec_quickly(spec)
     from flows.generate import generate_dataset  # Prefect and the model libraries: now
 
-    info = generate_dataset(spec, show_progress=progress)
-    _print_counts(info)
+    info = generate_dataset(spec, show_progress=progress)  # a finished one: checked, not rewritten
+    if finished:
+        console.print(finished)
+    else:
+        _print_counts(info)
 
 
-def _check_spec_quickly(uri: str) -> None:
+def _check_spec_quickly(uri: str) -> str | None:
     """Parse and validate the spec and make the checks that load no model library, before
-    Prefect, torch or diffusers are imported: a mistake is one line within a second."""
+    Prefect, torch or diffusers are imported: a mistake is one line within a second.
+    Returns what to say when the output already holds the finished dataset (the flow
+    still makes the other checks, and then rewrites nothing)."""
     from schemas.job import load_spec
 
     spec = load_spec(uri)
     if spec.output.storage_options_secret:  # a Secret block needs the Prefect API first
-        return
+        return None
+    from arc2face_engine.job.lifecycle import nothing_to_do
     from arc2face_engine.job.preflight import quick_checks
     from flows.credentials import with_credentials
 
-    quick_checks(with_credentials(spec))
+    spec = with_credentials(spec)
+    return nothing_to_do(spec, quick_checks(spec))
 
 
 def _print_counts(info) -> None:
@@ -247,7 +255,10 @@ def audit(
         typer.Option(help="Leak flag above this cosine; default: the spec's exclusion max_cosine, else 0.5."),
     ] = None,
     reverify: Annotated[int, typer.Option(help="Re-run face analysis on N images.")] = 0,
-    models: Annotated[Path | None, typer.Option(help="Models dir for --reverify.")] = None,
+    models: Annotated[
+        Path | None,
+        typer.Option(help="Models dir for --reverify; default: the models.dir dataset.json records."),
+    ] = None,
     radius: Annotated[float, typer.Option(help="Cosine-distance radius for quality.")] = 0.3,
     prefect: Annotated[bool, typer.Option(help="Run as a Prefect flow (artifacts).")] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
@@ -266,7 +277,10 @@ def audit(
         from flows.prefect_api import check_api
 
         check_api()
-        report = audit_dataset_flow(uri, _storage_options(storage_options), **options)
+        models_dir = options.pop("models_dir")  # the flow takes the CLI's names
+        report = audit_dataset_flow(
+            uri, _storage_options(storage_options), models=models_dir, **options
+        )
     else:
         from arc2face_engine.audit import audit_dataset
 
@@ -281,7 +295,12 @@ def _print_audit(report) -> None:
     verdict = "[green]PASSED[/green]" if report.passed else "[red]FAILED[/red]"
     if report.in_progress:
         verdict += f" [yellow](dataset in progress: {report.in_progress_reason})[/yellow]"
-    console.print(f"audit {verdict}: {report.report_uri}")
+    console.print(f"audit {verdict}: {report.report_uri}; {escape(report.headline())}")
+    if report.reverify is not None:
+        console.print(
+            f"re-verified {report.reverify.checked} images with the models in "
+            f"{report.reverify.models_dir} ({report.reverify.models_from})"
+        )
     for problem in report.problems[:20]:
         console.print(f"  - {problem}")
 

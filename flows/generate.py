@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator
 
 from prefect.artifacts import create_table_artifact
 from prefect.futures import PrefectFuture
-from prefect.runtime import flow_run
+from prefect.runtime import deployment, flow_run
 from prefect.task_runners import TaskRunner
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -149,12 +149,29 @@ def load_job_spec(spec: JobSpec | str | dict) -> JobSpec:
     return load_spec(spec)
 
 
-def check_quickly(spec: JobSpec) -> None:
+def check_quickly(spec: JobSpec) -> DatasetInfo | None:
     """The checks that load no model library (job/preflight.py quick_checks), and the
-    Dask scheduler: a mistake is one line within a second, before anything is written."""
-    preflight.quick_checks(spec)
+    Dask scheduler: a mistake is one line within a second, before anything is written.
+    Returns the output's dataset.json (None for a new dataset)."""
+    info = preflight.quick_checks(spec)
     if spec.compute.task_runner == "dask" and spec.compute.dask_address:
         check_dask_scheduler(spec.compute.dask_address)  # seconds, before loading banks
+    return info
+
+
+def in_deployment_terms(error: UserError) -> UserError:
+    """`error` with what to do in a deployment run when it is about a relative path: a
+    worker runs each flow run in a folder of its own (a new temporary one, for process
+    workers), so relative paths in a spec rarely mean what they meant to its author."""
+    folder = getattr(error, "resolved_against", None)
+    if folder is None or deployment.get_id() is None:
+        return error
+    return type(error)(
+        f"{error}; in a deployment run relative paths resolve against the flow run's working "
+        f"folder {folder}: give absolute paths or URIs, or set the work pool's working_dir "
+        "(`--job-variable working_dir=/srv/arc2face-synth`, or job_variables in "
+        "infra/prefect.yaml)"
+    )
 
 
 def _generate_dataset(spec: JobSpec | str, show_progress: bool = False) -> DatasetInfo:
@@ -164,9 +181,16 @@ def _generate_dataset(spec: JobSpec | str, show_progress: bool = False) -> Datas
     Deployment runs and CLI runs do the same: credentials resolved on this worker,
     every check before anything is written, then the spec's own task runner.
     """
-    spec = with_credentials(load_job_spec(spec))
-    check_quickly(spec)
+    try:
+        spec = with_credentials(load_job_spec(spec))
+        existing = check_quickly(spec)
+    except UserError as error:
+        raise in_deployment_terms(error) from None
     built = preflight.preflight(spec)  # model files, devices, banks, resume, identities
+    finished = lifecycle.nothing_to_do(spec, existing)
+    if finished:  # a re-run of a finished job that passed every check rewrites nothing
+        print(finished)
+        return existing
     # One writer per output: the lease (heartbeat thread) is held until the flow ends.
     with lifecycle.writer_lease(spec) as lease, task_runner_for(spec) as runner:
         return _run_job(spec, runner, show_progress, lease.token, built)

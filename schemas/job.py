@@ -30,7 +30,7 @@ from pydantic import (
     model_validator,
 )
 
-from schemas.errors import SpecError
+from schemas.errors import SpecError, resolved_against
 
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 DEFAULT_RANDOM_COUNT = 100
@@ -654,7 +654,11 @@ def load_spec(uri: str, storage_options: dict[str, Any] | None = None) -> JobSpe
         with fs.open(path, "rb") as handle:
             text = handle.read().decode("utf-8")
     except FileNotFoundError:
-        raise SpecError(f"job spec {uri} not found: check the path") from None
+        folder = resolved_against(str(uri))
+        where = f" (resolved against {folder})" if folder else ""
+        error = SpecError(f"job spec {uri} not found: check the path{where}")
+        error.resolved_against = folder
+        raise error from None
     except UnicodeDecodeError as error:
         raise SpecError(
             f"job spec {uri} is not UTF-8 text ({error.reason}): save it as UTF-8"
@@ -698,6 +702,58 @@ def spec_hash(spec: JobSpec) -> str:
     content = spec.model_dump(mode="json", exclude=HASH_EXCLUDED)
     canonical = json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def _without_excluded(data: Any, excluded: Any) -> Any:
+    """`data` (a spec as JSON) less the HASH_EXCLUDED fields."""
+    if excluded is True:
+        return None
+    if not isinstance(data, dict) or not isinstance(excluded, dict):
+        return data
+    kept = {key: _without_excluded(value, excluded.get(key)) for key, value in data.items()}
+    return {key: value for key, value in kept.items() if excluded.get(key) is not True}
+
+
+def _leaves(data: Any, prefix: str = "") -> dict[str, Any]:
+    """{dotted path: value} of every non-mapping value (an empty mapping inside is a leaf)."""
+    if not isinstance(data, dict) or (not data and prefix):
+        return {prefix: data}
+    found: dict[str, Any] = {}
+    for key, value in data.items():
+        found.update(_leaves(value, f"{prefix}.{key}" if prefix else str(key)))
+    return found
+
+
+MISSING = "absent"
+
+
+def spec_differences(recorded: dict[str, Any], spec: JobSpec) -> list[tuple[str, Any, Any]]:
+    """(dotted path, recorded value, new value) for every content-defining field (the ones
+    spec_hash covers) that differs between a recorded spec (dataset.json) and `spec`,
+    in path order; a field one side lacks shows as MISSING."""
+    before = _leaves(_without_excluded(recorded, HASH_EXCLUDED))
+    after = _leaves(spec.model_dump(mode="json", exclude=HASH_EXCLUDED))
+    return [
+        (path, before.get(path, MISSING), after.get(path, MISSING))
+        for path in sorted(before.keys() | after.keys())
+        if before.get(path, MISSING) != after.get(path, MISSING)
+    ]
+
+
+def describe_differences(
+    differences: list[tuple[str, Any, Any]], most: int = 4, width: int = 40
+) -> str:
+    """'seed (0 -> 1), generation.steps (2 -> 3)', at most `most` fields, each value cut
+    to `width` characters, so the message stays one bounded line."""
+
+    def shown(value: Any) -> str:
+        text = value if value is MISSING else json.dumps(value, ensure_ascii=True)
+        return text if len(text) <= width else text[: width - 3] + "..."
+
+    parts = [f"{path} ({shown(old)} -> {shown(new)})" for path, old, new in differences[:most]]
+    if len(differences) > most:
+        parts.append(f"and {len(differences) - most} more")
+    return ", ".join(parts)
 
 
 def recorded_spec(spec: JobSpec) -> dict[str, Any]:

@@ -188,8 +188,9 @@ def test_deployments_on_process_pools(server: Server, tmp_path: Path):
     for pool in ("gpu-pool", "cpu-pool"):
         server.start("worker", "start", "--pool", pool, "--type", "process", log=f"{pool}.log")
     server.cli(
-        "deploy", "--prefect-file", "infra/prefect.yaml", "--name", "generate", "--name", "audit"
-    )
+        "deploy", "--prefect-file", "infra/prefect.yaml",
+        "--name", "generate", "--name", "audit", "--name", "export",
+    )  # fmt: skip
     spec_path = tmp_path / "job.yaml"
     dataset = tmp_path / "dataset"
     spec_path.write_text(yaml.safe_dump(_tiny_spec(models, dataset, "deployed")))
@@ -199,8 +200,14 @@ def test_deployments_on_process_pools(server: Server, tmp_path: Path):
     bad_path = tmp_path / "bad.yaml"
     bad_path.write_text(yaml.safe_dump(_tiny_spec(tmp_path / "no-models", never, "bad")))
 
+    # A relative path resolves against the flow run's working folder (a temporary one):
+    # the failure names it and says what to do in a deployment.
+    relative_path = tmp_path / "relative.yaml"
+    relative_path.write_text(yaml.safe_dump(_tiny_spec(Path("models"), never, "relative")))
+
     generate = server.run_deployment("generate-dataset/generate", f"spec={spec_path}")
     bad = server.run_deployment("generate-dataset/generate", f"spec={bad_path}")
+    relative = server.run_deployment("generate-dataset/generate", f"spec={relative_path}")
     run = server.wait(generate)
     assert run["state_type"] == "COMPLETED", server.logs_of(generate)
     assert run["parameters"] == {"spec": str(spec_path), "show_progress": False}
@@ -217,7 +224,12 @@ def test_deployments_on_process_pools(server: Server, tmp_path: Path):
     assert len(held) == 2, server.logs_of(generate)
 
     assert server.wait(bad)["state_type"] == "FAILED"
-    assert any("arc2face/config.json" in line for line in server.logs_of(bad))
+    assert any("no-models does not exist" in line for line in server.logs_of(bad))
+    assert server.wait(relative)["state_type"] == "FAILED"
+    said = next(line for line in server.logs_of(relative) if "models.dir models" in line)
+    assert "does not exist (resolved against " in said
+    assert "in a deployment run relative paths resolve against" in said
+    assert "working_dir" in said and "absolute paths" in said
     assert not never.exists()
 
     audit = server.run_deployment("audit-dataset/audit", f"uri={dataset}")
@@ -228,3 +240,16 @@ def test_deployments_on_process_pools(server: Server, tmp_path: Path):
     artifacts = server.post("/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [audit]}}})
     verdict = next(artifact for artifact in artifacts if artifact["key"] == "audit-verdict")
     assert "PASSED" in verdict["data"]
+
+    # The export deployment takes the CLI's names: out and format.
+    folder = tmp_path / "exported"
+    export = server.run_deployment(
+        "export-dataset/export", f"uri={dataset}", f"out={folder}", "format=imagefolder",
+        "align=false",
+    )  # fmt: skip
+    run = server.wait(export)
+    assert run["state_type"] == "COMPLETED", server.logs_of(export)
+    assert run["parameters"] == {
+        "uri": str(dataset), "out": str(folder), "format": "imagefolder", "align": False,
+    }  # fmt: skip
+    assert len(list(folder.rglob("*.jpg"))) == rows["accepted (dataset)"]

@@ -16,6 +16,7 @@ from schemas.errors import UserError
 
 NEAR_DUPLICATE_COSINE = 0.98
 MAX_EXAMPLES = 20  # examples kept per finding; counts are always exact
+NOT_CHECKED = "not checked"
 
 
 class AuditError(UserError, ValueError):
@@ -176,6 +177,8 @@ class ReverifyMismatch(BaseModel):
 
 class ReverifySection(BaseModel):
     requested: int
+    models_dir: str | None = None  # the models folder used
+    models_from: str | None = None  # "--models", or the dataset.json models.dir it came from
     checked: int = 0
     similarity_tolerance: float
     embedding_min_cosine: float
@@ -216,9 +219,28 @@ class AuditReport(BaseModel):
             "uniqueness": quality.uniqueness if quality else None,
             "inter_class_max_cosine": quality.inter_class_max_cosine if quality else None,
             "near_duplicates": quality.near_duplicates.count if quality else None,
-            "leaked_identities": len(self.leakage.flagged) if self.leakage else None,
-            "reverify_mismatches": len(self.reverify.mismatches) if self.reverify else None,
+            # Not None: an empty cell reads as "none leaked" / "no mismatch".
+            "leaked_identities": len(self.leakage.flagged) if self.leakage else NOT_CHECKED,
+            "reverify_mismatches": len(self.reverify.mismatches) if self.reverify else NOT_CHECKED,
         }
+
+    def leakage_status(self) -> str:
+        """'not checked (no gallery)' when no gallery was used, else what leaked."""
+        if self.leakage is None:
+            return f"{NOT_CHECKED} (no gallery)"
+        flagged = len(self.leakage.flagged)
+        return f"{flagged} identities above cosine {self.leakage.threshold:g} to the gallery"
+
+    def headline(self, width: int = 160) -> str:
+        """One line for a console: how many warnings and the first one (cut to `width`
+        characters), and whether leakage was checked."""
+        count = len(self.warnings)
+        warnings = "no warnings"
+        if count:
+            first = self.warnings[0]
+            first = first if len(first) <= width else first[: width - 3] + "..."
+            warnings = f"{count} warning{'s' if count > 1 else ''} (first: {first})"
+        return f"{warnings}; leakage: {self.leakage_status()}"
 
 
 
@@ -227,5 +249,6 @@ class PlotData:
     """What the HTML report draws that is not in report.json (bounded samples)."""
 
     yaw_pairs: np.ndarray = field(default_factory=lambda: np.empty((0, 2), np.float32))
+    pitch_pairs: np.ndarray = field(default_factory=lambda: np.empty((0, 2), np.float32))
     accept_rates: np.ndarray = field(default_factory=lambda: np.empty(0))
     contact_sheet: dict[str, list[str]] = field(default_factory=dict)  # identity -> paths

@@ -23,7 +23,7 @@ from arc2face_engine.audit.report import (
     PlotData,
     QualitySection,
 )
-from arc2face_engine.audit.reverify import reverify_rows
+from arc2face_engine.audit.reverify import reverify_models, reverify_rows
 from arc2face_engine.audit.schema import check_schemas, read_dataset_info
 from arc2face_engine.dataset import layout
 from arc2face_engine.dataset.reader import DatasetReader
@@ -105,12 +105,13 @@ def audit_dataset(
     `verify_files=False` skips hashing/decoding files and the orphan listing
     (row-level integrity and quality still run): for benchmarks and quick checks.
     """
-    if reverify and models_dir is None:
-        raise AuditError("--reverify needs the models directory: pass --models DIR")
     reader = DatasetReader(uri, storage_options)
     report = AuditReport(uri=str(uri), created_at=dt.datetime.now(dt.timezone.utc).isoformat())
     integrity = report.integrity  # findings about dataset.json stay: check_integrity adds to it
     info, raw = read_dataset_info(reader, integrity)
+    if reverify:  # before the long checks: a missing models folder is one line
+        local_root = reader.root if reader.local else None
+        models_dir, models_from = reverify_models(models_dir, (raw or {}).get("spec"), local_root)
     report.dataset_status = info.status if info else _raw_status(raw)
     report.in_progress_reason = in_progress_reason(reader, report.dataset_status)
     report.in_progress = report.in_progress_reason is not None
@@ -137,6 +138,7 @@ def audit_dataset(
             report.reverify = reverify_rows(
                 reader, sample_rows, identities, models_dir, reverify, det_size, det_thresh
             )
+            report.reverify.models_dir, report.reverify.models_from = str(models_dir), models_from
     _collect_problems(report)
     if write_report:
         write_audit_report(reader, report, plots)

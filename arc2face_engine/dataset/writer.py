@@ -29,6 +29,7 @@ from pydantic import ValidationError
 
 from arc2face_engine.dataset import layout, lease
 from schemas.errors import DatasetCorrupt, SpecError
+from schemas.job import JobSpec, describe_differences, spec_differences
 from schemas.tables import IDENTITIES_SCHEMA, MANIFEST_SCHEMA, SAFE_ID_RULE, DatasetInfo, is_safe_id
 
 TEMP_MARKER = ".tmp-"
@@ -234,11 +235,19 @@ class DatasetWriter:
                 "restore it from a copy, or choose a new output.uri to start a new dataset"
             ) from None
 
-    def check_compatible(self, spec_hash: str) -> DatasetInfo | None:
-        """Refuse an output made from another spec; return the existing info to resume from."""
+    def check_compatible(self, spec_hash: str, spec: JobSpec | None = None) -> DatasetInfo | None:
+        """Refuse an output made from another spec (naming the fields that differ from the
+        recorded one when `spec` is given); return the existing info to resume from."""
         info = self.read_dataset_json()
         if info is not None:
             if info.spec_hash != spec_hash:
+                changed = spec_differences(info.spec, spec) if spec is not None else []
+                if changed:
+                    raise SpecError(
+                        f"output {self.uri} already holds a dataset made from a different "
+                        f"spec; it differs in {describe_differences(changed)}: set those back "
+                        "to resume it, or choose a new output.uri (or delete it) for a new dataset"
+                    )
                 raise SpecError(
                     f"output {self.uri} already holds a dataset made from a different spec "
                     f"(hash {info.spec_hash[:12]} != {spec_hash[:12]}): "

@@ -51,7 +51,7 @@ def prepare_dataset(spec: JobSpec, lease_token: str | None = None) -> DatasetWri
     writer = open_writer(spec, lease_token)
     digest = spec_hash(spec)
     precision = output_checks.resolved_precision(spec)
-    info = writer.check_compatible(digest)
+    info = writer.check_compatible(digest, spec)
     if info is not None:
         output_checks.check_resume(spec, info, required_components(spec), precision)
     else:
@@ -68,6 +68,22 @@ def prepare_dataset(spec: JobSpec, lease_token: str | None = None) -> DatasetWri
             )
         )
     return writer
+
+
+def nothing_to_do(spec: JobSpec, info: DatasetInfo | None) -> str | None:
+    """What to tell a re-run of a finished job (None when there is work): the output's
+    dataset.json (`info`, already checked to be of this spec) says complete and every one
+    of its shards is committed, so the run must not rewrite anything."""
+    if info is None or info.status != "complete":
+        return None
+    if not open_writer(spec).committed_shards() >= set(range(info.counts.shards)):
+        return None  # a part went missing since: the run redoes it
+    counts = info.counts
+    return (
+        f"nothing to do: {spec.output.uri} already holds the complete dataset of this spec "
+        f"({counts.committed_shards} shards, {counts.images} images, {counts.accepted} "
+        "accepted); to generate it again, set output.uri to a new location"
+    )
 
 
 def finalize_dataset(spec: JobSpec, lease_token: str | None = None) -> DatasetInfo:

@@ -1,9 +1,9 @@
 """Everything a user can get wrong about a job, checked before anything is written, in two
 tiers.
 
-`quick_checks` costs well under a second and loads no model library: the model files
-the spec uses are there, and the output is a writable folder that no live run holds and
-that holds no dataset of another spec. The CLI runs it
+`quick_checks` costs well under a second and loads no model library: the paths the spec
+names exist (`spec_paths`), the model files it uses are there, and the output is a
+writable folder that no live run holds and that holds no dataset of another spec. The CLI runs it
 before Prefect starts, and the flow runs it first, so a mistake is one line either way.
 
 `preflight` is the rest, run once, in the flow: every model file opens, the devices
@@ -32,21 +32,25 @@ from arc2face_engine.job.identities_step import (
     make_identities,
 )
 from arc2face_engine.job.lifecycle import open_writer, required_components
+from arc2face_engine.job.spec_paths import check_spec_paths
 from schemas.errors import SpecError
 from schemas.job import JobSpec, spec_hash
+from schemas.tables import DatasetInfo
 
 if TYPE_CHECKING:
     import torch
 
 
-def quick_checks(spec: JobSpec) -> None:
-    """The checks that need no model library: files present, output usable."""
+def quick_checks(spec: JobSpec) -> DatasetInfo | None:
+    """The checks that need no model library: files present, output usable. Returns the
+    output's dataset.json (None for a new dataset)."""
+    check_spec_paths(spec)
     for component in required_components(spec):
         models_dir.require(spec.models.dir, component)
     writer = open_writer(spec)
     output_checks.check_output_location(writer)
     check_free(writer.fs, writer.root, writer.uri)
-    writer.check_compatible(spec_hash(spec))
+    return writer.check_compatible(spec_hash(spec), spec)
 
 
 def preflight(spec: JobSpec) -> BuiltIdentities | None:
@@ -64,7 +68,7 @@ def preflight(spec: JobSpec) -> BuiltIdentities | None:
     load_pose_bank(spec.variations.poses, size=spec.generation.height)
     load_expression_bank(spec.variations.expressions, seed=spec.seed, models_dir=spec.models.dir)
     writer = open_writer(spec)
-    info = writer.check_compatible(spec_hash(spec))
+    info = writer.check_compatible(spec_hash(spec), spec)
     if info is not None:
         output_checks.check_resume(spec, info, components, precision)
     if DatasetReader(spec.output.uri, spec.output.storage_options).has_identities():
