@@ -25,8 +25,10 @@ The stages, one per network: `_detect` (SCRFD), `_embed` (ArcFace), `_head_poses
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
+import pickle
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -35,8 +37,6 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
-from insightface.data import get_object
-from insightface.utils.face_align import arcface_dst
 
 from arc2face_engine.faces.onnx_torch import OnnxModule
 from arc2face_engine.faces.pack import (
@@ -75,6 +75,26 @@ class _Network:
     mean: float
     std: float
     output_width: int | None
+
+
+# The 5-point ArcFace alignment template in a 112x112 crop (eyes, nose tip, mouth
+# corners), as insightface's face_align.arcface_dst (float32 values, used in float64).
+ARCFACE_TEMPLATE_112 = np.array(
+    [[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655],
+     [70.7299, 92.2041]], dtype=np.float32,
+).astype(np.float64)  # fmt: skip
+
+
+def _insightface_mean_shape() -> np.ndarray:
+    """insightface's 68-point 3D mean face (data/objects/meanshape_68.pkl), read from its
+    installed package without importing it (its __init__ imports onnxruntime and OpenCV,
+    which the GPU path does not need). A pickle of package data, as insightface reads it."""
+    spec = importlib.util.find_spec("insightface")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError("insightface is not installed: pip install insightface")
+    path = Path(next(iter(spec.submodule_search_locations))) / "data" / "objects" / "meanshape_68.pkl"
+    with path.open("rb") as file:
+        return np.asarray(pickle.load(file), np.float64)
 
 
 def _score_outputs(path: Path) -> int:
@@ -286,10 +306,10 @@ class TorchFaceAnalyzer(AnalyzerBase):
         ratio, shift = (
             (crop / 112.0, 0.0) if crop % 112 == 0 else (crop / 128.0, 8.0 * crop / 128.0)
         )
-        template = arcface_dst.astype(np.float64) * ratio
+        template = ARCFACE_TEMPLATE_112 * ratio
         template[:, 0] += shift
         self.template = torch.from_numpy(template).to(self.device)
-        mean_shape = np.asarray(get_object("meanshape_68.pkl"), np.float64)
+        mean_shape = _insightface_mean_shape()
         homogeneous = np.hstack([mean_shape, np.ones((len(mean_shape), 1))])
         self.mean_shape_pinv = torch.from_numpy(np.linalg.pinv(homogeneous)).to(self.device)
 

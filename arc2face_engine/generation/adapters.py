@@ -27,8 +27,8 @@ from safetensors import SafetensorError
 
 from arc2face_engine.generation.adapter_layouts import layout_of, unusable_reason, wants_token_axis
 from arc2face_engine.models_dir import fetch_hint, require
+from schemas.constants import EXPRESSION_DIM  # FLAME: 50 expression + 2 eyelid + 3 jaw
 from schemas.errors import CheckpointMismatch, first_line
-from schemas.tables import EXPRESSION_DIM  # FLAME: 50 expression + 2 eyelid + 3 jaw
 
 LCM_LORA_FOLDER = "lcm-lora"
 LCM_LORA_WEIGHTS = "pytorch_lora_weights.safetensors"

@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from arc2face_engine.transfers import to_device
+from schemas.constants import EMBEDDING_DIM
 from schemas.errors import CheckpointMismatch, UserError
-from schemas.tables import EMBEDDING_DIM
 
 ID_PROMPT = "photo of a id person"
 ID_WORD = "id"

@@ -23,7 +23,6 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 import torch
 from diffusers import (
@@ -39,8 +38,8 @@ from arc2face_engine.generation.devices import resolve_device, resolve_dtype
 from arc2face_engine.generation.pipelines import NoiseAheadLCMScheduler, UNetVariant, build_variant
 from arc2face_engine.generation.settings import GenerationSettings, ImageRequest
 from arc2face_engine.transfers import to_device, to_host
+from schemas.constants import EXPRESSION_DIM  # FLAME: 50 expression + 2 eyelid + 3 jaw
 from schemas.errors import UserError
-from schemas.tables import EXPRESSION_DIM  # FLAME: 50 expression + 2 eyelid + 3 jaw
 
 _MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes any 64-bit value
 COMPILE_BACKEND = "inductor"  # torch.compile's default; tests use "eager" / "aot_eager"
@@ -100,6 +99,8 @@ def _pose_batch(requests: Sequence[ImageRequest], height: int, width: int) -> to
     for request in requests:
         image = request.pose_image
         if image.shape[:2] != (height, width):
+            import cv2  # only here: the GPU command's bare image has no OpenCV
+
             shrinking = image.shape[0] > height or image.shape[1] > width
             interpolation = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
             image = cv2.resize(image, (width, height), interpolation=interpolation)
