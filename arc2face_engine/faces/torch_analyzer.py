@@ -85,7 +85,7 @@ ARCFACE_TEMPLATE_112 = np.array(
 ).astype(np.float64)  # fmt: skip
 
 
-def _insightface_mean_shape() -> np.ndarray:
+def insightface_mean_shape() -> np.ndarray:
     """insightface's 68-point 3D mean face (data/objects/meanshape_68.pkl), read from its
     installed package without importing it (its __init__ imports onnxruntime and OpenCV,
     which the GPU path does not need). A pickle of package data, as insightface reads it."""
@@ -309,7 +309,7 @@ class TorchFaceAnalyzer(AnalyzerBase):
         template = ARCFACE_TEMPLATE_112 * ratio
         template[:, 0] += shift
         self.template = torch.from_numpy(template).to(self.device)
-        mean_shape = _insightface_mean_shape()
+        mean_shape = insightface_mean_shape()
         homogeneous = np.hstack([mean_shape, np.ones((len(mean_shape), 1))])
         self.mean_shape_pinv = torch.from_numpy(np.linalg.pinv(homogeneous)).to(self.device)
 

@@ -239,7 +239,7 @@ class Arc2FaceEngine:
         if self.compile_watch is None:
             return
         key = (replace(settings, num_inference_steps=1), with_pose, with_expression)
-        buckets = sorted({self._bucket(size) for size in batch_sizes if size > 0}, reverse=True)
+        buckets = sorted({self._forward_size(size) for size in batch_sizes if size > 0}, reverse=True)
         todo = [bucket for bucket in buckets if (*key, bucket) not in self._warmed]
         if not todo:
             return
@@ -322,6 +322,12 @@ class Arc2FaceEngine:
         if self.device.type == "cpu" and _CPU_MICRO_BATCH is not None:
             return size
         return next((bucket for bucket in self.batch_buckets if bucket >= size), size)
+
+    def _forward_size(self, size: int) -> int:
+        """How many images one forward of a batch of `size` holds (CPU: one at a time)."""
+        if self.device.type == "cpu" and _CPU_MICRO_BATCH is not None:
+            return _CPU_MICRO_BATCH
+        return self._bucket(size)
 
     def _generate_batch(
         self, requests: Sequence[ImageRequest], settings: GenerationSettings
