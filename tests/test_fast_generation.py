@@ -222,6 +222,31 @@ def test_a_compiled_job_compiles_each_graph_once_before_its_first_shard(
     assert workers.worker_for(spec).engine.compile_problems() == []
 
 
+def test_a_fallback_to_eager_is_reported_and_the_engine_lifts_the_limit(
+    tiny_models, eager_compile, monkeypatch
+):
+    """With dynamo's recompile limit below what the engine compiles, dynamo falls back to
+    eager and the engine says so in one line; the engine lifts the limit, so it does not."""
+    settings = GenerationSettings(num_inference_steps=1, height=SIZE, width=SIZE)
+
+    def warmed_engine() -> Arc2FaceEngine:
+        torch._dynamo.config.recompile_limit = 1
+        engine = Arc2FaceEngine.from_pretrained(
+            tiny_models, device="cpu", compile=True, max_batch_size=2, batch_buckets=[1, 2]
+        )
+        engine.warm_up({1, 2}, settings)
+        return engine
+
+    monkeypatch.setattr(generation_engine, "raise_recompile_limit", lambda entries: None)
+    problems = warmed_engine().compile_problems()
+    assert any(line.startswith("torch.compile fell back to eager") for line in problems)
+    monkeypatch.undo()  # the engine's own limit-raising again
+    monkeypatch.setattr(generation_engine, "_CPU_MICRO_BATCH", None)
+    monkeypatch.setattr(generation_engine, "COMPILE_BACKEND", "eager")
+    torch._dynamo.reset()
+    assert warmed_engine().compile_problems() == []
+
+
 def test_only_the_buckets_a_job_can_meet_are_compiled(tiny_models, eager_compile):
     # 3 images per shard, no top-ups: every batch holds 3 images, so only bucket 4 runs.
     assert job_batch_sizes(5, 3, 3, batch_size=8, max_attempts=1) == {3}
