@@ -30,6 +30,16 @@ from pydantic import (
     model_validator,
 )
 
+from schemas.constants import (  # noqa: F401 - re-exported
+    DEFAULT_SIZE,
+    DPM_GUIDANCE,
+    DPM_STEPS,
+    LCM_GUIDANCE,
+    LCM_STEPS,
+    SCHEDULERS,
+    VAE_FACTOR,
+    check_image_side,
+)
 from schemas.errors import SpecError, resolved_against
 
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
@@ -44,27 +54,8 @@ MAX_ATTEMPTS = 100
 MAX_EXPRESSIONS = 100_000
 MAX_IMAGE_SIDE = 4096
 MAX_POSE_GRID = 4096  # rendered normal maps, each height x width x 3 bytes
-# The sampler settings' one home: generation.GenerationSettings takes its defaults and
-# checks from here. Arc2Face defaults (DPM-Solver++ 25 steps, CFG 3.0) and the LCM-LoRA
-# sweet spot (4 steps, no CFG).
-SCHEDULERS = ("dpmsolver++", "lcm")
-DPM_STEPS, DPM_GUIDANCE, LCM_STEPS, LCM_GUIDANCE = 25, 3.0, 4, 1.0
-DEFAULT_SIZE = 512
-VAE_FACTOR = 8  # the VAE downsamples by 8: image sides are multiples of it
-
-
-def check_image_side(name: str, size: int) -> int:
-    """Raise ValueError unless `size` is a positive multiple of the VAE's factor."""
-    if size < VAE_FACTOR or size % VAE_FACTOR:
-        candidates = (size // VAE_FACTOR * VAE_FACTOR, size // VAE_FACTOR * VAE_FACTOR + VAE_FACTOR)
-        nearest = " or ".join(str(v) for v in candidates if v > 0)
-        raise ValueError(
-            f"{name}={size} is not a positive multiple of {VAE_FACTOR} (the VAE downsamples "
-            f"by {VAE_FACTOR}): use {nearest}"
-        )
-    return size
-
-
+# The sampler defaults and the image-side rule live in schemas.constants (the engine reads
+# them without pydantic); re-exported here for the spec's users.
 def check_lcm_guidance(guidance: float) -> float:
     if guidance > LCM_GUIDANCE:
         raise ValueError(

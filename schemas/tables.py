@@ -16,9 +16,18 @@ import numpy as np
 import pyarrow as pa
 from pydantic import BaseModel, Field
 
-EMBEDDING_DIM = 512
-EXPRESSION_DIM = 55
-KEYPOINT_VALUES = 10  # 5 points x (x, y)
+from schemas.constants import (  # noqa: F401 - re-exported: the columns' sizes and values
+    EMBEDDING_DIM,
+    EXPRESSION_DIM,
+    KEYPOINT_VALUES,
+    LOW_DETECTION_SCORE,
+    LOW_FEATURE_NORM,
+    LOW_SIMILARITY,
+    MULTIPLE_FACES,
+    NO_FACE,
+    REJECT_REASONS,
+    l2_normalize,
+)
 
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 # Identity ids become part of image file names, so they are held to a conservative
@@ -39,13 +48,6 @@ def is_safe_id(name: object) -> bool:
         and _SAFE_ID.match(name) is not None
     )
 
-# Reject reasons, in the order arc2face_engine.faces.records.judge checks them.
-NO_FACE = "no_face"
-MULTIPLE_FACES = "multiple_faces"
-LOW_DETECTION_SCORE = "low_detection_score"
-LOW_FEATURE_NORM = "low_feature_norm"
-LOW_SIMILARITY = "low_similarity"
-REJECT_REASONS = (NO_FACE, MULTIPLE_FACES, LOW_DETECTION_SCORE, LOW_FEATURE_NORM, LOW_SIMILARITY)
 
 
 def _vector(size: int) -> pa.DataType:
@@ -237,16 +239,6 @@ class DatasetInfo(BaseModel):
     exclusion_report: ExclusionReport | None = Field(
         None, description="how the identities meet identities.exclusion"
     )
-
-
-def l2_normalize(vectors: np.ndarray, axis: int = -1) -> np.ndarray:
-    """Unit vectors along `axis`, in the input's float dtype; an all-zero vector stays zero
-    (the one L2 normalisation of embeddings on the host)."""
-    vectors = np.asarray(vectors)
-    if not np.issubdtype(vectors.dtype, np.floating):
-        vectors = vectors.astype(np.float64)
-    norms = np.linalg.norm(vectors, axis=axis, keepdims=True)
-    return np.divide(vectors, norms, out=np.zeros_like(vectors), where=norms > 0)
 
 
 def vector_matrix(column: pa.Array | pa.ChunkedArray, dim: int) -> np.ndarray:

@@ -56,9 +56,12 @@ def generate_shard(spec: JobSpec, work: ShardWork) -> ShardResult:
         worker = f" (Dask worker {placement.worker})" if placement.worker else ""
         get_run_logger().info(f"{label} on {placement.device}{worker}")
         guard = slot_guard(placement, spec.compute.device_limits, label)
-        return workers.generate_shard(
+        result = workers.generate_shard(
             spec, work, device=placement.device, on_batch=on_batch, hold_device=guard
         )
+    for warning in result.warnings:  # e.g. torch.compile fell back to eager
+        get_run_logger().warning(f"{label}: {warning}")
+    return result
 
 
 @task(name="finalize-dataset", cache_policy=NO_CACHE, persist_result=False)

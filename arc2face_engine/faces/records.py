@@ -10,8 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from schemas.errors import UserError
-from schemas.tables import (
+from schemas.constants import (
     EMBEDDING_DIM,
     LOW_DETECTION_SCORE,
     LOW_FEATURE_NORM,
@@ -20,6 +19,7 @@ from schemas.tables import (
     NO_FACE,
     l2_normalize,
 )
+from schemas.errors import UserError
 
 
 class FaceAnalysisInputError(UserError, ValueError):

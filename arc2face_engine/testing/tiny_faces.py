@@ -29,9 +29,9 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from insightface.data import get_object
-from insightface.utils.face_align import arcface_dst
 from onnx import TensorProto, helper, numpy_helper
+
+from arc2face_engine.faces.torch_analyzer import ARCFACE_TEMPLATE_112, insightface_mean_shape
 
 DETECTOR_FILE = "scrfd_10g_bnkps.onnx"
 LANDMARK_2D_FILE = "2d106det.onnx"
@@ -67,7 +67,7 @@ BRIGHT_LEVEL = 0.0  # pixels brighter than mid-grey carry the blob's moments
 
 # Five keypoints (eyes, nose, mouth corners) relative to the blob centre, in units of the
 # blob radius: insightface's ArcFace template, centred on the face and scaled to it.
-KEYPOINT_OFFSETS = (arcface_dst.astype(np.float32) - np.array([56.0, 64.0], np.float32)) / 48.0
+KEYPOINT_OFFSETS = (ARCFACE_TEMPLATE_112.astype(np.float32) - np.array([56.0, 64.0], np.float32)) / 48.0
 
 
 class _Graph:
@@ -351,7 +351,7 @@ def _template_plus_perturbation(
 def _mean_shape_68() -> np.ndarray:
     """insightface's 3D mean shape (x right, y down, z toward the camera), as crop
     coordinates in [-1, 1]: Landmark crops 1.5x the face box, so a face spans +-0.67."""
-    mean_shape = np.asarray(get_object("meanshape_68.pkl"), np.float32)
+    mean_shape = insightface_mean_shape().astype(np.float32)
     mean_shape = mean_shape - mean_shape.mean(axis=0, keepdims=True)
     return mean_shape * 0.9
 
