@@ -6,8 +6,10 @@ image done for a whole batch on the device: OpenCV's resize onto the detector ca
 normalisation, SCRFD anchor decoding, greedy NMS (insightface's IoU with its +1 pixel
 areas), the largest face, the 5-point similarity fit (Umeyama, closed form in 2-D) and
 OpenCV's warp to the ArcFace crop, recognition, the 1k3d68 crop, 3D landmarks and the
-head pose fit. On CUDA it runs in fp16; on CPU in fp32, where the tests compare it with
-the onnxruntime path (onnxruntime_analyzer.FaceAnalyzer), the reference.
+head pose fit, and genderage.onnx on its own crop of the box (a separate stage,
+`_gender_age`); the skin tone is measured on the host (faces.skin_tone). On CUDA it runs
+in fp16; on CPU in fp32, where the tests compare it with the onnxruntime path
+(onnxruntime_analyzer.FaceAnalyzer), the reference.
 
 The only host synchronisations per batch: the number of NMS candidates (one integer)
 and the final copy of the results.
@@ -31,10 +33,19 @@ from arc2face_engine.faces.onnx_torch import OnnxModule
 from arc2face_engine.faces.pack import (
     ANTELOPEV2_DIR,
     DETECTOR_FILE,
+    GENDERAGE_FILE,
     LANDMARK_3D_FILE,
     RECOGNITION_FILE,
 )
-from arc2face_engine.faces.records import AnalyzerBase, FaceRecord, check_det_size, rgb_frames
+from arc2face_engine.faces.records import (
+    AnalyzerBase,
+    FaceRecord,
+    check_det_size,
+    read_gender_age,
+    rgb_frames,
+    with_gender_age,
+)
+from arc2face_engine.faces.skin_tone import measure_skin_tones
 from arc2face_engine.faces.warp import invert_affine, resize_linear_u8, warp_affine_u8
 from arc2face_engine.models_dir import require
 from schemas.errors import CheckpointMismatch
@@ -174,8 +185,10 @@ class TorchFaceAnalyzer(AnalyzerBase):
         det_thresh: float = 0.5,
         device: str | torch.device = "cpu",
         batch_size: int = 32,
+        genderage: _Network | None = None,
     ) -> None:
         self.detector, self.landmark_3d, self.recognizer = detector, landmark_3d, recognizer
+        self.genderage = genderage  # None: no gender/age predicted
         self.det_size = check_det_size(det_size)  # (width, height), as insightface
         self.det_thresh = float(det_thresh)
         self.device = torch.device(device)
@@ -211,17 +224,27 @@ class TorchFaceAnalyzer(AnalyzerBase):
         detector.mean, detector.std = DETECTOR_MEAN, DETECTOR_STD  # SCRFD's fixed values
         landmark_3d = _load_network(pack / LANDMARK_3D_FILE, 128.0, True, device, dtype)
         recognizer = _load_network(pack / RECOGNITION_FILE, 127.5, False, device, dtype)
+        genderage = _load_network(pack / GENDERAGE_FILE, 128.0, True, device, dtype)
         if len(detector.module.output_names) not in SCRFD_LAYOUTS:
             raise CheckpointMismatch(
                 f"{pack / DETECTOR_FILE} is not a keypoint SCRFD detector (9 or 15 outputs): "
                 f"replace it with the published file (`arc2face-synth models download DIR`)"
             )
-        if landmark_3d.output_width != 3309 or recognizer.input_size <= 0:
+        if (
+            landmark_3d.output_width != 3309
+            or recognizer.input_size <= 0
+            or genderage.output_width != 3
+            or genderage.input_size <= 0
+        ):
             raise CheckpointMismatch(
-                f"{pack} lacks 3D 68-point landmarks or a fixed-size recognizer: "
-                f"replace it with the published antelopev2 files (`arc2face-synth models download DIR`)"
+                f"{pack} lacks 3D 68-point landmarks, a fixed-size recognizer or a gender/age "
+                f"model: replace it with the published antelopev2 files "
+                f"(`arc2face-synth models download DIR`)"
             )
-        return cls(detector, landmark_3d, recognizer, det_size, det_thresh, device, batch_size)
+        return cls(
+            detector, landmark_3d, recognizer, det_size, det_thresh, device, batch_size,
+            genderage=genderage,
+        )  # fmt: skip
 
     # --- analysis ------------------------------------------------------------------------
 
@@ -238,6 +261,7 @@ class TorchFaceAnalyzer(AnalyzerBase):
                 batch = torch.from_numpy(np.stack([frames[i] for i in chunk])).to(self.device)
                 for index, record in zip(chunk, self._analyze_batch(batch), strict=True):
                     records[index] = record
+        measure_skin_tones(frames, records)
         return records
 
     def _analyze_batch(self, batch: torch.Tensor) -> list[FaceRecord]:
@@ -247,7 +271,9 @@ class TorchFaceAnalyzer(AnalyzerBase):
             return [FaceRecord.no_face() for _ in range(len(batch))]
         embeddings, norms = self._embed(batch, detections.keypoints[faces], faces)
         poses = self._head_poses(batch, detections.box[faces], faces)
-        return self._records(len(batch), detections, faces, embeddings, norms, poses)
+        gender_age = self._gender_age(batch, detections.box[faces], faces)
+        records = self._records(len(batch), detections, faces, embeddings, norms, poses)
+        return _with_gender_age(records, faces, gender_age)
 
     def _records(self, size, detections, faces, embeddings, norms, poses) -> list[FaceRecord]:
         """One copy to the host, then plain FaceRecords."""
@@ -372,3 +398,46 @@ class TorchFaceAnalyzer(AnalyzerBase):
         z = points[..., 2:] * inverse[:, 0, :2].norm(dim=1)[:, None, None]
         landmarks = torch.cat([xy.to(torch.float32), z.to(torch.float32)], -1)
         return pose_angles(landmarks, self.mean_shape_pinv)
+
+    # --- gender and age ----------------------------------------------------------------------
+
+    def _gender_age(self, batch, boxes, faces) -> torch.Tensor | None:
+        """(N, 3) genderage.onnx outputs on insightface Attribute.get's crop: 1.5x the box
+        at the model's input size (96), as 1k3d68's crop at its own size."""
+        net = self.genderage
+        if net is None:
+            return None
+        matrices = box_crop_matrices(boxes, net.input_size)
+        crops = warp_affine_u8(batch, matrices, net.input_size, faces)
+        return net.module(_to_blob(crops, net.mean, net.std, self.dtype))[0].float()
+
+
+def box_crop_matrices(boxes: torch.Tensor, size: int) -> torch.Tensor:
+    """(N, 2, 3) float64 maps of insightface's face_align.transform(image, box centre,
+    size, size / (1.5 x the box's longer side), 0), computed in its float32 steps."""
+    center_x = (boxes[:, 0] + boxes[:, 2]) / 2
+    center_y = (boxes[:, 1] + boxes[:, 3]) / 2
+    extent = torch.maximum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])
+    scale = np.float32(size) / (extent * np.float32(1.5))
+    half = float(size // 2)
+    s64 = scale.to(torch.float64)
+    zeros = torch.zeros_like(s64)
+    return torch.stack(
+        [
+            torch.stack([s64, zeros, -(center_x * scale).to(torch.float64) + half], -1),
+            torch.stack([zeros, s64, -(center_y * scale).to(torch.float64) + half], -1),
+        ],
+        dim=1,
+    )
+
+
+def _with_gender_age(
+    records: list[FaceRecord], faces: torch.Tensor, gender_age: torch.Tensor | None
+) -> list[FaceRecord]:
+    """The records of the faces with their read_gender_age reading (one small host copy)."""
+    if gender_age is None:
+        return records
+    readings = read_gender_age(gender_age.cpu().numpy())
+    for index, reading in zip(faces.cpu().tolist(), readings, strict=True):
+        with_gender_age(records[index], reading)
+    return records
