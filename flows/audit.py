@@ -35,11 +35,14 @@ def _audit_dataset(
     models_dir: str | None = None,
     radius: float = 0.3,
     storage_options_secret: str | None = None,
+    fairness_gap: float = 0.1,
 ):
     """Audit the dataset at `uri` (schema, integrity, quality, leakage against `gallery`,
     re-verification of `reverify` images with `models_dir`); report.json/html land in
     its audit/ folder."""
-    options: dict[str, Any] = dict(reverify=reverify, models_dir=models_dir, radius=radius)
+    options: dict[str, Any] = dict(
+        reverify=reverify, models_dir=models_dir, radius=radius, fairness_gap=fairness_gap
+    )
     if gallery is not None:
         options["gallery"] = gallery
     if gallery_threshold is not None:  # else the audit's own default
