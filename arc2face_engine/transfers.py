@@ -33,7 +33,8 @@ def pinned_from_numpy(arrays: list[np.ndarray] | np.ndarray) -> torch.Tensor:
     """Host arrays stacked straight into one pinned buffer (no pageable intermediate)."""
     first = arrays[0]
     count = len(arrays)
-    host = torch.empty((count, *first.shape), dtype=torch.from_numpy(first[:0]).dtype,
+    dtype = torch.from_numpy(np.empty(0, first.dtype)).dtype  # read-only inputs too
+    host = torch.empty((count, *first.shape), dtype=dtype,
                        pin_memory=torch.cuda.is_available())  # fmt: skip
     np.stack(arrays, out=host.numpy())
     return host

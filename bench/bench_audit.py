@@ -114,7 +114,9 @@ def build(root: str, rows: int, per_identity: int, rows_per_part: int, seed: int
     writer = DatasetWriter(root)
     writer.write_identities(pa.Table.from_arrays(
         [pa.array([f"id-{i:06d}" for i in range(n_identities)]), pa.array(np.arange(n_identities), pa.int32()),
-         _vectors(centres), pa.array(["random"] * n_identities), pa.array(["bench"] * n_identities)],
+         _vectors(centres), pa.array(["random"] * n_identities), pa.array(["bench"] * n_identities),
+         *(pa.nulls(n_identities, IDENTITIES_SCHEMA.field(name).type)
+           for name in IDENTITIES_SCHEMA.names[5:])],
         schema=IDENTITIES_SCHEMA,
     ))  # fmt: skip
     per_part = max(1, rows_per_part // per_identity)

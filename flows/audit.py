@@ -35,12 +35,15 @@ def _audit_dataset(
     models: str | None = None,
     radius: float = 0.3,
     storage_options_secret: str | None = None,
+    fairness_gap: float = 0.1,
 ):
     """Audit the dataset at `uri` (schema, integrity, quality, leakage against `gallery`,
     re-verification of `reverify` images with the face models in `models`, by default the
     models.dir dataset.json records); report.json/html land in its audit/ folder. The
     parameters are the CLI's (`arc2face-synth audit URI --models DIR ...`)."""
-    options: dict[str, Any] = dict(reverify=reverify, models_dir=models, radius=radius)
+    options: dict[str, Any] = dict(
+        reverify=reverify, models_dir=models, radius=radius, fairness_gap=fairness_gap
+    )
     if gallery is not None:
         options["gallery"] = gallery
     if gallery_threshold is not None:  # else the audit's own default

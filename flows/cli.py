@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -260,17 +261,25 @@ def audit(
         typer.Option(help="Models dir for --reverify; default: the models.dir dataset.json records."),
     ] = None,
     radius: Annotated[float, typer.Option(help="Cosine-distance radius for quality.")] = 0.3,
+    fairness_gap: Annotated[
+        float,
+        typer.Option(help="Warn when a metric differs by more than this between groups."),
+    ] = 0.1,
     prefect: Annotated[bool, typer.Option(help="Run as a Prefect flow (artifacts).")] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
     storage_options: StorageOptions = None,
 ) -> None:
-    """Audit a dataset: schema, integrity, quality, leakage. Exit 1 when integrity fails."""
+    """Audit a dataset: schema, integrity, quality, leakage, composition. Exit 1 when
+    integrity fails."""
+    if not (math.isfinite(fairness_gap) and fairness_gap >= 0):
+        raise UserError(f"--fairness-gap {fairness_gap:g} is not a gap >= 0: pass e.g. 0.1")
     options = dict(
         gallery=gallery,
         gallery_threshold=gallery_threshold,
         reverify=reverify,
         models_dir=str(models) if models else None,
         radius=radius,
+        fairness_gap=fairness_gap,
     )
     if prefect:
         from flows.audit import audit_dataset_flow

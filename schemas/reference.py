@@ -20,11 +20,13 @@ from pydantic_core import PydanticUndefined
 from schemas.job import JobSpec
 from schemas.tables import (
     REJECT_REASONS,
+    AuditIdentityRow,
     DatasetCounts,
     DatasetInfo,
     ExclusionReport,
     IdentityRow,
     ManifestRow,
+    ProbeRow,
 )
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
@@ -129,6 +131,7 @@ def dataset_format_page() -> str:
         "manifest/part-00000.parquet         one per committed shard: one row per image",
         "manifest/part-00000.parquet.sha256  the part's sha256, written just before it",
         "images/00000/<image_id>.jpg         the image files of shard 0",
+        "probes/manifest.parquet, probes/*    balanced jobs only: each candidate's probe",
         "README.md                           the dataset card",
         "audit/report.json, report.html      written by `arc2face-synth audit`",
         ".writer-lease.json                  only while a run writes it",
@@ -147,9 +150,25 @@ def dataset_format_page() -> str:
         "",
         *_row_table(ManifestRow),
         "",
+        "## probes/manifest.parquet",
+        "",
+        "Only when `identities.balance` is set: one row per candidate identity the balancing",
+        "probed, in candidate order; the kept ones' probe images are `probes/<identity_id>.<ext>`",
+        "(see docs/composition.md). Written with identities.parquet, before it.",
+        "",
+        *_row_table(ProbeRow),
+        "",
+        "## audit/identities.parquet",
+        "",
+        "Written by `arc2face-synth audit`: one row per identity with a committed image, its",
+        "group and how hard and varied its accepted images are (docs/composition.md).",
+        "",
+        *_row_table(AuditIdentityRow),
+        "",
         "## dataset.json",
         "",
         *_model_table(DatasetInfo),
+
         "",
         "### counts",
         "",

@@ -17,8 +17,11 @@ import pyarrow as pa
 from pydantic import BaseModel, Field
 
 from schemas.constants import (  # noqa: F401 - re-exported: the columns' sizes and values
+    DEFAULT_AGE_EDGES,
     EMBEDDING_DIM,
     EXPRESSION_DIM,
+    GENDERS,
+    ITA_LOWER_BOUNDS,
     KEYPOINT_VALUES,
     LOW_DETECTION_SCORE,
     LOW_FEATURE_NORM,
@@ -26,7 +29,12 @@ from schemas.constants import (  # noqa: F401 - re-exported: the columns' sizes 
     MULTIPLE_FACES,
     NO_FACE,
     REJECT_REASONS,
+    SKIN_TONES,
+    TOO_SIMILAR,
+    age_band_names,
+    age_band_of,
     l2_normalize,
+    skin_tone_of,
 )
 
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -47,8 +55,6 @@ def is_safe_id(name: object) -> bool:
         and ".." not in name
         and _SAFE_ID.match(name) is not None
     )
-
-
 
 def _vector(size: int) -> pa.DataType:
     return pa.list_(pa.float32(), size)
@@ -121,6 +127,23 @@ class ManifestRow:
         "ArcFace feature norm before L2 normalisation: an image-quality proxy (AdaFace)",
     )
     similarity: float | None = _column(pa.float32(), "cosine of face_embedding and the identity")
+    # composition: predicted and measured on the largest face of this synthetic image
+    predicted_gender: str | None = _column(
+        pa.string(), "`female` or `male`, predicted by antelopev2's genderage.onnx"
+    )
+    gender_probability: float | None = _column(
+        pa.float32(), "softmax probability of predicted_gender (0.5 to 1)"
+    )
+    predicted_age: float | None = _column(pa.float32(), "age in years predicted by genderage.onnx")
+    skin_ita: float | None = _column(
+        pa.float32(),
+        "skin tone measured, not predicted: Individual Typology Angle atan((L* - 50) / b*) in "
+        "degrees over the cheeks of the aligned face (docs/composition.md); null for a "
+        "greyscale image",
+    )
+    skin_tone: str | None = _column(
+        pa.string(), "ITA category of skin_ita: very_light, light, intermediate, tan, brown, dark"
+    )
     # verdict
     accepted: bool = _column(pa.bool_(), "passed every filter of the spec", False)
     reject_reason: str | None = _column(pa.string(), "the first failed check (REJECT_REASONS)")
@@ -146,10 +169,92 @@ class IdentityRow:
     provenance: str = _column(
         pa.string(), "where it came from: seed and candidate, file and row, photo path", False
     )
+    # composition: from the identity's probe image when the job balanced its identities,
+    # else over its accepted images at finalize (null until then, or without a face)
+    gender: str | None = _column(
+        pa.string(), "predicted gender: the probe's, else the majority of the accepted images"
+    )
+    gender_probability: float | None = _column(
+        pa.float32(), "the probe's probability of `gender`, else the mean over those images"
+    )
+    age: float | None = _column(pa.float32(), "predicted age in years (median over images)")
+    skin_ita: float | None = _column(pa.float32(), "measured ITA in degrees (median over images)")
+    skin_tone: str | None = _column(pa.string(), "ITA category of skin_ita")
+    attributes_from: str | None = _column(
+        pa.string(), "`probe`, `accepted images` (and how many), or null: not measured"
+    )
+
+
+@dataclass
+class ProbeRow:
+    """One row of `probes/manifest.parquet`: one candidate identity of a balanced job and
+    the probe image that placed it (identities.balance), so an auditor can check the
+    placement. Candidates not kept have a row and no image."""
+
+    candidate: int = _column(pa.int64(), "the candidate's position in the source's order", False)
+    identity_id: str | None = _column(pa.string(), "the identity it became (null: not kept)")
+    embedding: list[float] = _column(
+        EMBEDDING_VECTOR, "the candidate's identity embedding (after projection, if any)", False
+    )
+    seed: int = _column(pa.int64(), "the probe image's generator seed", False)
+    scheduler: str = _column(pa.string(), "probe sampler: `lcm` or `dpmsolver++`", False)
+    steps: int = _column(pa.int32(), "probe inference steps", False)
+    guidance: float = _column(pa.float32(), "probe guidance scale", False)
+    path: str | None = _column(pa.string(), "relative path of the probe image (kept ones)")
+    sha256: str | None = _column(pa.string(), "sha256 of the probe image's bytes")
+    face_count: int | None = _column(
+        pa.int32(), "faces detected in the probe (null: screened out before its probe counted)"
+    )
+    predicted_gender: str | None = _column(pa.string(), "as in the manifest")
+    gender_probability: float | None = _column(pa.float32(), "as in the manifest")
+    predicted_age: float | None = _column(pa.float32(), "as in the manifest")
+    skin_ita: float | None = _column(pa.float32(), "as in the manifest")
+    skin_tone: str | None = _column(pa.string(), "as in the manifest")
+    cell: str | None = _column(
+        pa.string(), "the balance cell of these attributes, e.g. `gender=male,age=20-30`"
+    )
+    outcome: str = _column(
+        pa.string(),
+        "kept, cell_full, no_face (or no attribute for a balanced axis), too_close "
+        "(identities.separation), excluded (identities.exclusion)",
+        False,
+    )
+
+
+@dataclass
+class AuditIdentityRow:
+    """One row of `audit/identities.parquet`, written by the audit: one identity's group
+    and how hard and varied its accepted images are (dataset.identity_stats)."""
+
+    identity_id: str = _column(pa.string(), "the identity", False)
+    gender: str | None = _column(pa.string(), "its group: gender")
+    age: str | None = _column(pa.string(), "its group: age band")
+    skin_tone: str | None = _column(pa.string(), "its group: ITA category")
+    images: int = _column(pa.int32(), "images generated", False)
+    accepted: int = _column(pa.int32(), "images accepted", False)
+    similarity_mean: float | None = _column(pa.float32(), "accepted images' mean similarity")
+    similarity_min: float | None = _column(pa.float32(), "their lowest similarity")
+    similarity_max: float | None = _column(pa.float32(), "their highest similarity")
+    intra_class_cosine: float | None = _column(
+        pa.float32(), "mean cosine over all pairs of its accepted faces (null: fewer than 2)"
+    )
+    yaw_spread: float | None = _column(pa.float32(), "std of the measured yaw, degrees")
+    pitch_spread: float | None = _column(pa.float32(), "std of the measured pitch, degrees")
+    expression_coverage: float | None = _column(
+        pa.float32(), "share of its requested expressions with an accepted image"
+    )
+    nearest_other_identity: float | None = _column(
+        pa.float32(), "largest cosine of its centre to another identity's centre"
+    )
 
 
 IDENTITIES_SCHEMA = _schema_of(IdentityRow, "identities")
 MANIFEST_SCHEMA = _schema_of(ManifestRow, "manifest")
+PROBES_SCHEMA = _schema_of(ProbeRow, "probes")
+AUDIT_IDENTITIES_SCHEMA = _schema_of(AuditIdentityRow, "audit_identities")
+IDENTITY_ATTRIBUTE_COLUMNS = (
+    "gender", "gender_probability", "age", "skin_ita", "skin_tone", "attributes_from",
+)  # fmt: skip
 
 
 def manifest_table(rows: Sequence[ManifestRow]) -> pa.Table:
@@ -158,9 +263,16 @@ def manifest_table(rows: Sequence[ManifestRow]) -> pa.Table:
     return pa.Table.from_pydict(columns, schema=MANIFEST_SCHEMA)
 
 
+def probes_table(rows: Sequence[ProbeRow]) -> pa.Table:
+    """ProbeRows as a probes table (PROBES_SCHEMA)."""
+    columns = {f.name: [getattr(row, f.name) for row in rows] for f in fields(ProbeRow)}
+    return pa.Table.from_pydict(columns, schema=PROBES_SCHEMA)
+
+
 TABLE_SCHEMAS: dict[str, pa.Schema] = {
     "identities": IDENTITIES_SCHEMA,
     "manifest": MANIFEST_SCHEMA,
+    "probes": PROBES_SCHEMA,
 }
 
 # Bank tables: input files that users bring or that banks save, not dataset tables.
@@ -232,6 +344,9 @@ class DatasetInfo(BaseModel):
     )
     identities_sha256: str | None = Field(
         None, description="sha256 of identities.parquet, recorded when written"
+    )
+    probes_sha256: str | None = Field(
+        None, description="sha256 of probes/manifest.parquet (balanced jobs), recorded when written"
     )
     counts: DatasetCounts = Field(default_factory=DatasetCounts)
     created_at: str = Field(description="UTC, ISO 8601")

@@ -18,6 +18,7 @@ import pytest
 import torch
 from insightface.model_zoo import get_model
 from insightface.model_zoo.arcface_onnx import ArcFaceONNX
+from insightface.model_zoo.attribute import Attribute
 from insightface.model_zoo.landmark import Landmark
 from insightface.model_zoo.scrfd import SCRFD
 from insightface.utils import face_align
@@ -27,12 +28,13 @@ from arc2face_engine.faces.loading import face_analysis_placement, load_face_ana
 from arc2face_engine.faces.onnx_torch import OnnxModule
 from arc2face_engine.faces.onnxruntime_analyzer import FaceAnalyzer
 from arc2face_engine.faces.pack import detection_settings
-from arc2face_engine.faces.records import FaceRecord, judge
+from arc2face_engine.faces.records import FaceRecord, judge, read_gender_age
 from arc2face_engine.faces.torch_analyzer import PRE_NMS_TOP_K, TorchFaceAnalyzer
 from arc2face_engine.faces.warp import resize_linear_u8, warp_affine_u8
 from arc2face_engine.testing.full_size_faces import (
     IRESNET100_GFLOP,
     SCRFD_10G_GFLOP,
+    build_genderage,
     count_flops,
     write_full_size_antelopev2,
 )
@@ -78,7 +80,9 @@ def generated(tiny_models: Path) -> list[np.ndarray]:
 
 def assert_agree(reference: list[FaceRecord], candidate: list[FaceRecord]) -> None:
     """Same face counts, boxes within 1 px, embeddings within the similarity tolerance,
-    identical accept/reject decisions against identities near the 0.4 threshold."""
+    identical accept/reject decisions against identities near the 0.4 threshold, the same
+    predicted gender (probability within 1e-3), age within 0.1 year and skin tone (ITA)
+    within half a degree."""
     rng = np.random.default_rng(0)
     for index, (ref, got) in enumerate(zip(reference, candidate, strict=True)):
         assert got.face_count == ref.face_count, index
@@ -90,6 +94,12 @@ def assert_agree(reference: list[FaceRecord], candidate: list[FaceRecord]) -> No
         assert abs(got.det_score - ref.det_score) < 5e-3, index
         assert np.allclose(got.pose, ref.pose, atol=0.5), index
         assert got.embedding_norm == pytest.approx(ref.embedding_norm, rel=1e-3)
+        assert got.gender == ref.gender and ref.gender is not None, index
+        assert abs(got.gender_probability - ref.gender_probability) < 1e-3, index
+        assert abs(got.age - ref.age) < 0.1, index
+        assert math.isnan(got.skin_ita) == math.isnan(ref.skin_ita), index
+        if not math.isnan(ref.skin_ita):
+            assert abs(got.skin_ita - ref.skin_ita) < 0.5, index
         for target in (0.2, 0.38, 0.42, 0.7):
             noise = rng.normal(size=512)
             noise -= (noise @ ref.embedding) * ref.embedding
@@ -180,6 +190,15 @@ def test_torch_path_agrees_with_onnxruntime_on_tiny_models(
     assert_agree(want, got)
     assert {record.face_count for record in want} >= {0, 1}
     assert any(record.face_count > 1 for record in want)
+    assert_attributes_vary(want)
+
+
+def assert_attributes_vary(records: list[FaceRecord]) -> None:
+    """The stand-ins' outputs differ from image to image, so balanced cells can fill."""
+    faces = [record for record in records if record.face_count]
+    assert {record.gender for record in faces} == {"female", "male"}
+    assert len({round(record.age / 10) for record in faces}) >= 3
+    assert sum(not math.isnan(record.skin_ita) for record in faces) >= 2
 
 
 def test_embedding_norm_is_the_recognizer_feature_norm(tiny_face_models: Path) -> None:
@@ -221,13 +240,34 @@ def test_full_size_stand_ins_cost_what_the_real_models_cost(full_face_models: Pa
     assert iresnet == pytest.approx(IRESNET100_GFLOP, rel=0.05)
 
 
+def test_full_size_genderage_varies_and_runs_alike_in_torch(generated: list[np.ndarray]) -> None:
+    """The MobileNet-shaped genderage stand-in: both genders and several age bands over
+    faces, and the torch runner gives onnxruntime's outputs."""
+    model = build_genderage()
+    session = onnxruntime.InferenceSession(model.SerializeToString(), providers=CPU)
+    crops = [cv2.resize(image, (96, 96)) for image in generated]
+    crops += [cv2.resize(photo(name), (96, 96)) for name in ("Tom_Hanks_54745.png", "t1.jpg")]
+    rng = np.random.default_rng(4)
+    crops += [cv2.GaussianBlur(rng.integers(0, 255, (96, 96, 3), np.uint8), (0, 0), 4) for _ in range(10)]
+    blob = np.stack(crops).transpose(0, 3, 1, 2).astype(np.float32)  # raw pixels: bn_data
+    want = session.run(None, {"data": blob})[0]
+    with torch.no_grad():
+        got = OnnxModule(model)(torch.from_numpy(blob))[0].numpy()
+    np.testing.assert_allclose(got, want, atol=1e-4)
+    readings = read_gender_age(want)
+    assert {gender for gender, _, _ in readings} == {"female", "male"}
+    assert len({int(age // 10) for _, _, age in readings}) >= 3
+
+
 def test_full_size_stand_ins_route_and_agree(full_face_models: Path) -> None:
     pack = full_face_models / "antelopev2"
-    expected = {"scrfd_10g_bnkps.onnx": SCRFD, "1k3d68.onnx": Landmark, "arcface.onnx": ArcFaceONNX}
+    expected = {"scrfd_10g_bnkps.onnx": SCRFD, "1k3d68.onnx": Landmark, "arcface.onnx": ArcFaceONNX,
+                "genderage.onnx": Attribute}  # fmt: skip
     for name, cls in expected.items():
         model = get_model(str(pack / name), providers=CPU)
         assert isinstance(model, cls), name
-    assert get_model(str(pack / "1k3d68.onnx"), providers=CPU).input_mean == 0.0  # bn_data
+    for name in ("1k3d68.onnx", "genderage.onnx"):  # bn_data: raw pixels in
+        assert get_model(str(pack / name), providers=CPU).input_mean == 0.0
     # Three photos: several faces, one face, none (random weights fire where they fire).
     images = [photo("Tom_Hanks_54745.png"), photo("mask_blue.jpg"), photo("t1.jpg")]
     reference = FaceAnalyzer.from_models_dir(full_face_models, providers=CPU, det_size=640)

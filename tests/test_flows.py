@@ -6,6 +6,7 @@ import hashlib
 import json
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import fsspec
@@ -266,6 +267,28 @@ def test_demo_leaves_a_complete_audited_dataset(tmp_path):
     assert info["status"] == "complete" and info["counts"]["images"] >= 2 * 6
     assert (tmp_path / "dataset" / "audit" / "report.html").exists()
     assert (tmp_path / "export-recordio" / "train.rec").exists()
+    assert_composition_reported(tmp_path / "dataset", report)
+
+
+def assert_composition_reported(root: Path, report) -> None:
+    """The composition section in report.json and the HTML, and the card's table, agree
+    with the manifest's own columns."""
+    accepted = [row for row in manifest_rows(str(root)) if row["accepted"]]
+    saved = json.loads((root / "audit" / "report.json").read_text())["composition"]
+    axes = {axis["axis"]: axis for axis in saved["axes"]}
+    assert set(axes) == {"gender", "age", "skin_tone"}
+    genders = Counter(row["predicted_gender"] for row in accepted if row["predicted_gender"])
+    assert axes["gender"]["image_counts"] == {g: genders[g] for g in ("female", "male") if genders[g]}
+    tones = Counter(row["skin_tone"] for row in accepted if row["skin_tone"])
+    assert axes["skin_tone"]["image_counts"] == dict(tones)
+    assert saved["difficulty"]["identities"] == report.composition.difficulty.identities
+    html = (root / "audit" / "report.html").read_text()
+    assert "Composition and fairness" in html and "skin tone (ITA)" in html
+    card = (root / "README.md").read_text()
+    assert "## Composition" in card and "No ethnicity or race is inferred" in card
+    assert "| gender | female |" in card or "| gender | male |" in card
+    assert "genderage.onnx" in card and "non-commercial" in card
+    assert "## Intra-class difficulty and diversity" in card
 
 
 def test_setup_mistakes_fail_before_anything_is_written(tiny_models, tmp_path):

@@ -15,6 +15,7 @@ import numpy as np
 from matplotlib.ticker import MaxNLocator
 from PIL import Image
 
+from arc2face_engine.audit.composition_html import composition_html
 from arc2face_engine.audit.report import AuditReport, Histogram, PlotData
 
 if TYPE_CHECKING:
@@ -208,6 +209,7 @@ def render_html(report: AuditReport, plots: PlotData, reader: DatasetReader | No
         f"<h2>Warnings</h2>{_list(report.warnings, 'warning')}"
         f"<h2>Plots</h2><div class='plots'>{plot_html}</div>"
         f"<h2>Coverage</h2>{_coverage(report)}"
+        f"{composition_html(report, plots.intra_class)}"
         f"{leakage}{_contact_sheet(reader, plots)}"
         "</body></html>"
     )

@@ -254,12 +254,13 @@ def greedy_ball_count(centres: np.ndarray, radius: float, chunk: int = 1024) -> 
 
 
 def inter_class_stats(
-    centres: np.ndarray, block_rows: int | None = None
+    centres: np.ndarray, block_rows: int | None = None, nearest: np.ndarray | None = None
 ) -> tuple[float | None, tuple[int, int] | None, np.ndarray]:
     """(max off-diagonal cosine, its pair, histogram over COSINE_BINS of i<j cosines).
 
     Row blocks of the upper triangle only, sized to BLOCK_ELEMENTS: memory stays
-    bounded however many identities there are.
+    bounded however many identities there are. `nearest` (n,), when given, receives each
+    centre's largest cosine to another centre (-inf for a lone centre).
     """
     n = len(centres)
     counts = np.zeros(len(COSINE_BINS) - 1, np.int64)
@@ -271,6 +272,10 @@ def inter_class_stats(
         upper = np.arange(block.shape[1])[None, :] > np.arange(len(block))[:, None]
         counts += np.histogram(np.clip(block[upper], -1, 1), COSINE_BINS)[0]
         block[~upper] = -np.inf
+        if nearest is not None:  # each pair once: row r with column c, and c with r
+            rows = slice(start, start + len(block))
+            nearest[rows] = np.maximum(nearest[rows], block.max(axis=1))
+            nearest[start:] = np.maximum(nearest[start:], block.max(axis=0))
         flat = int(np.argmax(block))
         if upper.any() and block.flat[flat] > best:
             best = float(block.flat[flat])
@@ -419,7 +424,10 @@ def measure_quality(
         balls = greedy_ball_count(valid_centres, radius)
         quality.unique_balls = balls
         quality.uniqueness = balls / len(valid_centres)
-        best, pair, counts = inter_class_stats(valid_centres)
+        nearest = np.full(len(valid_centres), -np.inf)
+        best, pair, counts = inter_class_stats(valid_centres, nearest=nearest)
+        plots.nearest_other = np.full(len(identities), np.nan)
+        plots.nearest_other[has_centre] = np.where(np.isfinite(nearest), nearest, np.nan)
         quality.inter_class_max_cosine = best
         if best is not None and best > 1.0 - radius:
             quality.inter_class_close_pairs = close_pair_count(valid_centres, 1.0 - radius)

@@ -9,8 +9,15 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from arc2face_engine.audit.checksums import verify_identities, verify_parts
+from arc2face_engine.audit.composition import (
+    AUDIT_IDENTITIES,
+    DEFAULT_GAP_THRESHOLD,
+    composition_warnings,
+    measure_composition,
+)
 from arc2face_engine.audit.html import render_html
 from arc2face_engine.audit.identities import Identities, load_identities
 from arc2face_engine.audit.integrity import check_integrity
@@ -54,6 +61,8 @@ def _collect_problems(report: AuditReport) -> None:
             f"leakage: {len(report.leakage.flagged)} identities above cosine "
             f"{report.leakage.threshold} to the gallery"
         )
+    if report.composition is not None:
+        report.warnings.extend(composition_warnings(report.composition))
     if report.reverify is not None and report.reverify.mismatches:
         report.warnings.append(f"reverify: {len(report.reverify.mismatches)} mismatches")
     if report.in_progress:
@@ -97,6 +106,7 @@ def audit_dataset(
     write_report: bool = True,
     reverify_det_size: int | None = None,
     progress: ProgressReport = no_progress,
+    fairness_gap: float = DEFAULT_GAP_THRESHOLD,
 ) -> AuditReport:
     """Audit the dataset at `uri`; writes audit/report.json and audit/report.html into it.
 
@@ -104,6 +114,7 @@ def audit_dataset(
     (gallery used when readable; threshold `max_cosine`, else 0.5).
     `verify_files=False` skips hashing/decoding files and the orphan listing
     (row-level integrity and quality still run): for benchmarks and quick checks.
+    `fairness_gap`: a metric differing by more than this between groups is a warning.
     """
     reader = DatasetReader(uri, storage_options)
     report = AuditReport(uri=str(uri), created_at=dt.datetime.now(dt.timezone.utc).isoformat())
@@ -125,6 +136,7 @@ def audit_dataset(
         in_progress=report.in_progress, progress=stream,
     )  # fmt: skip
     plots = PlotData()
+    identity_table = None
     if identities is not None:
         stream = _stage(progress, "quality", 2 * len(parts))
         report.quality, plots, sample_rows, centres = measure_quality(
@@ -133,6 +145,12 @@ def audit_dataset(
         has_centre = np.linalg.norm(centres, axis=1) > 0
         report.leakage = _leakage(report, raw, identities, centres, has_centre, gallery,
                                   gallery_threshold, storage_options)  # fmt: skip
+        report.composition, identity_table = measure_composition(
+            reader, parts, identities, plots.nearest_other, raw, fairness_gap
+        )
+        plots.intra_class = identity_table.column("intra_class_cosine").to_numpy(
+            zero_copy_only=False
+        ).astype(float)
         if reverify:
             det_size, det_thresh = _reverify_detection(info, reverify_det_size)
             report.reverify = reverify_rows(
@@ -141,7 +159,7 @@ def audit_dataset(
             report.reverify.models_dir, report.reverify.models_from = str(models_dir), models_from
     _collect_problems(report)
     if write_report:
-        write_audit_report(reader, report, plots)
+        write_audit_report(reader, report, plots, identity_table)
     return report
 
 
@@ -282,8 +300,11 @@ def _reverify_detection(info, det_size: int | None) -> tuple[int, float]:
     return det_size or size, thresh
 
 
-def write_audit_report(reader: DatasetReader, report: AuditReport, plots: PlotData) -> None:
-    """audit/report.json and the self-contained audit/report.html, through fsspec."""
+def write_audit_report(
+    reader: DatasetReader, report: AuditReport, plots: PlotData, identity_table=None
+) -> None:
+    """audit/report.json, the self-contained audit/report.html and (with the composition
+    section) audit/identities.parquet, through fsspec."""
     json_path = reader.path(layout.AUDIT_REPORT_JSON)
     html_path = reader.path(layout.AUDIT_REPORT_HTML)
     report.report_uri = _as_uri(reader, json_path)
@@ -292,6 +313,10 @@ def write_audit_report(reader: DatasetReader, report: AuditReport, plots: PlotDa
     html = render_html(report, plots, reader)
     reader.fs.pipe_file(json_path, report.model_dump_json(indent=2).encode())
     reader.fs.pipe_file(html_path, html.encode())
+    if identity_table is not None:
+        sink = pa.BufferOutputStream()
+        pq.write_table(identity_table, sink)
+        reader.fs.pipe_file(reader.path(AUDIT_IDENTITIES), sink.getvalue().to_pybytes())
 
 
 def _as_uri(reader: DatasetReader, path: str) -> str:

@@ -6,6 +6,7 @@ identities.parquet
 manifest/part-00000.parquet   one per committed shard (its presence is the commit)
 manifest/part-00000.parquet.sha256   its checksum, written just before it
 images/00000/<image_id>.jpg
+probes/manifest.parquet, probes/<identity_id>.jpg   balanced jobs: the placing probes
 README.md
 audit/report.json, audit/report.html
 .writer-lease.json            who is writing the dataset now (see lease.py)
@@ -35,6 +36,8 @@ AUDIT_DIR = "audit"
 AUDIT_REPORT_JSON = f"{AUDIT_DIR}/report.json"
 AUDIT_REPORT_HTML = f"{AUDIT_DIR}/report.html"
 LEASE_FILE = ".writer-lease.json"
+PROBES_DIR = "probes"
+PROBES_MANIFEST = f"{PROBES_DIR}/manifest.parquet"
 CHECKSUM_SUFFIX = ".sha256"
 
 _PART_NAME = re.compile(r"^part-(\d{5,})\.parquet$")

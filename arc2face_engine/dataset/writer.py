@@ -20,6 +20,7 @@ import hashlib
 import io
 import os
 import uuid
+from collections.abc import Iterable
 from typing import Any
 
 import pyarrow as pa
@@ -30,7 +31,14 @@ from pydantic import ValidationError
 from arc2face_engine.dataset import layout, lease
 from schemas.errors import DatasetCorrupt, SpecError
 from schemas.job import JobSpec, describe_differences, spec_differences
-from schemas.tables import IDENTITIES_SCHEMA, MANIFEST_SCHEMA, SAFE_ID_RULE, DatasetInfo, is_safe_id
+from schemas.tables import (
+    IDENTITIES_SCHEMA,
+    MANIFEST_SCHEMA,
+    PROBES_SCHEMA,
+    SAFE_ID_RULE,
+    DatasetInfo,
+    is_safe_id,
+)
 
 TEMP_MARKER = ".tmp-"
 MAX_DATASET_JSON_BYTES = 64 * 1024 * 1024
@@ -150,6 +158,19 @@ class DatasetWriter:
         data = table_to_parquet_bytes(table)
         self.check_lease()
         self.write_bytes(layout.IDENTITIES, data)
+        return hashlib.sha256(data).hexdigest()
+
+    def write_probes(self, table: pa.Table, files: Iterable[tuple[str, bytes]]) -> str:
+        """Write a balanced job's probe images (relative paths under probes/), then
+        probes/manifest.parquet; returns the sha256 of the manifest's bytes."""
+        check_table(table, PROBES_SCHEMA, "probes")
+        self.check_lease()
+        for relative, data in files:
+            if not relative.startswith(f"{layout.PROBES_DIR}/"):
+                raise ValueError(f"probe image {relative!r} is not under {layout.PROBES_DIR}/")
+            self.write_bytes(relative, data)
+        data = table_to_parquet_bytes(table)
+        self.write_bytes(layout.PROBES_MANIFEST, data)
         return hashlib.sha256(data).hexdigest()
 
     def commit_shard(self, shard: int, table: pa.Table) -> str:

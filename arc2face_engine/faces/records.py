@@ -1,6 +1,7 @@
 """What face analysis reports and the rule that judges it: `FaceRecord` (one image's face
-count and largest face), `Verdict` and `judge` (the reject reasons in order), and
-`AnalyzerBase`, the verification every analyzer offers on top of its `analyze`."""
+count and largest face), `Verdict` and `judge` (the reject reasons in order),
+`read_gender_age` (insightface's reading of genderage.onnx's output) and `AnalyzerBase`,
+the verification every analyzer offers on top of its `analyze`."""
 
 from __future__ import annotations
 
@@ -12,11 +13,13 @@ import numpy as np
 
 from schemas.constants import (
     EMBEDDING_DIM,
+    GENDERS,
     LOW_DETECTION_SCORE,
     LOW_FEATURE_NORM,
     LOW_SIMILARITY,
     MULTIPLE_FACES,
     NO_FACE,
+    TOO_SIMILAR,
     l2_normalize,
 )
 from schemas.errors import UserError
@@ -37,6 +40,12 @@ class FaceRecord:
     embedding: np.ndarray | None  # (512,) float32, L2-normalised ArcFace embedding
     pose: tuple[float, float, float] | None  # (yaw, pitch, roll) in degrees
     embedding_norm: float = math.nan  # ArcFace feature norm before L2 normalisation
+    # Predicted by genderage.onnx on insightface's own crop of the box (see read_gender_age)
+    # and measured on the aligned face (faces.skin_tone): attributes of a synthetic image.
+    gender: str | None = None  # GENDERS: "female" or "male"
+    gender_probability: float = math.nan  # softmax probability of `gender`
+    age: float = math.nan  # years (100 x the model's third output)
+    skin_ita: float = math.nan  # ITA degrees; nan: greyscale or outside ITA's domain
 
     @classmethod
     def no_face(cls) -> FaceRecord:
@@ -51,6 +60,28 @@ class Verdict:
     similarity: float  # cosine of the face and identity embeddings; nan when no face
     accepted: bool
     reason: str | None  # one of REJECT_REASONS, None when accepted
+
+
+def read_gender_age(predictions: np.ndarray) -> list[tuple[str, float, float]]:
+    """(gender, its probability, age in years) per (N, 3) genderage output row, read as
+    insightface's Attribute.get reads it: gender = argmax of the two logits (0 female,
+    1 male), age = 100 x the third value (insightface rounds it to an integer; the
+    unrounded value is kept). The probability is the softmax of the two logits."""
+    predictions = np.asarray(predictions, np.float64).reshape(-1, 3)
+    logits = predictions[:, :2]
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    probabilities = shifted / shifted.sum(axis=1, keepdims=True)
+    chosen = np.argmax(logits, axis=1)
+    return [
+        (GENDERS[int(index)], float(probabilities[row, index]), float(100.0 * predictions[row, 2]))
+        for row, index in enumerate(chosen)
+    ]
+
+
+def with_gender_age(record: FaceRecord, reading: tuple[str, float, float]) -> FaceRecord:
+    """`record` with a read_gender_age reading filled in (returns the same object)."""
+    record.gender, record.gender_probability, record.age = reading
+    return record
 
 
 def check_det_size(det_size: int | tuple[int, int]) -> tuple[int, int]:
@@ -84,10 +115,13 @@ def judge(
     min_det_score: float = 0.5,
     require_single_face: bool = True,
     min_feature_norm: float = 0.0,
+    max_similarity: float = 1.0,
 ) -> Verdict:
     """The verdict on one analysed image; reasons are checked in REJECT_REASONS order.
     The similarity is reported whenever there is a face, also for rejected images.
-    `min_feature_norm` 0 is off; otherwise an unknown (nan) norm fails it too."""
+    `min_feature_norm` 0 is off; otherwise an unknown (nan) norm fails it too.
+    `max_similarity` 1 is off; below it, a face closer to the identity than that is a
+    near-copy of the identity (too_similar): it adds no intra-class variation."""
     if record.face_count == 0 or record.embedding is None:
         return Verdict(record, math.nan, False, NO_FACE)
     similarity = float(record.embedding @ l2_normalize(np.asarray(identity_embedding, np.float32)))
@@ -100,6 +134,8 @@ def judge(
         reason = LOW_FEATURE_NORM
     elif similarity < min_similarity:
         reason = LOW_SIMILARITY
+    elif max_similarity < 1.0 and similarity > max_similarity:
+        reason = TOO_SIMILAR
     return Verdict(record, similarity, reason is None, reason)
 
 
@@ -126,10 +162,11 @@ class AnalyzerBase:
         min_det_score: float = 0.5,
         require_single_face: bool = True,
         min_feature_norm: float = 0.0,
+        max_similarity: float = 1.0,
     ) -> list[Verdict]:
         """Does image i show identity i? Cosine of its largest face's embedding with
         identity_embeddings[i], after the face-count, detection-score and feature-norm
-        checks."""
+        checks, and not a near-copy of it (max_similarity)."""
         identities = np.asarray(identity_embeddings, np.float32)
         if identities.ndim != 2 or identities.shape != (len(images), EMBEDDING_DIM):
             raise FaceAnalysisInputError(
@@ -140,7 +177,7 @@ class AnalyzerBase:
         return [
             judge(
                 record, identity, min_similarity, min_det_score, require_single_face,
-                min_feature_norm,
+                min_feature_norm, max_similarity,
             )
             for record, identity in zip(records, identities, strict=True)
         ]

@@ -6,8 +6,10 @@ image done for a whole batch on the device: OpenCV's resize onto the detector ca
 normalisation, SCRFD anchor decoding, greedy NMS (insightface's IoU with its +1 pixel
 areas), the largest face, the 5-point similarity fit (Umeyama, closed form in 2-D) and
 OpenCV's warp to the ArcFace crop, recognition, the 1k3d68 crop, 3D landmarks and the
-head pose fit. On CUDA it runs in fp16; on CPU in fp32, where the tests compare it with
-the onnxruntime path (onnxruntime_analyzer.FaceAnalyzer), the reference.
+head pose fit, and genderage.onnx on its own crop of the box (a separate stage,
+`_gender_age`); the skin tone is measured on the host (faces.skin_tone). On CUDA it runs
+in fp16; on CPU in fp32, where the tests compare it with the onnxruntime path
+(onnxruntime_analyzer.FaceAnalyzer), the reference.
 
 One batch costs the host one wait: the images go in through pinned memory without
 blocking, every step runs on the analyzer's own CUDA stream (so it overlaps generation on
@@ -42,10 +44,18 @@ from arc2face_engine.faces.onnx_torch import OnnxModule
 from arc2face_engine.faces.pack import (
     ANTELOPEV2_DIR,
     DETECTOR_FILE,
+    GENDERAGE_FILE,
     LANDMARK_3D_FILE,
     RECOGNITION_FILE,
 )
-from arc2face_engine.faces.records import AnalyzerBase, FaceRecord, check_det_size, rgb_frames
+from arc2face_engine.faces.records import (
+    AnalyzerBase,
+    FaceRecord,
+    check_det_size,
+    read_gender_age,
+    rgb_frames,
+    with_gender_age,
+)
 from arc2face_engine.faces.warp import invert_affine, resize_linear_u8, warp_affine_u8
 from arc2face_engine.models_dir import require
 from arc2face_engine.transfers import pinned_from_numpy, to_device, to_host
@@ -247,11 +257,12 @@ class _Detections:
 
 
 # One row per image in the single copy back to the host: count, score, box (4),
-# keypoints (10), unsure, embedding norm, pose (3), then the embedding.
-_HEAD = 21
+# keypoints (10), unsure, embedding norm, pose (3), genderage's 3 outputs (nan without the
+# network), then the embedding.
+_HEAD = 24
 
 
-def _pack(detections: _Detections, embeddings, norms, poses) -> torch.Tensor:
+def _pack(detections: _Detections, embeddings, norms, poses, gender_age) -> torch.Tensor:
     return torch.cat(
         [
             detections.count[:, None].float(),
@@ -261,6 +272,7 @@ def _pack(detections: _Detections, embeddings, norms, poses) -> torch.Tensor:
             detections.unsure[:, None].float(),
             norms[:, None],
             poses.float(),
+            gender_age,
             embeddings,
         ],
         dim=1,
@@ -271,7 +283,7 @@ def _unpack_record(row: np.ndarray) -> FaceRecord:
     count = int(row[0])
     if count == 0:
         return FaceRecord.no_face()
-    return FaceRecord(
+    record = FaceRecord(
         face_count=count,
         det_score=float(row[1]),
         bbox=row[2:6].astype(np.float32),
@@ -280,6 +292,9 @@ def _unpack_record(row: np.ndarray) -> FaceRecord:
         pose=tuple(float(v) for v in row[18:21]),
         embedding_norm=float(row[17]),
     )
+    if np.isfinite(row[21:24]).all():
+        with_gender_age(record, read_gender_age(row[21:24])[0])
+    return record
 
 
 class TorchFaceAnalyzer(AnalyzerBase):
@@ -294,8 +309,14 @@ class TorchFaceAnalyzer(AnalyzerBase):
         det_thresh: float = 0.5,
         device: str | torch.device = "cpu",
         batch_size: int = 32,
+        genderage: _Network | None = None,
+        skin_tone: bool = True,
     ) -> None:
         self.detector, self.landmark_3d, self.recognizer = detector, landmark_3d, recognizer
+        self.genderage = genderage  # None: no gender/age predicted
+        # The skin tone is measured on the host with scikit-image (faces.skin_tone); a bare
+        # GPU image without it (bench/gpu_run.py) turns it off rather than failing.
+        self.skin_tone = skin_tone
         self.det_size = check_det_size(det_size)  # (width, height), as insightface
         self.det_thresh = float(det_thresh)
         self.device = torch.device(device)
@@ -322,6 +343,7 @@ class TorchFaceAnalyzer(AnalyzerBase):
         device: str | torch.device = "cpu",
         dtype: torch.dtype | None = None,
         batch_size: int = 32,
+        skin_tone: bool = True,
     ) -> TorchFaceAnalyzer:
         """Load models_dir/antelopev2; fp16 on CUDA and fp32 elsewhere unless `dtype`."""
         require(models_dir, "core", under=ANTELOPEV2_DIR)
@@ -333,17 +355,27 @@ class TorchFaceAnalyzer(AnalyzerBase):
         detector.mean, detector.std = DETECTOR_MEAN, DETECTOR_STD  # SCRFD's fixed values
         landmark_3d = _load_network(pack / LANDMARK_3D_FILE, 128.0, True, device, dtype)
         recognizer = _load_network(pack / RECOGNITION_FILE, 127.5, False, device, dtype)
+        genderage = _load_network(pack / GENDERAGE_FILE, 128.0, True, device, dtype)
         if len(detector.module.output_names) not in SCRFD_LAYOUTS:
             raise CheckpointMismatch(
                 f"{pack / DETECTOR_FILE} is not a keypoint SCRFD detector (9 or 15 outputs): "
                 f"replace it with the published file (`arc2face-synth models download DIR`)"
             )
-        if landmark_3d.output_width != 3309 or recognizer.input_size <= 0:
+        if (
+            landmark_3d.output_width != 3309
+            or recognizer.input_size <= 0
+            or genderage.output_width != 3
+            or genderage.input_size <= 0
+        ):
             raise CheckpointMismatch(
-                f"{pack} lacks 3D 68-point landmarks or a fixed-size recognizer: "
-                f"replace it with the published antelopev2 files (`arc2face-synth models download DIR`)"
+                f"{pack} lacks 3D 68-point landmarks, a fixed-size recognizer or a gender/age "
+                f"model: replace it with the published antelopev2 files "
+                f"(`arc2face-synth models download DIR`)"
             )
-        return cls(detector, landmark_3d, recognizer, det_size, det_thresh, device, batch_size)
+        return cls(
+            detector, landmark_3d, recognizer, det_size, det_thresh, device, batch_size,
+            genderage=genderage, skin_tone=skin_tone,
+        )  # fmt: skip
 
     # --- analysis ------------------------------------------------------------------------
 
@@ -361,6 +393,10 @@ class TorchFaceAnalyzer(AnalyzerBase):
                     batch = self._upload([frames[i] for i in chunk])
                     for index, record in zip(chunk, self._analyze_batch(batch, len(chunk)), strict=False):
                         records[index] = record
+        if self.skin_tone:
+            from arc2face_engine.faces.skin_tone import measure_skin_tones  # see __init__
+
+            measure_skin_tones(frames, records)
         return records
 
     def _on_own_stream(self) -> AbstractContextManager:
@@ -397,7 +433,8 @@ class TorchFaceAnalyzer(AnalyzerBase):
         rows = torch.arange(len(batch), device=batch.device)
         embeddings, norms = self._embed(batch, detections.keypoints, rows)
         poses = self._head_poses(batch, detections.box, rows)
-        return _pack(detections, embeddings, norms, poses)
+        gender_age = self._gender_age(batch, detections.box, rows)
+        return _pack(detections, embeddings, norms, poses, gender_age)
 
     # --- detection -------------------------------------------------------------------------
 
@@ -494,20 +531,7 @@ class TorchFaceAnalyzer(AnalyzerBase):
         pixels, the pose fit."""
         net = self.landmark_3d
         size = net.input_size
-        center_x = (boxes[:, 0] + boxes[:, 2]) / 2
-        center_y = (boxes[:, 1] + boxes[:, 3]) / 2
-        extent = torch.maximum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])
-        scale = np.float32(size) / (extent * np.float32(1.5))
-        half = float(size // 2)
-        s64 = scale.to(torch.float64)
-        zeros = torch.zeros_like(s64)
-        matrices = torch.stack(
-            [
-                torch.stack([s64, zeros, -(center_x * scale).to(torch.float64) + half], -1),
-                torch.stack([zeros, s64, -(center_y * scale).to(torch.float64) + half], -1),
-            ],
-            dim=1,
-        )
+        matrices = box_crop_matrices(boxes, size)
         crops = warp_affine_u8(batch, matrices, size, faces)
         prediction = net.module(_to_blob(crops, net.mean, net.std, self.dtype))[0].float()
         points = prediction.reshape(len(faces), -1, 3)[:, -LANDMARK_POINTS:]
@@ -521,3 +545,35 @@ class TorchFaceAnalyzer(AnalyzerBase):
         z = points[..., 2:] * inverse[:, 0, :2].norm(dim=1)[:, None, None]
         landmarks = torch.cat([xy.to(torch.float32), z.to(torch.float32)], -1)
         return pose_angles(landmarks, self.mean_shape_pinv)
+
+    # --- gender and age ----------------------------------------------------------------------
+
+    def _gender_age(self, batch, boxes, faces) -> torch.Tensor:
+        """(N, 3) genderage.onnx outputs on insightface Attribute.get's crop: 1.5x the box
+        at the model's input size (96), as 1k3d68's crop at its own size; nan rows when
+        the analyzer has no gender/age network."""
+        net = self.genderage
+        if net is None:
+            return torch.full((len(faces), 3), math.nan, device=boxes.device)
+        matrices = box_crop_matrices(boxes, net.input_size)
+        crops = warp_affine_u8(batch, matrices, net.input_size, faces)
+        return net.module(_to_blob(crops, net.mean, net.std, self.dtype))[0].float()
+
+
+def box_crop_matrices(boxes: torch.Tensor, size: int) -> torch.Tensor:
+    """(N, 2, 3) float64 maps of insightface's face_align.transform(image, box centre,
+    size, size / (1.5 x the box's longer side), 0), computed in its float32 steps."""
+    center_x = (boxes[:, 0] + boxes[:, 2]) / 2
+    center_y = (boxes[:, 1] + boxes[:, 3]) / 2
+    extent = torch.maximum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])
+    scale = np.float32(size) / (extent * np.float32(1.5))
+    half = float(size // 2)
+    s64 = scale.to(torch.float64)
+    zeros = torch.zeros_like(s64)
+    return torch.stack(
+        [
+            torch.stack([s64, zeros, -(center_x * scale).to(torch.float64) + half], -1),
+            torch.stack([zeros, s64, -(center_y * scale).to(torch.float64) + half], -1),
+        ],
+        dim=1,
+    )

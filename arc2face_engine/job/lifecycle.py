@@ -15,6 +15,7 @@ from arc2face_engine.dataset.lease import WriterLease
 from arc2face_engine.dataset.reader import DatasetReader
 from arc2face_engine.dataset.writer import DatasetWriter
 from arc2face_engine.job import output_checks
+from arc2face_engine.job.identity_attributes import refresh_identity_attributes
 from arc2face_engine.job.shards import shard_count
 from schemas.job import JobSpec, recorded_spec, spec_hash
 from schemas.tables import DatasetCounts, DatasetInfo
@@ -30,7 +31,8 @@ def required_components(spec: JobSpec) -> list[str]:
         components.append("controlnet")
     if spec.variations.expressions.kind != "none":
         components.append("expression")
-    if spec.generation.scheduler == "lcm":
+    balance = spec.identities.balance
+    if spec.generation.scheduler == "lcm" or (balance and balance.probe_scheduler == "lcm"):
         components.append("lcm")
     return components
 
@@ -87,7 +89,8 @@ def nothing_to_do(spec: JobSpec, info: DatasetInfo | None) -> str | None:
 
 
 def finalize_dataset(spec: JobSpec, lease_token: str | None = None) -> DatasetInfo:
-    """Count the committed manifest, write dataset.json (complete) and the card."""
+    """Count the committed manifest, fill the identities' attributes over their accepted
+    images, write dataset.json (complete) and the card."""
     writer = open_writer(spec, lease_token)
     reader = DatasetReader(spec.output.uri, spec.output.storage_options)
     counts = count_manifest(reader)
@@ -100,6 +103,7 @@ def finalize_dataset(spec: JobSpec, lease_token: str | None = None) -> DatasetIn
     complete = counts.committed_shards == counts.shards
     info.status = "complete" if complete else "in_progress"
     info.finished_at = _now() if complete else None
+    info = refresh_identity_attributes(writer, info)
     writer.write_dataset_json(info)
     write_dataset_card(writer, info)
     return info

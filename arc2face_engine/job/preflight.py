@@ -25,6 +25,7 @@ from arc2face_engine.controls.poses import load_pose_bank
 from arc2face_engine.dataset.lease import check_free
 from arc2face_engine.dataset.reader import DatasetReader
 from arc2face_engine.job import output_checks
+from arc2face_engine.job.balancing import balanced_identities
 from arc2face_engine.job.identities_step import (
     BuiltIdentities,
     check_identity_galleries,
@@ -76,6 +77,8 @@ def preflight(spec: JobSpec) -> BuiltIdentities | None:
         # reads them again under the lease).
         output_checks.read_recorded_identities(writer, info)
         return None
+    if spec.identities.balance is not None:
+        return balanced_identities(spec)  # probes: an unfillable quota is refused here
     if identities_need_engine(spec):
         check_identity_galleries(spec)  # the rest is built by the job, with the engine
         return None

@@ -33,7 +33,7 @@ from arc2face_engine.dataset.writer import DatasetWriter
 from arc2face_engine.determinism import image_seed
 from arc2face_engine.generation.settings import GenerationSettings, ImageRequest
 from arc2face_engine.job.shards import ShardWork, variant_for
-from schemas.tables import ManifestRow, manifest_table
+from schemas.tables import ManifestRow, manifest_table, skin_tone_of
 
 if TYPE_CHECKING:  # the seam only needs the types
     from arc2face_engine.faces.records import FaceRecord, Verdict
@@ -135,6 +135,7 @@ class FaceVerifier(Protocol):
         min_det_score: float = ...,
         require_single_face: bool = ...,
         min_feature_norm: float = ...,
+        max_similarity: float = ...,
     ) -> list[Verdict]: ...
 
 
@@ -158,6 +159,7 @@ def _check(
         min_det_score=work.filter.min_det_score,
         require_single_face=work.filter.require_single_face,
         min_feature_norm=work.filter.min_feature_norm,
+        max_similarity=work.filter.max_similarity,
     )
     return _Checked(generated, encoded, verdicts)
 
@@ -460,9 +462,28 @@ def _row(
         # FaceRecord.embedding_norm: the ArcFace norm before normalisation (nan: no face).
         feature_norm=_optional_float(getattr(record, "embedding_norm", math.nan)),
         similarity=_optional_float(float(verdict.similarity)),
+        **attribute_columns(record),
         accepted=bool(verdict.accepted),
         reject_reason=verdict.reason,
     )
+
+
+def attribute_columns(record: FaceRecord | None) -> dict:
+    """The composition columns of a face record (manifest and probe rows): predicted
+    gender and age, measured skin tone; null where there is no face or no value (all
+    null for no record)."""
+    if record is None:
+        return dict.fromkeys(
+            ["predicted_gender", "gender_probability", "predicted_age", "skin_ita", "skin_tone"]
+        )
+    ita = _optional_float(float(getattr(record, "skin_ita", math.nan)))
+    return {
+        "predicted_gender": getattr(record, "gender", None),
+        "gender_probability": _optional_float(float(getattr(record, "gender_probability", math.nan))),
+        "predicted_age": _optional_float(float(getattr(record, "age", math.nan))),
+        "skin_ita": ita,
+        "skin_tone": skin_tone_of(ita),
+    }
 
 
 def _as_stored(
