@@ -74,11 +74,12 @@ def _export_dataset(
     storage_options: dict[str, Any] | None = None,
     storage_options_secret: str | None = None,
     out_storage_options: dict[str, Any] | None = None,
+    allow_incomplete: bool = False,
 ):
     """Export the accepted images of the dataset at `uri` to `out_uri` as `fmt`, aligned
     to 112x112 unless `align` is false; `overwrite` replaces a non-empty `out_uri`;
-    `dali` (recordio): images only, keys 0..N-1. Output storage options default to the
-    input's."""
+    `dali` (recordio): images only, keys 0..N-1; `allow_incomplete` exports a dataset
+    still being generated. Output storage options default to the input's."""
     resolved = resolve_storage_options(storage_options, storage_options_secret)
     out = resolve_storage_options(out_storage_options, None, "out_storage_options")
     extra = {"dali": True} if dali else {}
@@ -92,6 +93,7 @@ def _export_dataset(
         out_storage_options=out or resolved,
         overwrite=overwrite,
         labels=labels,
+        allow_incomplete=allow_incomplete,
         **extra,
     )
 

@@ -306,6 +306,9 @@ def export(
         bool, typer.Option(help="recordio: images only, shuffled, keys 0..N-1 (shuffle_rec.py's layout, for DALI).")
     ] = False,
     shuffle_seed: Annotated[int, typer.Option(help="recordio --dali: seed of the order.")] = 0,
+    allow_incomplete: Annotated[
+        bool, typer.Option(help="Export a dataset whose generation has not finished.")
+    ] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
     storage_options: StorageOptions = None,
 ) -> None:
@@ -330,6 +333,7 @@ def export(
             overwrite=overwrite,
             labels=labels,
             progress=bar,
+            allow_incomplete=allow_incomplete,
             **extra,
         )
     console.print(f"exported {result}")

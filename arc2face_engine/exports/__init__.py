@@ -58,6 +58,7 @@ def export_dataset(
     overwrite: bool = False,
     labels: str = "contiguous",
     progress: ProgressReport = no_progress,
+    allow_incomplete: bool = False,
     **options: Any,
 ) -> ExportResult:
     """Export the dataset at `uri` to `out_uri` as `fmt` (recordio | imagefolder | webdataset | hf).
@@ -66,8 +67,10 @@ def export_dataset(
     keeps the source size. `labels`: "contiguous" (0..K-1 over identities with an
     exported image) or "dataset" (identities.parquet's labels, empty classes kept).
     `overwrite` replaces a non-empty output. `out_storage_options` defaults to
-    `storage_options`. Extra `options` go to the format (webdataset:
-    samples_per_shard; hf: rows_per_file; recordio: dali, shuffle_seed).
+    `storage_options`. A dataset still being generated is refused unless
+    `allow_incomplete`; every manifest part is verified against its checksum before its
+    rows are used. Extra `options` go to the format (webdataset: samples_per_shard; hf:
+    rows_per_file; recordio: dali, shuffle_seed).
     """
     name = FORMAT_ALIASES.get(fmt.lower(), fmt.lower())
     if name not in FORMATS:
@@ -75,6 +78,7 @@ def export_dataset(
     write = _writer(name)
     reader = DatasetReader(uri, storage_options)
     info = reader.info()  # DatasetNotFound / DatasetInfoInvalid before anything else
+    reader.require_complete(allow_incomplete, "--allow-incomplete")
     selection = select_export(reader, include_rejected, labels)
     output = prepare_output(
         reader, out_uri, out_storage_options if out_storage_options is not None else storage_options,
