@@ -278,6 +278,17 @@ def delete(path: Path) -> None:
     path.unlink()
 
 
+def json_edit(edit: Callable[[dict], None]) -> Callable[[Path], None]:
+    """A mutation of a JSON file (a model config) that keeps it valid JSON."""
+
+    def mutate(path: Path) -> None:
+        data = json.loads(path.read_text())
+        edit(data)
+        path.write_text(json.dumps(data))
+
+    return mutate
+
+
 def output_at(where: Callable[[Ctx], tuple[Path | str, Path]]) -> Callable:
     def setup(ctx: Ctx) -> tuple[list, Path]:
         uri, watched = where(ctx)
@@ -529,6 +540,37 @@ CASES = [
     ),
     Case(
         "encoder-missing", "missing model file", broken_model("encoder/pytorch_model.bin", delete)
+    ),
+    # model configs that open but do not fit what they configure
+    Case(
+        "scheduler-config-without-num-train-timesteps",
+        "scheduler_config.json is not a diffusers scheduler config (no num_train_timesteps)",
+        broken_model(
+            "scheduler/scheduler_config.json", json_edit(lambda c: c.pop("num_train_timesteps"))
+        ),
+    ),
+    Case(
+        "scheduler-config-unknown-beta-schedule",
+        "scheduler_config.json does not configure DPMSolverMultistepScheduler",
+        broken_model(
+            "scheduler/scheduler_config.json", json_edit(lambda c: c.update(beta_schedule="wobbly"))
+        ),
+    ),
+    Case(
+        "unet-config-does-not-fit-its-weights",
+        "arc2face/config.json does not fit",
+        broken_model(
+            "arc2face/config.json", json_edit(lambda c: c.update(block_out_channels=[32, 48]))
+        ),
+    ),
+    Case(
+        "controlnet-config-does-not-fit-its-weights",
+        "controlnet/config.json does not fit",
+        broken_model(
+            "controlnet/config.json",
+            json_edit(lambda c: c.update(layers_per_block=2)),
+            variations__poses={"kind": "procedural"},
+        ),
     ),
     # output locations
     Case("output-is-a-file", "is a file: set output.uri to a folder", output_at(_a_file)),
