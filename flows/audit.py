@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
+from flows import interrupts
 from flows.credentials import resolve_storage_options
 from flows.redacting import RedactingFlow
 from tasks.audit import audit, export
@@ -45,7 +46,8 @@ def _audit_dataset(
     if gallery_threshold is not None:  # else the audit's own default
         options["gallery_threshold"] = gallery_threshold
     resolved = resolve_storage_options(storage_options, storage_options_secret)
-    report = audit(uri, resolved, **options)
+    with interrupts.kept_inside_flows():  # the CLI's Ctrl-C/SIGTERM handling, not Prefect's
+        report = audit(uri, resolved, **options)
     summary = report.summary() if hasattr(report, "summary") else report.model_dump()
     rows: list[dict] = []
     _flatten("", summary, rows)

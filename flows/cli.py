@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from flows import interrupts
 from flows.prefect_api import ephemeral_timeout_message, patient_ephemeral_server
 from schemas.errors import UserError
 
@@ -156,11 +157,33 @@ def generate(
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Run the generate flow: identities, generation, verification, dataset."""
+    interrupts.describe_with(lambda: _generate_interrupted(spec))
     _check_spec_quickly(spec)
     from flows.generate import generate_dataset  # Prefect and the model libraries: now
 
     info = generate_dataset(spec, show_progress=progress)
     _print_counts(info)
+
+
+def _generate_interrupted(uri: str) -> str:
+    """`interrupted: N of M shards committed; ...`, counted on the output after the stop."""
+    from arc2face_engine.dataset.reader import DatasetReader
+    from arc2face_engine.job.estimate import summarize
+    from schemas.job import load_spec
+
+    committed, total = 0, None
+    try:
+        spec = load_spec(uri)
+        reader = DatasetReader(spec.output.uri, spec.output.storage_options)
+        if reader.exists("dataset.json"):
+            state = reader.completeness()
+            committed, total = state.committed, state.total
+        if total is None:
+            total = summarize(spec).shards
+    except Exception:  # a spec or output that cannot be read now: say what is known
+        pass
+    planned = f"{committed} of {total}" if total is not None else f"{committed}"
+    return f"interrupted: {planned} shards committed; re-run the same command to resume"
 
 
 def _check_spec_quickly(uri: str) -> None:
@@ -196,6 +219,9 @@ def demo(
     """The main job on built-in tiny models: generate -> filter -> write -> audit."""
     from flows.demo import run_demo
 
+    interrupts.describe_with(
+        lambda: f"interrupted: the demo in {out} stopped; re-run the same command to resume"
+    )
     report = run_demo(out, identities=identities, show_progress=True)
     if not report.passed:
         raise typer.Exit(1)
@@ -254,6 +280,10 @@ def audit(
     storage_options: StorageOptions = None,
 ) -> None:
     """Audit a dataset: schema, integrity, quality, leakage. Exit 1 when integrity fails."""
+    interrupts.describe_with(
+        lambda: f"interrupted: the audit of {uri} stopped before writing its report; "
+        "re-run the same command"
+    )
     options = dict(
         gallery=gallery,
         gallery_threshold=gallery_threshold,
@@ -315,6 +345,7 @@ def export(
     """Export accepted images for face-recognition training (label_map.csv maps labels to ids)."""
     from arc2face_engine.exports import ExportError, export_dataset
 
+    interrupts.describe_with(lambda: _export_interrupted(out))
     options = _storage_options(storage_options)
     extra = {}
     if dali or shuffle_seed:
@@ -337,6 +368,14 @@ def export(
             **extra,
         )
     console.print(f"exported {result}")
+
+
+def _export_interrupted(out: str) -> str:
+    if "://" in out and not out.startswith("file://"):
+        left = f"files written so far under {out} are incomplete: re-run with --overwrite"
+    else:
+        left = f"{out} was not written (an existing one is unchanged): re-run the same command"
+    return f"interrupted: the export stopped before it finished; {left}"
 
 
 @banks_app.command("poses")
@@ -418,15 +457,16 @@ def main() -> None:
     """Console-script entry point: an error a user can fix is one line on stderr, with
     exit status 2 for bad input (1 for failed shards); anything else is a bug and keeps
     its traceback."""
-    try:
-        app()
-    except Exception as error:
-        known = _one_line(error)
-        if known is None:
-            raise
-        message, status = known
-        print(f"error: {message}".replace("\n", " "), file=sys.stderr)
-        sys.exit(status)
+    with interrupts.handling():  # Ctrl-C / SIGTERM: one line, nothing partial, no orphans
+        try:
+            app()
+        except Exception as error:
+            known = _one_line(error)
+            if known is None:
+                raise
+            message, status = known
+            print(f"error: {message}".replace("\n", " "), file=sys.stderr)
+            sys.exit(status)
 
 
 if __name__ == "__main__":

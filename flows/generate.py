@@ -17,6 +17,7 @@ from arc2face_engine.job import lifecycle, preflight
 from arc2face_engine.job.identities_step import BuiltIdentities
 from arc2face_engine.job.shard import ShardResult
 from arc2face_engine.job.shards import ShardWork, shard_count, shard_works
+from flows import interrupts
 from flows.credentials import with_credentials
 from flows.prefect_api import check_api
 from flows.redacting import RedactingFlow
@@ -164,12 +165,13 @@ def _generate_dataset(spec: JobSpec | str, show_progress: bool = False) -> Datas
     Deployment runs and CLI runs do the same: credentials resolved on this worker,
     every check before anything is written, then the spec's own task runner.
     """
-    spec = with_credentials(load_job_spec(spec))
-    check_quickly(spec)
-    built = preflight.preflight(spec)  # model files, devices, banks, resume, identities
-    # One writer per output: the lease (heartbeat thread) is held until the flow ends.
-    with lifecycle.writer_lease(spec) as lease, task_runner_for(spec) as runner:
-        return _run_job(spec, runner, show_progress, lease.token, built)
+    with interrupts.kept_inside_flows():  # the CLI's Ctrl-C/SIGTERM handling, not Prefect's
+        spec = with_credentials(load_job_spec(spec))
+        check_quickly(spec)
+        built = preflight.preflight(spec)  # model files and configs, devices, banks, resume
+        # One writer per output: the lease (heartbeat thread) is held until the flow ends.
+        with lifecycle.writer_lease(spec) as lease, task_runner_for(spec) as runner:
+            return _run_job(spec, runner, show_progress, lease.token, built)
 
 
 generate_dataset_flow = RedactingFlow(_generate_dataset, name="generate-dataset", log_prints=True)

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from arc2face_engine import stopping
 from arc2face_engine.audit.checksums import verify_identities, verify_parts
 from arc2face_engine.audit.html import render_html
 from arc2face_engine.audit.identities import Identities, load_identities
@@ -139,7 +140,8 @@ def audit_dataset(
             )
     _collect_problems(report)
     if write_report:
-        write_audit_report(reader, report, plots)
+        with stopping.critical():  # Ctrl-C waits for both files: no half-written report
+            write_audit_report(reader, report, plots)
     return report
 
 

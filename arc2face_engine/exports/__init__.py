@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from arc2face_engine import stopping
 from arc2face_engine.dataset.reader import DatasetReader
 from arc2face_engine.exports.base import (
     FORMAT_ALIASES,
@@ -94,8 +95,10 @@ def export_dataset(
     progress("export", 0, len(selection))
     items = iter_items(reader, selection, align=align, skipped=skipped, advance=advance)
     try:
-        result = write(items, selection, output.fs, output.staging, info=info, **options)
-        output.commit()
+        with stopping.undo_on_stop(output.abort):  # Ctrl-C: no staging folder is left
+            result = write(items, selection, output.fs, output.staging, info=info, **options)
+        with stopping.critical():  # the swap into place is never cut in half
+            output.commit()
     except BaseException:
         output.abort()
         raise
