@@ -6,6 +6,7 @@ import errno
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -155,14 +156,49 @@ def plan(
 def generate(
     spec: Annotated[str, typer.Argument(help="Job spec (YAML path or URI).")],
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    redo_damaged: Annotated[
+        bool,
+        typer.Option(
+            help="Move committed shards whose manifest part fails its checksum aside "
+            "(damaged/<time>/ in the output) and generate them again."
+        ),
+    ] = False,
 ) -> None:
     """Run the generate flow: identities, generation, verification, dataset."""
     interrupts.describe_with(lambda: _generate_interrupted(spec))
     _check_spec_quickly(spec)
     from flows.generate import generate_dataset  # Prefect and the model libraries: now
 
-    info = generate_dataset(spec, show_progress=progress)
+    started = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    info = generate_dataset(spec, show_progress=progress, redo_damaged=redo_damaged)
+    if redo_damaged:
+        _print_set_aside(spec, started)
     _print_counts(info)
+
+
+def _print_set_aside(uri: str, started: str) -> None:
+    """Where `--redo-damaged` put the damaged shards: damaged/<UTC time>/ of this run."""
+    from arc2face_engine.dataset import layout
+    from arc2face_engine.dataset.reader import DatasetReader
+    from schemas.job import load_spec
+
+    spec = load_spec(uri)
+    reader = DatasetReader(spec.output.uri, spec.output.storage_options)
+    stamps = []
+    if reader.exists(layout.DAMAGED_DIR):
+        listed = reader.fs.ls(reader.path(layout.DAMAGED_DIR), detail=False)
+        stamps = [name.rstrip("/").rsplit("/", 1)[-1] for name in listed]
+    stamps = [stamp for stamp in stamps if stamp >= started]  # set aside by this run
+    if not stamps:
+        console.print("no damaged shards found: nothing was redone")
+        return
+    folder = f"{layout.DAMAGED_DIR}/{max(stamps)}"
+    parts = reader.fs.glob(reader.path(f"{folder}/{layout.MANIFEST_DIR}/part-*.parquet"))
+    shards = sorted(layout.shard_of_part(part) for part in parts)
+    console.print(
+        f"redone {len(shards)} damaged shards ({', '.join(f'{s:05d}' for s in shards)}); "
+        f"their damaged files are kept in {spec.output.uri}/{folder}/"
+    )
 
 
 def _generate_interrupted(uri: str) -> str:

@@ -158,9 +158,13 @@ def check_quickly(spec: JobSpec) -> None:
         check_dask_scheduler(spec.compute.dask_address)  # seconds, before loading banks
 
 
-def _generate_dataset(spec: JobSpec | str, show_progress: bool = False) -> DatasetInfo:
+def _generate_dataset(
+    spec: JobSpec | str, show_progress: bool = False, redo_damaged: bool = False
+) -> DatasetInfo:
     """Turn a job spec (a YAML path or URI, or the spec itself) into a dataset:
-    identities, shards, verification, finalise.
+    identities, shards, verification, finalise. `redo_damaged`: committed shards whose
+    manifest part fails its checksum are moved aside (damaged/<time>/) and generated
+    again (without it, a resume refuses them).
 
     Deployment runs and CLI runs do the same: credentials resolved on this worker,
     every check before anything is written, then the spec's own task runner.
@@ -168,10 +172,20 @@ def _generate_dataset(spec: JobSpec | str, show_progress: bool = False) -> Datas
     with interrupts.kept_inside_flows():  # the CLI's Ctrl-C/SIGTERM handling, not Prefect's
         spec = with_credentials(load_job_spec(spec))
         check_quickly(spec)
-        built = preflight.preflight(spec)  # model files and configs, devices, banks, resume
+        # model files and configs, devices, banks, resume (committed parts verified), identities
+        built = preflight.preflight(spec, redo_damaged=redo_damaged)
         # One writer per output: the lease (heartbeat thread) is held until the flow ends.
         with lifecycle.writer_lease(spec) as lease, task_runner_for(spec) as runner:
+            if redo_damaged:
+                _set_aside_damaged(spec, lease.token)
             return _run_job(spec, runner, show_progress, lease.token, built)
+
+
+def _set_aside_damaged(spec: JobSpec, lease_token: str) -> None:
+    moved, folder = lifecycle.set_aside_damaged(spec, lease_token)
+    if moved:
+        shards = ", ".join(f"{shard:05d}" for shard in moved)
+        print(f"damaged shards {shards} moved aside to {folder}/; generating them again")
 
 
 generate_dataset_flow = RedactingFlow(_generate_dataset, name="generate-dataset", log_prints=True)
@@ -232,8 +246,10 @@ def _run_job(
     return info
 
 
-def generate_dataset(spec: JobSpec | str, show_progress: bool = False) -> DatasetInfo:
+def generate_dataset(
+    spec: JobSpec | str, show_progress: bool = False, redo_damaged: bool = False
+) -> DatasetInfo:
     """Run the generate flow for a spec object or a spec file path/URI; an unreachable
     Prefect API is one line. (The CLI makes the quick checks before it imports this.)"""
     check_api()
-    return generate_dataset_flow(spec, show_progress)
+    return generate_dataset_flow(spec, show_progress, redo_damaged)

@@ -257,6 +257,35 @@ class DatasetWriter:
         if self.local:
             self._remove_stale_temps(shard)
 
+    def set_aside(self, shard: int, folder: str) -> list[str]:
+        """Move a committed shard's part, sidecar and images under `folder` (relative to the
+        root, e.g. damaged/<time>), keeping their relative paths; returns what moved.
+
+        The part goes first: from then on the shard is uncommitted, so an interruption
+        anywhere after leaves a dataset a re-run completes (its leftovers are cleared).
+        Only under the writer lease.
+        """
+        if self.lease_token is None:
+            raise ValueError("set_aside moves committed files: hold the writer lease first")
+        self.check_lease()
+        _GATE.check()
+        moved = []
+        for relative in (
+            layout.manifest_part(shard),
+            layout.part_checksum_path(shard),
+            layout.image_dir(shard),
+        ):
+            source = self.path(relative)
+            self.fs.invalidate_cache(source.rsplit("/", 1)[0])
+            if not self.fs.exists(source):
+                continue
+            target = self.path(f"{folder}/{relative}")
+            self._ensure_parent(target)
+            self.fs.mv(source, target, recursive=True)
+            moved.append(relative)
+        self.fs.invalidate_cache(self.path(layout.MANIFEST_DIR))
+        return moved
+
     def _remove_stale_temps(self, shard: int) -> None:
         part = self.path(layout.manifest_part(shard))
         folder, name = part.rsplit("/", 1)

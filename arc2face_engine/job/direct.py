@@ -4,7 +4,12 @@ The flow-overhead benchmark compares the two."""
 from __future__ import annotations
 
 from arc2face_engine.job.identities_step import build_identities
-from arc2face_engine.job.lifecycle import finalize_dataset, prepare_dataset, writer_lease
+from arc2face_engine.job.lifecycle import (
+    finalize_dataset,
+    prepare_dataset,
+    set_aside_damaged,
+    writer_lease,
+)
 from arc2face_engine.job.preflight import preflight
 from arc2face_engine.job.shard import PendingCommit
 from arc2face_engine.job.shards import shard_works
@@ -13,10 +18,12 @@ from schemas.job import JobSpec
 from schemas.tables import DatasetInfo
 
 
-def run_job_directly(spec: JobSpec) -> DatasetInfo:
+def run_job_directly(spec: JobSpec, redo_damaged: bool = False) -> DatasetInfo:
     """The whole job with no orchestrator: same functions, a plain loop."""
-    built = preflight(spec)
+    built = preflight(spec, redo_damaged=redo_damaged)
     with writer_lease(spec) as lease:
+        if redo_damaged:
+            set_aside_damaged(spec, lease.token)
         writer = prepare_dataset(spec, lease.token)
         table = build_identities(spec, writer, built)
         committed = writer.committed_shards()
