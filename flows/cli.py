@@ -210,6 +210,10 @@ def _generate_interrupted(uri: str) -> str:
     committed, total = 0, None
     try:
         spec = load_spec(uri)
+        if not spec.output.storage_options_secret:  # a Secret block needs the (gone) API
+            from flows.credentials import with_credentials
+
+            spec = with_credentials(spec)  # ${env:NAME} references in storage options
         reader = DatasetReader(spec.output.uri, spec.output.storage_options)
         if reader.exists("dataset.json"):
             state = reader.completeness()

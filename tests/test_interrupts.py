@@ -1,7 +1,9 @@
 """Ctrl-C and SIGTERM, sent for real to the console script running in its own session.
 
 Each command runs as a user runs it (`arc2face-synth ...` in a new session, no Prefect
-server given, so `generate` starts its temporary one), is signalled mid-run, and must
+server given, so `generate` starts its temporary one), is paused (SIGSTOP) the moment it
+is seen mid-work, signalled, and continued, so the signal lands there whatever the
+machine's speed; it must
 exit within 10 s with 130 (SIGINT) or 143 (SIGTERM) and exactly one line on stderr,
 leave no process of its session alive (the temporary Prefect server is a uvicorn
 child), release its writer lease, commit nothing partial, and leave a dataset that the
@@ -55,14 +57,20 @@ def start(args: list, tmp: Path) -> subprocess.Popen:
     )
 
 
-def wait_for(condition, process: subprocess.Popen, timeout: float = 400) -> None:
+def wait_for(
+    condition, process: subprocess.Popen, timeout: float = 400, busy: bool = False
+) -> None:
+    """Poll until `condition()` (without sleeping when `busy`: for a condition that holds
+    only for moments), then SIGSTOP the command where it is: `interrupt` sends the signal
+    and continues it, so the signal lands at the point that was seen."""
     deadline = time.monotonic() + timeout
     while not condition():
         if process.poll() is not None:
             out, err = process.communicate()
             pytest.fail(f"the command ended first ({process.returncode}): {out!r} {err!r}")
         assert time.monotonic() < deadline, "timed out waiting for the command"
-        time.sleep(0.02)
+        time.sleep(0 if busy else 0.02)
+    os.kill(process.pid, signal.SIGSTOP)
 
 
 def session_processes(session: int) -> list[psutil.Process]:
@@ -81,7 +89,8 @@ def interrupt(
     process: subprocess.Popen, number: int, group: bool
 ) -> tuple[int, str, str, float]:
     """Send `number` (to the whole process group when `group`); (status, stdout, stderr,
-    seconds to exit). Fails if any process of the session is still alive 2 s later."""
+    seconds to exit). Fails if any process of the session is still alive 2 s later.
+    The command, paused by `wait_for`, is continued once the signal is sent."""
     session = os.getsid(process.pid)
     children = psutil.Process(process.pid).children(recursive=True)
     sent = time.monotonic()
@@ -89,6 +98,7 @@ def interrupt(
         os.killpg(process.pid, number)
     else:
         os.kill(process.pid, number)
+    os.kill(process.pid, signal.SIGCONT)
     try:
         out, err = process.communicate(timeout=60)
     finally:
@@ -110,12 +120,12 @@ def interrupt(
 
 @pytest.fixture(scope="module")
 def long_job(tiny_models: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """A job of 12 one-identity shards, and the same job run to the end without Prefect."""
+    """A job of 6 one-identity shards, and the same job run to the end without Prefect."""
     from arc2face_engine.job.direct import run_job_directly
     from schemas.job import JobSpec
 
     tmp = tmp_path_factory.mktemp("long-job")
-    raw = spec_dict(tiny_models, tmp / "base", identities__count=12)
+    raw = spec_dict(tiny_models, tmp / "base", identities__count=6)
     run_job_directly(JobSpec.model_validate(raw))
     return raw
 
@@ -145,8 +155,8 @@ def test_generate_stops_within_seconds_commits_nothing_partial_and_resumes(
     found = INTERRUPTED.match(lines[0])
     assert found, lines[0]
     committed = sorted(out.glob("manifest/part-*.parquet"))
-    assert int(found.group(1)) == len(committed) and int(found.group(2)) == 12
-    assert 1 <= len(committed) < 12
+    assert int(found.group(1)) == len(committed) and int(found.group(2)) == 6
+    assert 1 <= len(committed) < 6
     assert not (out / layout.LEASE_FILE).exists()  # released
     assert not list(out.glob("manifest/.*.tmp-*"))  # no half-written part or sidecar
     assert_intact(out)  # each committed part matches its sidecar, its rows their files
@@ -174,9 +184,12 @@ def big_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _reads_dataset_files(pid: int, root: Path) -> bool:
+    """Whether the process has a file under `root` open right now."""
+    prefix = f"{root}/"
     try:
-        return any(f.path.startswith(str(root)) for f in psutil.Process(pid).open_files())
-    except psutil.Error:
+        with os.scandir(f"/proc/{pid}/fd") as fds:
+            return any(os.readlink(fd.path).startswith(prefix) for fd in fds)
+    except OSError:  # an fd closed while listed, or the process is gone
         return False
 
 
@@ -200,7 +213,7 @@ def test_audit_interrupted_writes_no_report(big_dataset: Path, tmp_path: Path):
     dataset = tmp_path / "ds"
     shutil.copytree(big_dataset, dataset)
     process = start(["audit", dataset, "--no-progress"], tmp_path)
-    wait_for(lambda: _reads_dataset_files(process.pid, dataset / "images"), process)
+    wait_for(lambda: _reads_dataset_files(process.pid, dataset / "images"), process, busy=True)
     code, stdout, stderr, took = interrupt(process, signal.SIGTERM, group=False)
     assert code == 143 and took < EXIT_WITHIN_S, (stdout, stderr, took)
     assert stderr.strip("\n").split("\n") == [
