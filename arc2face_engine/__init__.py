@@ -44,6 +44,8 @@ _PUBLIC = {
     "run_job_directly": "arc2face_engine.job.direct",
     "image_seed": "arc2face_engine.determinism",
     "DatasetReader": "arc2face_engine.dataset.reader",
+    "DamagedPart": "arc2face_engine.dataset.reader",
+    "DatasetIncomplete": "arc2face_engine.dataset.reader",
     "Arc2FaceDataset": "arc2face_engine.loader",
     "audit_dataset": "arc2face_engine.audit",
     "export_dataset": "arc2face_engine.exports",
@@ -54,6 +56,8 @@ _PUBLIC = {
 __all__ = [
     "Arc2FaceDataset",
     "Arc2FaceEngine",
+    "DamagedPart",
+    "DatasetIncomplete",
     "DatasetReader",
     "Expression",
     "ExpressionBank",
@@ -82,7 +86,7 @@ if TYPE_CHECKING:
     from arc2face_engine.audit import audit_dataset
     from arc2face_engine.controls.expressions import Expression, ExpressionBank
     from arc2face_engine.controls.poses import Pose, PoseBank
-    from arc2face_engine.dataset.reader import DatasetReader
+    from arc2face_engine.dataset.reader import DamagedPart, DatasetIncomplete, DatasetReader
     from arc2face_engine.determinism import image_seed
     from arc2face_engine.exports import export_dataset
     from arc2face_engine.faces.align import align_face

@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
+from flows import interrupts
 from flows.credentials import resolve_storage_options
 from flows.redacting import RedactingFlow
 from tasks.audit import audit, export
@@ -49,7 +50,8 @@ def _audit_dataset(
     if gallery_threshold is not None:  # else the audit's own default
         options["gallery_threshold"] = gallery_threshold
     resolved = resolve_storage_options(storage_options, storage_options_secret)
-    report = audit(uri, resolved, **options)
+    with interrupts.kept_inside_flows():  # the CLI's Ctrl-C/SIGTERM handling, not Prefect's
+        report = audit(uri, resolved, **options)
     summary = report.summary() if hasattr(report, "summary") else report.model_dump()
     rows: list[dict] = []
     _flatten("", summary, rows)
@@ -79,12 +81,14 @@ def _export_dataset(
     storage_options: dict[str, Any] | None = None,
     storage_options_secret: str | None = None,
     out_storage_options: dict[str, Any] | None = None,
+    allow_incomplete: bool = False,
 ):
     """Export the accepted images of the dataset at `uri` to `out` as `format`, aligned
     to 112x112 unless `align` is false; `overwrite` replaces a non-empty `out`;
-    `dali` (recordio): images only, shuffled with `shuffle_seed`, keys 0..N-1. The
-    parameters are the CLI's (`arc2face-synth export URI --out OUT --format FORMAT`).
-    Output storage options default to the input's."""
+    `dali` (recordio): images only, shuffled with `shuffle_seed`, keys 0..N-1;
+    `allow_incomplete` exports a dataset still being generated. The parameters are the
+    CLI's (`arc2face-synth export URI --out OUT --format FORMAT`). Output storage options
+    default to the input's."""
     resolved = resolve_storage_options(storage_options, storage_options_secret)
     out_options = resolve_storage_options(out_storage_options, None, "out_storage_options")
     extra = {"dali": dali, "shuffle_seed": shuffle_seed} if dali or shuffle_seed else {}
@@ -98,6 +102,7 @@ def _export_dataset(
         out_storage_options=out_options or resolved,
         overwrite=overwrite,
         labels=labels,
+        allow_incomplete=allow_incomplete,
         **extra,
     )
 

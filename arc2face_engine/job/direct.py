@@ -7,7 +7,12 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 from arc2face_engine.job.identities_step import build_identities
-from arc2face_engine.job.lifecycle import finalize_dataset, prepare_dataset, writer_lease
+from arc2face_engine.job.lifecycle import (
+    finalize_dataset,
+    prepare_dataset,
+    set_aside_damaged,
+    writer_lease,
+)
 from arc2face_engine.job.preflight import preflight
 from arc2face_engine.job.shard import PendingCommit
 from arc2face_engine.job.shards import shard_works
@@ -21,10 +26,12 @@ from schemas.tables import DatasetInfo
 SHARDS_IN_FLIGHT = 3
 
 
-def run_job_directly(spec: JobSpec) -> DatasetInfo:
+def run_job_directly(spec: JobSpec, redo_damaged: bool = False) -> DatasetInfo:
     """The whole job with no orchestrator: same functions, a plain loop."""
-    built = preflight(spec)
+    built = preflight(spec, redo_damaged=redo_damaged)
     with writer_lease(spec) as lease:
+        if redo_damaged:
+            set_aside_damaged(spec, lease.token)
         writer = prepare_dataset(spec, lease.token)
         table = build_identities(spec, writer, built)
         committed = writer.committed_shards()

@@ -10,6 +10,7 @@ import datetime as dt
 from importlib import metadata
 
 from arc2face_engine import models_dir
+from arc2face_engine.dataset import layout
 from arc2face_engine.dataset.card import write_dataset_card
 from arc2face_engine.dataset.lease import WriterLease
 from arc2face_engine.dataset.reader import DatasetReader
@@ -107,6 +108,27 @@ def finalize_dataset(spec: JobSpec, lease_token: str | None = None) -> DatasetIn
     writer.write_dataset_json(info)
     write_dataset_card(writer, info)
     return info
+
+
+def set_aside_damaged(spec: JobSpec, lease_token: str) -> tuple[list[int], str]:
+    """Move every committed shard whose part fails its checksum into damaged/<UTC time>/
+    (part, sidecar, images), so that the run generates it again; returns the shards and
+    the folder. dataset.json is marked in progress first: until they are redone, the
+    dataset is not complete."""
+    reader = DatasetReader(spec.output.uri, spec.output.storage_options)
+    problems = reader.damaged_parts()
+    if not problems:
+        return [], ""
+    writer = open_writer(spec, lease_token)
+    info = writer.read_dataset_json()
+    if info is not None and info.status != "in_progress":
+        info.status, info.finished_at = "in_progress", None
+        writer.write_dataset_json(info)
+    folder = layout.damaged_dir(dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ"))
+    shards = [layout.shard_of_part(problem.part) for problem in problems]
+    for shard in shards:
+        writer.set_aside(shard, folder)
+    return shards, folder
 
 
 def count_manifest(reader: DatasetReader) -> DatasetCounts:

@@ -6,11 +6,13 @@ names exist (`spec_paths`), the model files it uses are there, and the output is
 writable folder that no live run holds and that holds no dataset of another spec. The CLI runs it
 before Prefect starts, and the flow runs it first, so a mistake is one line either way.
 
-`preflight` is the rest, run once, in the flow: every model file opens, the devices
-exist and verification would run on them, the banks load, a resumed dataset was made
-with the same models and precision, and the identities are built (photos without a
-face, unusable files and the exclusion gallery fail here). It returns the identities it
-built, for the identities step to write.
+`preflight` is the rest, run once, in the flow: every model file opens, every config
+fits what it configures (the schedulers build, each diffusers model's config matches its
+weights' shapes), the devices exist and verification would run on them, the banks load,
+a resumed dataset was made with the same models and precision and every part it
+committed matches its checksum, and the identities are built (photos without a face,
+unusable files and the exclusion gallery fail here). It returns the identities it built,
+for the identities step to write.
 
 Each failure is a UserError naming the problem and the fix.
 """
@@ -54,15 +56,23 @@ def quick_checks(spec: JobSpec) -> DatasetInfo | None:
     return writer.check_compatible(spec_hash(spec), spec)
 
 
-def preflight(spec: JobSpec) -> BuiltIdentities | None:
+def preflight(spec: JobSpec, redo_damaged: bool = False) -> BuiltIdentities | None:
     """All checks (`quick_checks` first); returns the identities built for a new dataset,
     or None when a resumed dataset keeps its recorded ones or the source needs the
-    diffusion models (the identities step builds those)."""
+    diffusion models (the identities step builds those). A resumed dataset with a damaged
+    committed part is refused unless `redo_damaged` (the flow then sets those aside)."""
+    from arc2face_engine.generation.config_checks import check_model_configs
     from arc2face_engine.generation.devices import resolve_device
 
     quick_checks(spec)
     components = required_components(spec)
     models_dir.check_model_files(spec.models.dir, components)
+    check_model_configs(
+        spec.models.dir,
+        components,
+        lcm=spec.generation.scheduler == "lcm",
+        steps=spec.generation.steps,
+    )
     for device in spec.compute.devices:
         check_face_analysis_device(spec, resolve_device(device))
     precision = output_checks.resolved_precision(spec)
@@ -72,6 +82,8 @@ def preflight(spec: JobSpec) -> BuiltIdentities | None:
     info = writer.check_compatible(spec_hash(spec), spec)
     if info is not None:
         output_checks.check_resume(spec, info, components, precision)
+        if not redo_damaged:
+            output_checks.check_committed_parts(writer)
     if DatasetReader(spec.output.uri, spec.output.storage_options).has_identities():
         # A resumed job keeps the identities it recorded, if they are intact (the job
         # reads them again under the lease).

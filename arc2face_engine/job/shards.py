@@ -16,6 +16,9 @@ from functools import cached_property
 import numpy as np
 import pyarrow as pa
 
+# The shard arithmetic is part of the dataset format (layout); re-exported for the job.
+from arc2face_engine.dataset.layout import identities_per_shard
+from arc2face_engine.dataset.layout import shard_count as shard_count
 from arc2face_engine.generation.settings import GenerationSettings
 from schemas.job import FilterSpec, GenerationSpec, JobSpec, OutputSpec, VariationsSpec
 from schemas.tables import EMBEDDING_DIM, vector_matrix
@@ -85,14 +88,6 @@ class ShardRange:
         for identity in range(self.identity_start, self.identity_stop):
             for variant in range(images_per_identity):
                 yield identity, variant
-
-
-def identities_per_shard(images_per_identity: int, shard_size: int) -> int:
-    return max(1, shard_size // images_per_identity)
-
-
-def shard_count(n_identities: int, images_per_identity: int, shard_size: int) -> int:
-    return math.ceil(n_identities / identities_per_shard(images_per_identity, shard_size))
 
 
 def iter_shards(
