@@ -32,6 +32,7 @@ from schemas.tables import (
     LOW_SIMILARITY,
     MULTIPLE_FACES,
     NO_FACE,
+    TOO_SIMILAR,
     l2_normalize,
 )
 
@@ -40,6 +41,7 @@ FILTER = {
     "min_det_score": 0.6,
     "require_single_face": True,
     "min_feature_norm": 60.0,
+    "max_similarity": 0.06,
     "max_attempts": 3,
 }
 SIZE = 64
@@ -50,6 +52,7 @@ THRESHOLDS = {
     "min_det_score": ("det_score", operator.ge),
     "min_feature_norm": ("feature_norm", operator.ge),
     "require_single_face": ("face_count", lambda count, required: count == 1 or not required),
+    "max_similarity": ("similarity", lambda similarity, limit: limit >= 1.0 or similarity <= limit),
 }
 NOT_A_THRESHOLD = {"max_attempts"}
 # reject reason -> the setting whose check the row fails
@@ -58,6 +61,7 @@ REASON_SETTING = {
     LOW_DETECTION_SCORE: "min_det_score",
     LOW_FEATURE_NORM: "min_feature_norm",
     MULTIPLE_FACES: "require_single_face",
+    TOO_SIMILAR: "max_similarity",
 }
 
 
@@ -132,7 +136,7 @@ def test_every_accepted_row_meets_every_threshold_and_every_reject_fails_its_own
             assert not passes(row[column], settings[setting]), (row["image_id"], row[column])
     # The job sits across every threshold: each check above was exercised from both sides.
     reasons = {row["reject_reason"] for row in rows}
-    assert {None, LOW_SIMILARITY, LOW_DETECTION_SCORE, LOW_FEATURE_NORM, MULTIPLE_FACES} <= reasons
+    assert {None, LOW_SIMILARITY, LOW_DETECTION_SCORE, LOW_FEATURE_NORM, MULTIPLE_FACES, TOO_SIMILAR} <= reasons
 
 
 # --- verification judges the stored file ---------------------------------------------------------
