@@ -19,11 +19,14 @@ from pydantic_core import PydanticUndefined
 
 from schemas.job import JobSpec
 from schemas.tables import (
+    IMPORT_REFUSALS,
+    LEFT_OUT_LABEL,
     REJECT_REASONS,
     DatasetCounts,
     DatasetInfo,
     ExclusionReport,
     IdentityRow,
+    ImportProvenance,
     ManifestRow,
 )
 
@@ -117,6 +120,7 @@ def _model_table(model: type[BaseModel]) -> list[str]:
 
 def dataset_format_page() -> str:
     reasons = ", ".join(f"`{reason}`" for reason in REJECT_REASONS)
+    refusals = ", ".join(f"`{reason}`" for reason in IMPORT_REFUSALS)
     lines = [
         GENERATED,
         "# Dataset format reference",
@@ -145,6 +149,11 @@ def dataset_format_page() -> str:
         "",
         f"Reject reasons, in the order they are checked: {reasons}.",
         "",
+        "Imported datasets (`arc2face-synth import`, `source` = `imported`) add the reasons",
+        f"an item is refused before face analysis: {refusals}. Their generation columns are",
+        "null. An imported identity without an accepted image is left out of",
+        f"identities.parquet; its rows keep their reasons under label {LEFT_OUT_LABEL}.",
+        "",
         *_row_table(ManifestRow),
         "",
         "## dataset.json",
@@ -158,6 +167,10 @@ def dataset_format_page() -> str:
         "### exclusion_report",
         "",
         *_model_table(ExclusionReport),
+        "",
+        "### imported",
+        "",
+        *_model_table(ImportProvenance),
     ]
     return "\n".join(lines).rstrip() + "\n"
 

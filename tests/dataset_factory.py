@@ -284,6 +284,7 @@ def _row(
         "similarity": similarity,
         "accepted": accepted,
         "reject_reason": reason,
+        "source": "generated",
     }
 
 

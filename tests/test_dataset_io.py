@@ -72,6 +72,7 @@ def manifest_rows(shard: int, identity: int, variants: int, paths: dict[str, tup
                 "similarity": 0.5 + variant / 100,
                 "accepted": variant % 2 == 0,
                 "reject_reason": None if variant % 2 == 0 else "low_similarity",
+                "source": "generated",
             }
         )
     return rows

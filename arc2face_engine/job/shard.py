@@ -29,7 +29,7 @@ from arc2face_engine.dataset.writer import DatasetWriter
 from arc2face_engine.determinism import image_seed
 from arc2face_engine.generation.settings import GenerationSettings, ImageRequest
 from arc2face_engine.job.shards import ShardWork, variant_for
-from schemas.tables import ManifestRow, manifest_table
+from schemas.tables import GENERATED, ManifestRow, manifest_table
 
 if TYPE_CHECKING:  # the seam only needs the types
     from arc2face_engine.faces.records import FaceRecord, Verdict
@@ -348,6 +348,9 @@ def _row(
         similarity=_optional_float(float(verdict.similarity)),
         accepted=bool(verdict.accepted),
         reject_reason=verdict.reason,
+        source=GENERATED,
+        source_label=None,
+        source_name=None,
     )
 
 
