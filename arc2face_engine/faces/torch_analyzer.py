@@ -34,7 +34,14 @@ from arc2face_engine.faces.pack import (
     LANDMARK_3D_FILE,
     RECOGNITION_FILE,
 )
-from arc2face_engine.faces.records import AnalyzerBase, FaceRecord, check_det_size, rgb_frames
+from arc2face_engine.faces.records import (
+    AnalyzerBase,
+    FaceRecord,
+    aligned_keypoints,
+    check_aligned,
+    check_det_size,
+    rgb_frames,
+)
 from arc2face_engine.faces.warp import invert_affine, resize_linear_u8, warp_affine_u8
 from arc2face_engine.models_dir import require
 from schemas.errors import CheckpointMismatch
@@ -238,6 +245,34 @@ class TorchFaceAnalyzer(AnalyzerBase):
                 batch = torch.from_numpy(np.stack([frames[i] for i in chunk])).to(self.device)
                 for index, record in zip(chunk, self._analyze_batch(batch), strict=True):
                     records[index] = record
+        return records
+
+    @torch.inference_mode()
+    def analyze_aligned(self, images: np.ndarray | Sequence[np.ndarray]) -> list[FaceRecord]:
+        """Records of aligned ArcFace crops, embedded without detection (see the onnxruntime
+        analyzer's analyze_aligned: the same records, batched on the device)."""
+        frames = rgb_frames(images)
+        size = self.recognizer.input_size
+        check_aligned(frames, size)
+        records: list[FaceRecord] = []
+        keypoints = aligned_keypoints(size)
+        for start in range(0, len(frames), self.batch_size):
+            batch = torch.from_numpy(np.stack(frames[start : start + self.batch_size]))
+            batch = batch.to(self.device)
+            net = self.recognizer
+            features = net.module(_to_blob(batch, net.mean, net.std, self.dtype))[0].float()
+            norms = features.norm(dim=1)
+            embeddings = features / norms.clamp(min=1e-12)[:, None]
+            faces = torch.arange(len(batch), device=self.device)
+            boxes = torch.tensor([[0.0, 0.0, size, size]] * len(batch), device=self.device)
+            poses = self._head_poses(batch, boxes, faces).float().cpu().numpy()
+            for embedding, norm, pose in zip(
+                embeddings.cpu().numpy(), norms.cpu().numpy(), poses, strict=True
+            ):
+                records.append(FaceRecord(
+                    1, math.nan, np.array([0, 0, size, size], np.float32), keypoints.copy(),
+                    embedding.astype(np.float32), tuple(float(v) for v in pose), float(norm),
+                ))  # fmt: skip
         return records
 
     def _analyze_batch(self, batch: torch.Tensor) -> list[FaceRecord]:
