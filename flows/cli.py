@@ -240,7 +240,7 @@ def audit(
     uri: Annotated[str, typer.Argument(help="Dataset folder or URI.")],
     gallery: Annotated[
         str | None,
-        typer.Option(help="Parquet/.npy of real-person embeddings; default: the spec's exclusion gallery."),
+        typer.Option(help="Parquet/.npy of real-person embeddings or a dataset folder; default: the spec's exclusion gallery."),
     ] = None,
     gallery_threshold: Annotated[
         float | None,
@@ -284,6 +284,49 @@ def _print_audit(report) -> None:
     console.print(f"audit {verdict}: {report.report_uri}")
     for problem in report.problems[:20]:
         console.print(f"  - {problem}")
+
+
+@app.command("compare")
+def compare(
+    uris: Annotated[list[str], typer.Argument(help="Two or more dataset folders or URIs.")],
+    out: Annotated[str, typer.Option(help="Folder for compare.json and compare.html.")],
+    radius: Annotated[
+        float, typer.Option(help="Cosine-distance radius: identities closer than this overlap.")
+    ] = 0.3,
+    verify_files: Annotated[
+        bool, typer.Option(help="Also hash and decode every image, as audit does.")
+    ] = False,
+    prefect: Annotated[bool, typer.Option(help="Run as a Prefect flow (artifacts).")] = False,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    storage_options: StorageOptions = None,
+) -> None:
+    """Compare datasets side by side: audit metrics, overlaid plots, shared identities."""
+    options = _storage_options(storage_options)
+    if prefect:
+        from flows.audit import compare_datasets_flow
+        from flows.prefect_api import check_api
+
+        check_api()
+        report = compare_datasets_flow(list(uris), out, options, radius, verify_files)
+    else:
+        from arc2face_engine.audit.compare import compare_datasets
+
+        with _progress_bar(progress) as bar:
+            report = compare_datasets(
+                list(uris), out, options, radius, verify_files=verify_files, progress=bar
+            )
+    table = Table("dataset", "passed", "identities", "accepted", "uniqueness", "intra-class",
+                  "inter-class max", title="compare")  # fmt: skip
+    for row in report.summary_rows():
+        table.add_row(*(str(value if not isinstance(value, float) else round(value, 4))
+                        for value in row.values()))  # fmt: skip
+    console.print(table)
+    for found in report.overlaps:
+        console.print(
+            f"datasets {found.first + 1} ~ {found.second + 1}: {found.pair_count} identity pairs "
+            f"within cosine {found.threshold:.2f} (max {found.max_cosine})"
+        )
+    console.print(f"report: {report.html_uri}")
 
 
 @app.command("export")
