@@ -89,7 +89,8 @@ def test_hostile_image_folder(tiny_models, tmp_path):
     (alice / "loop").symlink_to(alice, target_is_directory=True)
     (alice / "notes.txt").write_text("no image")
     (alice / "truncated.jpg").write_bytes(face_jpeg(2)[:200])
-    (alice / "huge.png").write_bytes(png_header(20_000, 20_000))
+    (alice / "huge.png").write_bytes(png_header(20_000, 20_000))  # a decompression bomb
+    (alice / "wide.png").write_bytes(png_header(16_385, 10))  # small, but over the side bound
     with open(alice / "big.jpg", "wb") as handle:  # sparse: over the byte bound, never read
         handle.truncate(MAX_IMAGE_BYTES + 1)
     (source / "evil").symlink_to(outside, target_is_directory=True)
@@ -101,6 +102,7 @@ def test_hostile_image_folder(tiny_models, tmp_path):
     assert reasons["evil"] == "unsafe_name" and rows["evil"]["label"] == -1
     assert reasons["alice/notes.txt"] == reasons["alice/truncated.jpg"] == "unreadable"
     assert reasons["alice/huge.png"] == reasons["alice/big.jpg"] == "too_large"
+    assert reasons["alice/wide.png"] == "too_large"
     assert rows["alice/inside.jpg"]["sha256"] == rows["alice/good.jpg"]["sha256"]  # stays inside
     refused = [row for row in rows.values() if row["reject_reason"] in ("unsafe_name", "too_large")]
     assert all(row["path"] is None and row["sha256"] is None for row in refused)

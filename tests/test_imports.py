@@ -174,6 +174,8 @@ def test_resume_skips_committed_shards_and_refuses_a_changed_source(tiny_models,
     (part.parent / "part-00003.parquet").unlink()  # as if killed before the last commit
     again = run_import_directly(parse_import_spec(options))
     assert again.counts == first.counts and part.read_bytes() == before
+    assert again.counts.identities >= 2  # labels continue across the resumed shard
+    assert audit_dataset(str(tmp_path / "out")).passed
     _write_jpeg(source / "p9" / "1.jpg", 9)
     from schemas.errors import ResumeMismatch
 

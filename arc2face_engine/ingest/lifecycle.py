@@ -173,7 +173,11 @@ def _collect_identities(reader: DatasetReader) -> tuple[_Identities, Counter]:
                 found.sums[label] = np.zeros(EMBEDDING_DIM, np.float64)
             found.sums[label] += embedding
         for row in np.flatnonzero(labels >= 0).tolist():
-            found.ids.setdefault(int(labels[row]), ids[row])
+            if found.ids.setdefault(int(labels[row]), ids[row]) != ids[row]:
+                raise DatasetCorrupt(
+                    f"label {labels[row]} belongs to both {found.ids[int(labels[row])]!r} and "
+                    f"{ids[row]!r} in {reader.uri}: the dataset is damaged; import into a new --out"
+                )
             found.source_labels.setdefault(int(labels[row]), source_labels[row])
     return found, left_out_rows
 
