@@ -219,15 +219,18 @@ def compare_datasets(
     output = _open_out(out, out_storage_options if out_storage_options is not None else storage_options)
     measured = [_measure(uri, storage_options, radius, verify_files, progress) for uri in uris]
     overlaps = []
+    pairs = len(measured) * (len(measured) - 1) // 2
+    progress("overlap", 0, pairs)
     for first in range(len(measured)):
         for second in range(first + 1, len(measured)):
             found = overlap(measured[first], measured[second], 1.0 - radius)
             found.first, found.second = first, second
             overlaps.append(found)
-            progress("overlap", len(overlaps), len(measured) * (len(measured) - 1) // 2)
+            progress("overlap", len(overlaps), pairs)
     wanted = _contact_identities(overlaps, len(measured))
     datasets, contacts = [], []
     for index, entry in enumerate(measured):
+        progress("profile", index, len(measured))
         profile = _profile(entry, wanted[index])
         contacts.append(profile.contact)
         datasets.append(DatasetComparison(
@@ -240,7 +243,9 @@ def compare_datasets(
         created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         radius=radius, datasets=datasets, overlaps=overlaps,
     )  # fmt: skip
+    progress("report", 0, 1)
     _write(output, report, [entry.reader for entry in measured], contacts)
+    progress("report", 1, 1)
     return report
 
 
