@@ -100,6 +100,31 @@ def test_aligned_exports_embed_as_the_original_faces(generated, tiny_models, tmp
             assert mine["det_score"] is None  # embedded without detection
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_import_from_and_to_an_object_store(generated, tiny_models, tmp_path, s3_uri, fmt):
+    import s3fs
+
+    uri, options = s3_uri
+    exported = tmp_path / "exported"
+    export_dataset(str(generated), str(exported), fmt, align=False)
+    fs = s3fs.S3FileSystem(**options)
+    bucket = uri.removeprefix("s3://")
+    for path in exported.rglob("*"):
+        if path.is_file():
+            fs.pipe_file(f"{bucket}/src/{path.relative_to(exported).as_posix()}", path.read_bytes())
+    out = f"{uri}/imported"
+    spec = parse_import_spec(dict(source=f"{uri}/src", format=fmt, out=out, aligned=False,
+                                  models_dir=str(tiny_models), storage_options=options,
+                                  out_storage_options=options))  # fmt: skip
+    info = run_import_directly(spec)
+    reader = DatasetReader(out, options)
+    rows = [row for row in reader.manifest().to_pylist() if row["accepted"]]
+    original = accepted_by_identity(generated)
+    assert info.counts.accepted == len(rows) == sum(len(v) for v in original.values())
+    assert {row["identity_id"] for row in rows} == set(original)
+    assert audit_dataset(out, options).passed
+
+
 def test_recordio_defaults_to_aligned_and_reads_the_shuffled_layout(generated, tiny_models, tmp_path):
     insightface = tmp_path / "rec"
     export_dataset(str(generated), str(insightface), "recordio")
