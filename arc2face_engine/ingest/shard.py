@@ -62,6 +62,7 @@ class _Item:
     name: str
     refusal: str | None = None
     image: InspectedImage | None = None
+    data: bytes | None = None  # the bytes to copy, until written
     record: FaceRecord | None = None
     path: str | None = None
     sha256: str | None = None
@@ -135,17 +136,8 @@ def _read(work: ImportWork, number: int, identity: PlannedIdentity) -> Iterator[
             item.image = inspect_image(entry.data)
             item.refusal = item.image.refusal
             if item.image.pixels is not None:
-                item.image = _with_bytes(item.image, entry.data)
+                item.data = entry.data
         yield item
-
-
-@dataclass(frozen=True)
-class _Stored(InspectedImage):
-    data: bytes = b""
-
-
-def _with_bytes(image: InspectedImage, data: bytes) -> _Stored:
-    return _Stored(image.extension, image.width, image.height, image.pixels, image.refusal, data)
 
 
 def _analyse(batch: list[_Item], aligned: bool, analyzers: ImportAnalyzers) -> None:
@@ -171,12 +163,12 @@ def _analyse(batch: list[_Item], aligned: bool, analyzers: ImportAnalyzers) -> N
 
 
 def _write(writer: DatasetWriter, work: ImportWork, item: _Item) -> tuple[str, str, int]:
-    """Copy the item's bytes as they are (its pixels are dropped once written)."""
+    """Copy the item's bytes as they are (its bytes and pixels are dropped once written)."""
     identity = work.identities[item.identity]
-    image = item.image
-    item.image = InspectedImage(image.extension, image.width, image.height)
+    image, data = item.image, item.data
+    item.image, item.data = InspectedImage(image.extension, image.width, image.height), None
     return writer.write_image(
-        work.shard, image_id(identity.identity_id, item.variant), image.data, image.extension
+        work.shard, image_id(identity.identity_id, item.variant), data, image.extension
     )
 
 
