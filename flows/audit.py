@@ -107,6 +107,7 @@ def _compare_datasets(
     verify_files: bool = False,
     storage_options_secret: str | None = None,
     out_storage_options: dict[str, Any] | None = None,
+    device: str = "cpu",
 ):
     """Audit the datasets at `uris` side by side and find the identities each pair shares
     (centres within `radius`); compare.json and compare.html land in `out`."""
@@ -114,7 +115,7 @@ def _compare_datasets(
     out_options = resolve_storage_options(out_storage_options, None, "out_storage_options")
     report = compare(
         uris, out, resolved, radius=radius, verify_files=verify_files,
-        out_storage_options=out_options or resolved,
+        out_storage_options=out_options or resolved, device=device,
     )  # fmt: skip
     create_table_artifact(
         key="compare-summary", table=report.summary_rows(), description=f"Compared in {out}"

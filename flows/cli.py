@@ -296,6 +296,9 @@ def compare(
     verify_files: Annotated[
         bool, typer.Option(help="Also hash and decode every image, as audit does.")
     ] = False,
+    device: Annotated[
+        str, typer.Option(help="Where the overlap search runs: cpu, cuda, auto.")
+    ] = "cpu",
     prefect: Annotated[bool, typer.Option(help="Run as a Prefect flow (artifacts).")] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
     storage_options: StorageOptions = None,
@@ -307,13 +310,14 @@ def compare(
         from flows.prefect_api import check_api
 
         check_api()
-        report = compare_datasets_flow(list(uris), out, options, radius, verify_files)
+        report = compare_datasets_flow(list(uris), out, options, radius, verify_files, device=device)
     else:
         from arc2face_engine.audit.compare import compare_datasets
 
         with _progress_bar(progress) as bar:
             report = compare_datasets(
-                list(uris), out, options, radius, verify_files=verify_files, progress=bar
+                list(uris), out, options, radius, verify_files=verify_files, device=device,
+                progress=bar,
             )
     table = Table("dataset", "passed", "identities", "accepted", "uniqueness", "intra-class",
                   "inter-class max", title="compare")  # fmt: skip

@@ -104,6 +104,7 @@ def test_compare_command_and_its_one_line_errors(planted, monkeypatch, capsys) -
         ([a.uri, a.uri, "--out", root / "x"], "given twice"),
         ([a.uri, b.uri, "--out", root / "file"], "is a file"),
         ([a.uri, root / "nowhere", "--out", root / "x"], "dataset.json missing"),
+        ([a.uri, b.uri, "--out", root / "x", "--device", "tpu"], "unknown device"),
     ):
         code, _, err = run_cli(["compare", *args, "--no-progress"], monkeypatch, capsys)
         assert code == 2 and expected in err and err.count("\n") == 1, err

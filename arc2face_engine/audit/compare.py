@@ -97,21 +97,26 @@ def _origin(info: DatasetInfo | None) -> str:
     return "generated"
 
 
-def overlap(first: _Measured, second: _Measured, threshold: float) -> PairOverlap:
-    """Identities of each dataset within `threshold` cosine of the other's (exact)."""
+def overlap(
+    first: _Measured, second: _Measured, threshold: float, device: str = "cpu"
+) -> PairOverlap:
+    """Identities of each dataset within `threshold` cosine of the other's (exact), searched
+    on `device` (auto: a GPU when there is one)."""
     import torch
 
+    from arc2face_engine.generation.devices import resolve_device
     from arc2face_engine.identities.neighbours import mutual_max_cosine
 
+    where = resolve_device(device)
     result = PairOverlap(first=0, second=0, threshold=threshold,
                          first_identities=len(first.rows), second_identities=len(second.rows))  # fmt: skip
     if not len(first.rows) or not len(second.rows):
         return result
     best_a, index_a, best_b, index_b = (
-        tensor.numpy()
+        tensor.cpu().numpy()
         for tensor in mutual_max_cosine(
-            torch.from_numpy(np.ascontiguousarray(first.centres)),
-            torch.from_numpy(np.ascontiguousarray(second.centres)),
+            torch.from_numpy(np.ascontiguousarray(first.centres)).to(where),
+            torch.from_numpy(np.ascontiguousarray(second.centres)).to(where),
         )
     )
     result.max_cosine = float(best_a.max())
@@ -189,6 +194,12 @@ def _histogram(counts: np.ndarray) -> Histogram | None:
     return Histogram(edges=POSE_BINS.tolist(), counts=counts.tolist()) if counts.sum() else None
 
 
+def _search_device(device: str) -> str:
+    from arc2face_engine.generation.devices import resolve_device
+
+    return str(resolve_device(device))
+
+
 def _check_uris(uris: Sequence[str]) -> None:
     if len(uris) < 2:
         raise AuditError("compare needs at least two datasets: pass DS DS [DS ...]")
@@ -208,14 +219,17 @@ def compare_datasets(
     *,
     verify_files: bool = False,
     out_storage_options: dict | None = None,
+    device: str = "cpu",
     progress: ProgressReport = no_progress,
 ) -> CompareReport:
     """Audit every dataset, find the identities each pair shares, write compare.json and
     compare.html under `out`. `verify_files` also hashes and decodes every image (as
-    `audit` does); the comparison itself needs only the manifests."""
+    `audit` does); the comparison itself needs only the manifests. The overlap search runs
+    on `device` (cpu, cuda, auto)."""
     _check_uris(uris)
     if not 0.0 < radius < 2.0:
         raise AuditError(f"radius {radius} is not a cosine distance in (0, 2): pass e.g. 0.3")
+    device = _search_device(device)  # an unknown device fails before any dataset is read
     output = _open_out(out, out_storage_options if out_storage_options is not None else storage_options)
     measured = [_measure(uri, storage_options, radius, verify_files, progress) for uri in uris]
     overlaps = []
@@ -223,7 +237,7 @@ def compare_datasets(
     progress("overlap", 0, pairs)
     for first in range(len(measured)):
         for second in range(first + 1, len(measured)):
-            found = overlap(measured[first], measured[second], 1.0 - radius)
+            found = overlap(measured[first], measured[second], 1.0 - radius, device)
             found.first, found.second = first, second
             overlaps.append(found)
             progress("overlap", len(overlaps), pairs)
