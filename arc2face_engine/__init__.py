@@ -48,7 +48,9 @@ _PUBLIC = {
     "DatasetIncomplete": "arc2face_engine.dataset.reader",
     "Arc2FaceDataset": "arc2face_engine.loader",
     "audit_dataset": "arc2face_engine.audit",
+    "compare_datasets": "arc2face_engine.audit.compare",
     "export_dataset": "arc2face_engine.exports",
+    "run_import_directly": "arc2face_engine.ingest.direct",
     # stand-in models
     "write_tiny_models": "arc2face_engine.testing.tiny_models",
 }
@@ -71,12 +73,14 @@ __all__ = [
     "Verdict",
     "align_face",
     "audit_dataset",
+    "compare_datasets",
     "embed_image_folder",
     "export_dataset",
     "image_seed",
     "judge",
     "load_embedding_file",
     "load_face_analyzer",
+    "run_import_directly",
     "run_job_directly",
     "sample_random",
     "write_tiny_models",
@@ -84,6 +88,7 @@ __all__ = [
 
 if TYPE_CHECKING:
     from arc2face_engine.audit import audit_dataset
+    from arc2face_engine.audit.compare import compare_datasets
     from arc2face_engine.controls.expressions import Expression, ExpressionBank
     from arc2face_engine.controls.poses import Pose, PoseBank
     from arc2face_engine.dataset.reader import DamagedPart, DatasetIncomplete, DatasetReader
@@ -101,6 +106,7 @@ if TYPE_CHECKING:
         load_embedding_file,
         sample_random,
     )
+    from arc2face_engine.ingest.direct import run_import_directly
     from arc2face_engine.job.direct import run_job_directly
     from arc2face_engine.loader import Arc2FaceDataset
     from arc2face_engine.testing.tiny_models import write_tiny_models

@@ -257,10 +257,16 @@ def component_hashes(root: str | os.PathLike, components: Iterable[str]) -> dict
     }
 
 
-def file_hashes(root: str | os.PathLike) -> dict[str, str]:
-    """{relative path: sha256} of every model file in `root` (dataset.json provenance)."""
+def file_hashes(root: str | os.PathLike, under: str | None = None) -> dict[str, str]:
+    """{relative path: sha256} of every model file in `root` (dataset.json provenance), or
+    of those in its folder `under` (an import uses only the face pack)."""
     root = Path(root)
-    return {relative: _cached_sha256(root / relative) for relative in _model_files(root)}
+    prefix = f"{under.strip('/')}/" if under else ""
+    return {
+        relative: _cached_sha256(root / relative)
+        for relative in _model_files(root)
+        if relative.startswith(prefix)
+    }
 
 
 def write_checksums(root: str | os.PathLike) -> Path:

@@ -88,6 +88,7 @@ def _part(shard: int, identity_start: int, n_identities: int, per_identity: int,
         "reject_reason": pa.array(
             [None if a else "low_similarity" for a in accepted.tolist()], pa.string()
         ),
+        "source": pa.array(["generated"] * n),
     }
     arrays = [columns.get(f.name, pa.nulls(n, f.type)) for f in MANIFEST_SCHEMA]
     return pa.Table.from_arrays(arrays, schema=MANIFEST_SCHEMA)

@@ -1,5 +1,5 @@
-"""The audit and export flows: an independent check of a dataset, published as Prefect
-artifacts, and training-format exports.
+"""The audit, compare and export flows: an independent check of a dataset (or of several,
+side by side), published as Prefect artifacts, and training-format exports.
 
 Every parameter is typed, so a deployment's run form in the Prefect UI lists them and
 `prefect deployment run audit-dataset/audit --param uri=s3://...` needs nothing else.
@@ -16,7 +16,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from flows import interrupts
 from flows.credentials import resolve_storage_options
 from flows.redacting import RedactingFlow
-from tasks.audit import audit, export
+from tasks.audit import audit, compare, export
 
 
 def _flatten(prefix: str, value, rows: list[dict]) -> None:
@@ -108,3 +108,36 @@ def _export_dataset(
 
 
 export_dataset_flow = RedactingFlow(_export_dataset, name="export-dataset", log_prints=True)
+
+
+def _compare_datasets(
+    uris: list[str],
+    out: str,
+    storage_options: dict[str, Any] | None = None,
+    radius: float = 0.3,
+    verify_files: bool = False,
+    storage_options_secret: str | None = None,
+    out_storage_options: dict[str, Any] | None = None,
+    device: str = "cpu",
+):
+    """Audit the datasets at `uris` side by side and find the identities each pair shares
+    (centres within `radius`); compare.json and compare.html land in `out`."""
+    resolved = resolve_storage_options(storage_options, storage_options_secret)
+    out_options = resolve_storage_options(out_storage_options, None, "out_storage_options")
+    report = compare(
+        uris, out, resolved, radius=radius, verify_files=verify_files,
+        out_storage_options=out_options or resolved, device=device,
+    )  # fmt: skip
+    create_table_artifact(
+        key="compare-summary", table=report.summary_rows(), description=f"Compared in {out}"
+    )
+    overlaps = "\n".join(
+        f"- datasets {found.first + 1} and {found.second + 1}: {found.pair_count} identity pairs "
+        f"within cosine {found.threshold:.2f}"
+        for found in report.overlaps
+    )
+    create_markdown_artifact(key="compare-overlap", markdown=f"# Identity overlap\n\n{overlaps}\n")
+    return report
+
+
+compare_datasets_flow = RedactingFlow(_compare_datasets, name="compare-datasets", log_prints=True)

@@ -316,7 +316,7 @@ def audit(
     uri: Annotated[str, typer.Argument(help="Dataset folder or URI.")],
     gallery: Annotated[
         str | None,
-        typer.Option(help="Parquet/.npy of real-person embeddings; default: the spec's exclusion gallery."),
+        typer.Option(help="Parquet/.npy of real-person embeddings or a dataset folder; default: the spec's exclusion gallery."),
     ] = None,
     gallery_threshold: Annotated[
         float | None,
@@ -385,6 +385,53 @@ def _print_audit(report) -> None:
         console.print(f"  - {problem}")
 
 
+@app.command("compare")
+def compare(
+    uris: Annotated[list[str], typer.Argument(help="Two or more dataset folders or URIs.")],
+    out: Annotated[str, typer.Option(help="Folder for compare.json and compare.html.")],
+    radius: Annotated[
+        float, typer.Option(help="Cosine-distance radius: identities closer than this overlap.")
+    ] = 0.3,
+    verify_files: Annotated[
+        bool, typer.Option(help="Also hash and decode every image, as audit does.")
+    ] = False,
+    device: Annotated[
+        str, typer.Option(help="Where the overlap search runs: cpu, cuda, auto.")
+    ] = "cpu",
+    prefect: Annotated[bool, typer.Option(help="Run as a Prefect flow (artifacts).")] = False,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    storage_options: StorageOptions = None,
+) -> None:
+    """Compare datasets side by side: audit metrics, overlaid plots, shared identities."""
+    options = _storage_options(storage_options)
+    if prefect:
+        from flows.audit import compare_datasets_flow
+        from flows.prefect_api import check_api
+
+        check_api()
+        report = compare_datasets_flow(list(uris), out, options, radius, verify_files, device=device)
+    else:
+        from arc2face_engine.audit.compare import compare_datasets
+
+        with _progress_bar(progress) as bar:
+            report = compare_datasets(
+                list(uris), out, options, radius, verify_files=verify_files, device=device,
+                progress=bar,
+            )
+    table = Table("dataset", "passed", "identities", "accepted", "uniqueness", "intra-class",
+                  "inter-class max", title="compare")  # fmt: skip
+    for row in report.summary_rows():
+        table.add_row(*(str(value if not isinstance(value, float) else round(value, 4))
+                        for value in row.values()))  # fmt: skip
+    console.print(table)
+    for found in report.overlaps:
+        console.print(
+            f"datasets {found.first + 1} ~ {found.second + 1}: {found.pair_count} identity pairs "
+            f"within cosine {found.threshold:.2f} (max {found.max_cosine})"
+        )
+    console.print(f"report: {report.html_uri}")
+
+
 @app.command("export")
 def export(
     uri: Annotated[str, typer.Argument(help="Dataset folder or URI.")],
@@ -445,6 +492,74 @@ def _export_interrupted(out: str) -> str:
     else:
         left = f"{out} was not written (an existing one is unchanged): re-run the same command"
     return f"interrupted: the export stopped before it finished; {left}"
+
+
+@app.command("import")
+def import_(
+    source: Annotated[str, typer.Argument(help="The dataset to import: folder, file or URI.")],
+    format_: Annotated[
+        str, typer.Option("--format", help="recordio | imagefolder | webdataset | hf")
+    ],
+    out: Annotated[str, typer.Option(help="The dataset to write (new, or an import to resume).")],
+    models: Annotated[Path, typer.Option(help="Models directory holding antelopev2/.")],
+    aligned: Annotated[
+        bool | None,
+        typer.Option(
+            "--aligned/--no-aligned",
+            help="Images are aligned 112x112 crops: embed without detection (default: recordio only).",
+        ),
+    ] = None,
+    name: Annotated[str | None, typer.Option(help="Dataset name (default: from SOURCE).")] = None,
+    label_field: Annotated[
+        str | None,
+        typer.Option(help="webdataset: cls or json.FIELD; hf: the label column (default label)."),
+    ] = None,
+    image_field: Annotated[str, typer.Option(help="hf: the image column.")] = "image",
+    shard_size: Annotated[int, typer.Option(help="Images per shard (whole identities).")] = 1000,
+    max_images: Annotated[
+        int, typer.Option(help="Refuse a source holding more items than this.")
+    ] = 10_000_000,
+    min_det_score: Annotated[float, typer.Option(help="Reject weaker detections.")] = 0.5,
+    min_feature_norm: Annotated[
+        float, typer.Option(help="Reject faces with a lower ArcFace feature norm (0: off).")
+    ] = 0.0,
+    device: Annotated[str, typer.Option(help="Face analysis device: cpu, cuda, auto.")] = "cpu",
+    workers: Annotated[int, typer.Option(help="Shards analysed at the same time.")] = 1,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    storage_options: StorageOptions = None,
+    out_storage_options: Annotated[
+        str | None,
+        typer.Option(help="fsspec options of --out as JSON (default: --storage-options)."),
+    ] = None,
+) -> None:
+    """Import a face dataset (RecordIO, ImageFolder, WebDataset, HF Parquet) into this
+    project's format: every image copied and analysed; auditable and comparable after."""
+    from schemas.imports import parse_import_spec
+
+    source_options = _storage_options(storage_options)
+    spec = parse_import_spec(
+        dict(
+            source=source, format=format_, out=out, models_dir=str(models), aligned=aligned,
+            name=name, label_field=label_field, image_field=image_field, shard_size=shard_size,
+            max_images=max_images, min_det_score=min_det_score,
+            min_feature_norm=min_feature_norm, device=device, workers=workers,
+            storage_options=source_options,
+            out_storage_options=_storage_options(out_storage_options) if out_storage_options
+            else source_options,
+        )
+    )  # fmt: skip
+    from arc2face_engine.ingest.lifecycle import quick_checks
+
+    quick_checks(spec)  # one line within a second, before Prefect starts
+    from flows.imports import import_dataset
+
+    info = import_dataset(spec, show_progress=progress)
+    _print_counts(info)
+    source_info = info.imported
+    console.print(
+        f"  {source_info.source_items} source items, {source_info.identities_left_out} "
+        f"identities left out (no accepted image), {source_info.unlabelled} without a label"
+    )
 
 
 @banks_app.command("poses")

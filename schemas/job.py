@@ -140,7 +140,8 @@ class ExclusionSpec(_Section):
     gallery: str | None = Field(
         None,
         description="Embeddings of real people no identity may resemble (e.g. of evaluation "
-        "sets): .parquet (column 'embedding') or .npy of N x 512, local path or URI; null: off.",
+        "sets): .parquet (column 'embedding') or .npy of N x 512, or a dataset folder (its "
+        "identities, e.g. an imported real dataset), local path or URI; null: off.",
     )
     max_cosine: float = Field(
         0.5,

@@ -19,12 +19,15 @@ from pydantic_core import PydanticUndefined
 
 from schemas.job import JobSpec
 from schemas.tables import (
+    IMPORT_REFUSALS,
+    LEFT_OUT_LABEL,
     REJECT_REASONS,
     AuditIdentityRow,
     DatasetCounts,
     DatasetInfo,
     ExclusionReport,
     IdentityRow,
+    ImportProvenance,
     ManifestRow,
     ProbeRow,
 )
@@ -119,6 +122,7 @@ def _model_table(model: type[BaseModel]) -> list[str]:
 
 def dataset_format_page() -> str:
     reasons = ", ".join(f"`{reason}`" for reason in REJECT_REASONS)
+    refusals = ", ".join(f"`{reason}`" for reason in IMPORT_REFUSALS)
     lines = [
         GENERATED,
         "# Dataset format reference",
@@ -147,6 +151,11 @@ def dataset_format_page() -> str:
         "## manifest/part-NNNNN.parquet",
         "",
         f"Reject reasons, in the order they are checked: {reasons}.",
+        "",
+        "Imported datasets (`arc2face-synth import`, `source` = `imported`) add the reasons",
+        f"an item is refused before face analysis: {refusals}. Their generation columns are",
+        "null. An imported identity without an accepted image is left out of",
+        f"identities.parquet; its rows keep their reasons under label {LEFT_OUT_LABEL}.",
         "",
         *_row_table(ManifestRow),
         "",
@@ -177,6 +186,10 @@ def dataset_format_page() -> str:
         "### exclusion_report",
         "",
         *_model_table(ExclusionReport),
+        "",
+        "### imported",
+        "",
+        *_model_table(ImportProvenance),
     ]
     return "\n".join(lines).rstrip() + "\n"
 

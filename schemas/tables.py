@@ -56,6 +56,31 @@ def is_safe_id(name: object) -> bool:
         and _SAFE_ID.match(name) is not None
     )
 
+# Why an imported item was refused before face analysis (`arc2face-synth import`): what a
+# source holds is untrusted data, so each of these is a manifest row, never an error.
+UNREADABLE = "unreadable"  # not a JPEG, PNG, WebP or BMP image, or truncated
+TOO_LARGE = "too_large"  # over the import's byte or pixel bound
+UNSAFE_NAME = "unsafe_name"  # its name or link leaves the source root
+DUPLICATE_KEY = "duplicate_key"  # a WebDataset key (or file) seen before
+BAD_RECORD = "bad_record"  # a RecordIO record whose offset, length or header lies
+NOT_ALIGNED = "not_aligned"  # --aligned, but not a 112x112 crop
+NO_LABEL = "no_label"  # the item carries no label: there is no identity to import it for
+IMPORT_REFUSALS = (
+    UNREADABLE, TOO_LARGE, UNSAFE_NAME, DUPLICATE_KEY, BAD_RECORD, NOT_ALIGNED, NO_LABEL,
+)  # fmt: skip
+
+# Where a manifest row's image came from (the `source` column).
+GENERATED = "generated"
+IMPORTED = "imported"
+SOURCES = (GENERATED, IMPORTED)
+# The label of imported rows whose identity has no accepted image: such identities are
+# left out of identities.parquet (and counted in dataset.json), their rows keep the reasons.
+LEFT_OUT_LABEL = -1
+# The identity of imported items that carry no label at all (e.g. a tar member whose
+# sample has no class); never the id of a real identity.
+UNLABELLED_ID = "unlabelled"
+
+
 def _vector(size: int) -> pa.DataType:
     return pa.list_(pa.float32(), size)
 
@@ -73,11 +98,14 @@ def _column(arrow: pa.DataType, doc: str, nullable: bool = True) -> Any:
 
 @dataclass
 class ManifestRow:
-    """One row of `manifest/part-NNNNN.parquet`: one generated image, accepted or rejected.
+    """One row of `manifest/part-NNNNN.parquet`: one image, generated or imported, accepted
+    or rejected.
 
     The one definition of the manifest's columns: `MANIFEST_SCHEMA` is derived from these
-    fields (in this order), the shard fills one per image, and docs/dataset-format.md is
-    generated from the field docs.
+    fields (in this order), the shard (or the import) fills one per image, and
+    docs/dataset-format.md is generated from the field docs. Generation columns are null
+    on imported rows (`source` says which); parts written before a column became nullable
+    still declare it non-null, which readers accept.
     """
 
     # ids
@@ -87,13 +115,15 @@ class ManifestRow:
     shard: int = _column(pa.int32(), "the shard that made the image", False)
     variant: int = _column(pa.int32(), "which wanted image of the identity (0-based)", False)
     attempt: int = _column(pa.int32(), "0 for the first try, +1 per top-up after a reject", False)
-    seed: int = _column(pa.int64(), "the image's generator seed (determinism.image_seed)", False)
+    seed: int | None = _column(
+        pa.int64(), "the image's generator seed (determinism.image_seed); null: imported"
+    )
     # file
     path: str | None = _column(pa.string(), "relative path of the image file (null: not kept)")
     sha256: str | None = _column(pa.string(), "sha256 of the image file's bytes")
     size_bytes: int | None = _column(pa.int64(), "size of the image file")
-    width: int = _column(pa.int32(), "image width in pixels", False)
-    height: int = _column(pa.int32(), "image height in pixels", False)
+    width: int | None = _column(pa.int32(), "image width in pixels (null: not decodable)")
+    height: int | None = _column(pa.int32(), "image height in pixels (null: not decodable)")
     # requested controls
     pose_name: str | None = _column(pa.string(), "requested pose (null: no pose control)")
     pose_yaw: float | None = _column(pa.float32(), "requested yaw, degrees")
@@ -103,12 +133,12 @@ class ManifestRow:
     expression: list[float] | None = _column(
         EXPRESSION_VECTOR, "requested FLAME values: 50 expression, 2 eyelid, 3 jaw"
     )
-    # generation settings
-    scheduler: str = _column(pa.string(), "`dpmsolver++` or `lcm`", False)
-    steps: int = _column(pa.int32(), "inference steps", False)
-    guidance: float = _column(pa.float32(), "classifier-free guidance scale", False)
-    controlnet_scale: float = _column(pa.float32(), "pose ControlNet scale", False)
-    expression_scale: float = _column(pa.float32(), "Expression Adapter scale", False)
+    # generation settings (null on imported rows)
+    scheduler: str | None = _column(pa.string(), "`dpmsolver++` or `lcm`")
+    steps: int | None = _column(pa.int32(), "inference steps")
+    guidance: float | None = _column(pa.float32(), "classifier-free guidance scale")
+    controlnet_scale: float | None = _column(pa.float32(), "pose ControlNet scale")
+    expression_scale: float | None = _column(pa.float32(), "Expression Adapter scale")
     # face analysis of the stored image
     face_count: int = _column(pa.int32(), "faces detected", False)
     det_score: float | None = _column(pa.float32(), "the largest face's detection score")
@@ -146,7 +176,21 @@ class ManifestRow:
     )
     # verdict
     accepted: bool = _column(pa.bool_(), "passed every filter of the spec", False)
-    reject_reason: str | None = _column(pa.string(), "the first failed check (REJECT_REASONS)")
+    reject_reason: str | None = _column(
+        pa.string(), "the first failed check (REJECT_REASONS, or IMPORT_REFUSALS when imported)"
+    )
+    # provenance (`arc2face-synth import`); parts written before these columns lack them
+    source: str = _column(pa.string(), "`generated` or `imported` (SOURCES)", False)
+    source_label: str | None = _column(
+        pa.string(),
+        "imported: the identity's label in the source, as written there (folder name, "
+        "RecordIO label, label column); identity_id is the safe id made from it",
+    )
+    source_name: str | None = _column(
+        pa.string(),
+        "imported: where the image was in the source (relative path, tar member, record key, "
+        "file and row)",
+    )
 
 
 def _schema_of(row: type, table: str) -> pa.Schema:
@@ -165,7 +209,7 @@ class IdentityRow:
     embedding: list[float] = _column(
         EMBEDDING_VECTOR, "ArcFace identity embedding, L2-normalised", False
     )
-    source: str = _column(pa.string(), "random, packed, file or images", False)
+    source: str = _column(pa.string(), "random, packed, file, images or imported", False)
     provenance: str = _column(
         pa.string(), "where it came from: seed and candidate, file and row, photo path", False
     )
@@ -323,13 +367,45 @@ class ExclusionReport(BaseModel):
     )
 
 
+class ImportProvenance(BaseModel):
+    """Where an imported dataset came from (`arc2face-synth import`), counted at finalize
+    from its manifest."""
+
+    source_uri: str = Field(description="the dataset it was imported from")
+    format: Literal["recordio", "imagefolder", "webdataset", "hf"]
+    layout: str | None = Field(
+        None, description="recordio: `insightface` (header record and identity ranges) or "
+        "`shuffled` (images only)"
+    )
+    aligned: bool = Field(description="images were taken as aligned 112x112 crops (no detection)")
+    plan_sha256: str = Field(
+        description="sha256 of the source's labels and item names: a resume must see the same"
+    )
+    source_items: int = Field(0, description="items read from the source, refused ones included")
+    source_identities: int = Field(0, description="distinct labels in the source")
+    identities_left_out: int = Field(
+        0, description="labels without an accepted image: not in identities.parquet; their "
+        f"rows carry label {LEFT_OUT_LABEL}"
+    )
+    images_left_out: int = Field(0, description="manifest rows of those identities")
+    unlabelled: int = Field(
+        0, description=f"items that carry no label (identity `{UNLABELLED_ID}`)"
+    )
+    refused: dict[str, int] = Field(
+        default_factory=dict, description="items refused before analysis, by IMPORT_REFUSALS"
+    )
+
+
 class DatasetInfo(BaseModel):
     """The content of dataset.json."""
 
     format_version: int = 1
     name: str = Field(description="the job's name")
     status: Literal["in_progress", "complete"]
-    spec: dict[str, Any] = Field(description="the job spec, storage option values redacted")
+    spec: dict[str, Any] = Field(
+        description="the job spec (imported: the import's options), storage option values "
+        "redacted"
+    )
     spec_hash: str = Field(description="sha256 of the spec fields that decide the content")
     versions: dict[str, str] = Field(
         default_factory=dict, description="versions of the packages that made it"
@@ -353,6 +429,9 @@ class DatasetInfo(BaseModel):
     finished_at: str | None = Field(None, description="UTC, ISO 8601; set when complete")
     exclusion_report: ExclusionReport | None = Field(
         None, description="how the identities meet identities.exclusion"
+    )
+    imported: ImportProvenance | None = Field(
+        None, description="imported datasets: the source, its format and what was left out"
     )
 
 

@@ -294,6 +294,7 @@ def _row(
         "similarity": similarity,
         "accepted": accepted,
         "reject_reason": reason,
+        "source": "generated",
     }
 
 

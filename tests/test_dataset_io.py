@@ -77,6 +77,9 @@ def manifest_rows(shard: int, identity: int, variants: int, paths: dict[str, tup
                 "skin_tone": "intermediate",
                 "accepted": variant % 2 == 0,
                 "reject_reason": None if variant % 2 == 0 else "low_similarity",
+                "source": "generated",
+                "source_label": None,
+                "source_name": None,
             }
         )
     return rows

@@ -103,8 +103,31 @@ class Server:
         raise AssertionError(f"flow run {run_id} did not finish: {self.logs_of(run_id)}")
 
     def logs_of(self, run_id: str) -> list[str]:
-        logs = self.post("/logs/filter", {"logs": {"flow_run_id": {"any_": [run_id]}}})
-        return [entry["message"] for entry in logs]
+        """Every log line of the run, page by page (the API returns at most 200 at a time)."""
+        messages: list[str] = []
+        while True:
+            page = self.post(
+                "/logs/filter",
+                {
+                    "logs": {"flow_run_id": {"any_": [run_id]}},
+                    "sort": "TIMESTAMP_ASC",
+                    "offset": len(messages),
+                    "limit": 200,
+                },
+            )
+            messages += [entry["message"] for entry in page]
+            if len(page) < 200:
+                return messages
+
+    def lines_of(self, run_id: str, text: str, count: int, timeout: float = 60) -> list[str]:
+        """The run's log lines containing `text`, waiting for `count` of them: a run's state
+        can read COMPLETED before its process has sent its last batch of log lines."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = [line for line in self.logs_of(run_id) if text in line]
+            if len(found) >= count or time.monotonic() > deadline:
+                return found
+            time.sleep(1)
 
     def run_deployment(self, name: str, *params: str) -> str:
         args = [arg for param in params for arg in ("--param", param)]
@@ -220,13 +243,13 @@ def test_deployments_on_process_pools(server: Server, tmp_path: Path):
     assert rows["shards committed"] == "2/2" and rows["images (dataset)"] == 4
     assert json.loads((dataset / "dataset.json").read_text())["status"] == "complete"
     # Each shard held this host's device slot; the lines are in the run's logs.
-    held = [line for line in server.logs_of(generate) if "held device slot cpu-" in line]
+    held = server.lines_of(generate, "held device slot cpu-", count=2)
     assert len(held) == 2, server.logs_of(generate)
 
     assert server.wait(bad)["state_type"] == "FAILED"
-    assert any("no-models does not exist" in line for line in server.logs_of(bad))
+    assert server.lines_of(bad, "no-models does not exist", count=1)
     assert server.wait(relative)["state_type"] == "FAILED"
-    said = next(line for line in server.logs_of(relative) if "models.dir models" in line)
+    said = server.lines_of(relative, "models.dir models", count=1)[0]
     assert "does not exist (resolved against " in said
     assert "in a deployment run relative paths resolve against" in said
     assert "working_dir" in said and "absolute paths" in said

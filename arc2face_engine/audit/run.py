@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -93,7 +94,38 @@ def _separation_warnings(quality: QualitySection) -> list[str]:
     return warnings
 
 
+@dataclass
+class AuditRun:
+    """What one audit produced: the report, its plot data and, for comparisons, the identity
+    centres it measured (rows of identities.parquet; zero rows: no accepted image)."""
+
+    report: AuditReport
+    plots: PlotData
+    identities: Identities | None = None
+    centres: np.ndarray | None = None
+    parts: list[str] = field(default_factory=list)  # the parts the quality pass read
+
+
 def audit_dataset(
+    uri: str,
+    storage_options: dict | None = None,
+    gallery: str | None = None,
+    gallery_threshold: float | None = None,
+    reverify: int = 0,
+    models_dir: str | Path | None = None,
+    radius: float = 0.3,
+    sample_seed: int = 0,
+    **options,
+) -> AuditReport:
+    """Audit the dataset at `uri`; writes audit/report.json and audit/report.html into it.
+    Options and keyword-only settings as `run_audit`."""
+    return run_audit(
+        uri, storage_options, gallery, gallery_threshold, reverify, models_dir, radius,
+        sample_seed, **options,
+    ).report  # fmt: skip
+
+
+def run_audit(
     uri: str,
     storage_options: dict | None = None,
     gallery: str | None = None,
@@ -108,8 +140,9 @@ def audit_dataset(
     reverify_det_size: int | None = None,
     progress: ProgressReport = no_progress,
     fairness_gap: float = DEFAULT_GAP_THRESHOLD,
-) -> AuditReport:
-    """Audit the dataset at `uri`; writes audit/report.json and audit/report.html into it.
+) -> AuditRun:
+    """Audit the dataset at `uri`; writes audit/report.json and audit/report.html into it
+    unless `write_report` is false.
 
     `gallery`/`gallery_threshold` default to the spec's `identities.exclusion`
     (gallery used when readable; threshold `max_cosine`, else 0.5).
@@ -136,8 +169,7 @@ def audit_dataset(
         reader, info, parts, identities, all_parts, verify_files, integrity,
         in_progress=report.in_progress, progress=stream,
     )  # fmt: skip
-    plots = PlotData()
-    identity_table = None
+    plots, centres, identity_table = PlotData(), None, None
     if identities is not None:
         stream = _stage(progress, "quality", 2 * len(parts))
         report.quality, plots, sample_rows, centres = measure_quality(
@@ -162,7 +194,7 @@ def audit_dataset(
     if write_report:
         with stopping.critical():  # Ctrl-C waits for every file: no half-written report
             write_audit_report(reader, report, plots, identity_table)
-    return report
+    return AuditRun(report, plots, identities, centres, parts)
 
 
 def _leakage(

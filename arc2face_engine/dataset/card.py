@@ -67,7 +67,9 @@ def _similarities(reader: DatasetReader) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate(values).astype(float), np.concatenate(accepted).astype(bool)
 
 
-def _similarity_png(similarity: np.ndarray, accepted: np.ndarray, threshold: float) -> bytes:
+def _similarity_png(
+    similarity: np.ndarray, accepted: np.ndarray, threshold: float | None
+) -> bytes:
     # matplotlib loads here, when a card is drawn: a job's checks should not pay for it.
     from matplotlib.figure import Figure
 
@@ -77,7 +79,8 @@ def _similarity_png(similarity: np.ndarray, accepted: np.ndarray, threshold: flo
     finite = ~np.isnan(similarity)
     axis.hist(similarity[finite & accepted], bins=bins, alpha=0.7, label="accepted")
     axis.hist(similarity[finite & ~accepted], bins=bins, alpha=0.7, label="rejected")
-    axis.axvline(threshold, color="black", linestyle="--", linewidth=1, label="threshold")
+    if threshold is not None:
+        axis.axvline(threshold, color="black", linestyle="--", linewidth=1, label="threshold")
     axis.set_xlabel("cosine similarity to the identity")
     axis.set_ylabel("images")
     axis.legend()
@@ -181,6 +184,8 @@ def difficulty_lines(reader: DatasetReader) -> list[str]:
 def render_card(
     info: DatasetInfo, has_plot: bool, composition: list[str] | None = None
 ) -> str:
+    if info.imported is not None:
+        return render_imported_card(info, has_plot, composition)
     spec = info.spec
     counts = info.counts
     generation = spec["generation"]
@@ -253,12 +258,65 @@ def render_card(
     return "\n".join(lines)
 
 
+IMPORTED_LIMITATIONS = """\
+- The images are the source's, copied byte for byte; what they show, who is in them and
+  under which licence they may be used is the source's (see its own card).
+- Identities are the source's labels: an identity's embedding is the normalised mean of
+  its accepted images, so a mislabelled image shows as a low `similarity`.
+- Identities without an accepted image are left out (their rows keep the reasons).
+"""
+
+
+def render_imported_card(
+    info: DatasetInfo, has_plot: bool, composition: list[str] | None = None
+) -> str:
+    """The card of an imported dataset: where it came from and what was kept."""
+    source, counts = info.imported, info.counts
+    accept_rate = counts.accepted / counts.images if counts.images else 0.0
+    reasons = "\n".join(
+        f"| {reason} | {count} |" for reason, count in sorted(counts.reject_reasons.items())
+    )
+    lines = [
+        f"# {info.name}",
+        "",
+        f"A face dataset imported by arc2face-synth from `{source.source_uri}` "
+        f"({source.format}{', ' + source.layout if source.layout else ''}"
+        f"{', aligned crops' if source.aligned else ''}).",
+        "",
+        f"Status: **{info.status}**. Spec hash: `{info.spec_hash}`.",
+        "",
+        "## Counts",
+        "",
+        "| what | count |",
+        "|---|---|",
+        f"| source items | {source.source_items} |",
+        f"| source labels | {source.source_identities} |",
+        f"| identities kept | {counts.identities} |",
+        f"| identities left out (no accepted image) | {source.identities_left_out} |",
+        f"| items without a label | {source.unlabelled} |",
+        f"| shards committed | {counts.committed_shards} / {counts.shards} |",
+        f"| accepted | {counts.accepted} ({accept_rate:.1%}) |",
+        f"| rejected or refused | {counts.rejected} |",
+        "",
+        "| reason | images |",
+        "|---|---|",
+        reasons or "| (none) | 0 |",
+        "",
+    ]
+    if has_plot:
+        lines += [f"![similarity histogram]({SIMILARITY_PLOT})", ""]
+    lines += composition or []
+    lines += ["## Limitations", "", IMPORTED_LIMITATIONS, "## Versions", "", "```json",
+              json.dumps(info.versions, indent=2, sort_keys=True), "```", ""]  # fmt: skip
+    return "\n".join(lines)
+
+
 def write_dataset_card(writer: DatasetWriter, info: DatasetInfo) -> None:
     reader = DatasetReader(writer.uri, writer.storage_options)
     similarity, accepted = _similarities(reader)
     has_plot = len(similarity) > 0
     if has_plot:
-        threshold = info.spec["filter"]["min_similarity"]
+        threshold = None if info.imported is not None else info.spec["filter"]["min_similarity"]
         writer.write_bytes(SIMILARITY_PLOT, _similarity_png(similarity, accepted, threshold))
     edges = _age_edges(info.spec)
     composition = composition_lines(info, composition_counts(reader, edges))

@@ -367,7 +367,10 @@ class DatasetReader:
         batches = list(self.iter_manifest(columns))
         if not batches:
             return schema.empty_table()
-        return pa.Table.from_batches(batches)
+        # Parts written before a column existed (or became nullable) differ in schema:
+        # promoted to one table, a missing column reads as nulls.
+        tables = [pa.Table.from_batches([batch]) for batch in batches]
+        return pa.concat_tables(tables, promote_options="default")
 
     def read_image_bytes(self, relative: str, where: str = "image") -> bytes:
         return self.fs.cat_file(self.path(relative, where))

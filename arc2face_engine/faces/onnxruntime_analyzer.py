@@ -17,6 +17,7 @@ torch_analyzer.TorchFaceAnalyzer instead, the same pipeline batched on the GPU i
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from collections.abc import Sequence
@@ -42,6 +43,8 @@ from arc2face_engine.faces.pack import (
 from arc2face_engine.faces.records import (
     AnalyzerBase,
     FaceRecord,
+    aligned_keypoints,
+    check_aligned,
     check_det_size,
     read_gender_age,
     rgb_frames,
@@ -211,6 +214,34 @@ class FaceAnalyzer(AnalyzerBase):
                 reading,
             )
         measure_skin_tones(rgb_frames(images), records)  # in sRGB, not the BGR copies
+        return records
+
+    def analyze_aligned(self, images: np.ndarray | Sequence[np.ndarray]) -> list[FaceRecord]:
+        """Records of aligned ArcFace crops (the recognizer's input size, e.g. 112x112 RGB),
+        embedded without detection, as FR training sets store faces: one face each, its box
+        the whole crop, its keypoints the ArcFace template, its pose from the 3D landmarks
+        over the crop, gender, age and skin tone as `analyze` measures them. The detection
+        score stays nan (nothing was detected)."""
+        frames = _as_bgr_frames(images)
+        if not frames:
+            return []
+        size = self.recognizer.input_size[0]
+        check_aligned(frames, size)
+        features = _run_batched(self.recognizer, _blob(self.recognizer, frames))
+        features = features.astype(np.float32, copy=False)
+        embeddings, norms = l2_normalize(features), np.linalg.norm(features, axis=-1)
+        box = np.array([0, 0, size, size], np.float32)
+        poses = self._head_poses(frames, [box] * len(frames))
+        readings = self._gender_age(frames, [box] * len(frames))
+        keypoints = aligned_keypoints(size)
+        records = [
+            with_gender_age(
+                FaceRecord(1, math.nan, box.copy(), keypoints.copy(), embedding, pose, float(norm)),
+                reading,
+            )
+            for embedding, norm, pose, reading in zip(embeddings, norms, poses, readings, strict=True)
+        ]
+        measure_skin_tones(rgb_frames(images), records)  # the template keypoints: the crop itself
         return records
 
     # --- batched stages -------------------------------------------------------------------

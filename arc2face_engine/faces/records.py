@@ -108,6 +108,26 @@ def rgb_frames(images: np.ndarray | Sequence[np.ndarray]) -> list[np.ndarray]:
     return frames
 
 
+def aligned_keypoints(size: int = 112) -> np.ndarray:
+    """The five keypoints of an aligned ArcFace crop of `size` (insightface's template)."""
+    from insightface.utils.face_align import arcface_dst
+
+    ratio, shift = (size / 112.0, 0.0) if size % 112 == 0 else (size / 128.0, 8.0 * size / 128.0)
+    points = arcface_dst.astype(np.float32) * ratio
+    points[:, 0] += shift
+    return points
+
+
+def check_aligned(frames: Sequence[np.ndarray], size: int) -> None:
+    """Refuse frames that are not size x size crops (the recognizer's input)."""
+    for index, frame in enumerate(frames):
+        if frame.shape[:2] != (size, size):
+            raise FaceAnalysisInputError(
+                f"aligned image {index} is {frame.shape[1]}x{frame.shape[0]}, not the "
+                f"recognizer's {size}x{size}: pass aligned ArcFace crops"
+            )
+
+
 def judge(
     record: FaceRecord,
     identity_embedding: np.ndarray,
@@ -148,6 +168,10 @@ class AnalyzerBase:
     """What every face analyzer offers on top of `analyze` (onnxruntime or torch)."""
 
     def analyze(self, images: np.ndarray | Sequence[np.ndarray]) -> list[FaceRecord]:
+        raise NotImplementedError
+
+    def analyze_aligned(self, images: np.ndarray | Sequence[np.ndarray]) -> list[FaceRecord]:
+        """Records of aligned ArcFace crops, embedded without detection."""
         raise NotImplementedError
 
     def embed_largest_face(self, image: np.ndarray) -> FaceRecord:

@@ -51,6 +51,8 @@ from arc2face_engine.faces.pack import (
 from arc2face_engine.faces.records import (
     AnalyzerBase,
     FaceRecord,
+    aligned_keypoints,
+    check_aligned,
     check_det_size,
     read_gender_age,
     rgb_frames,
@@ -405,6 +407,42 @@ class TorchFaceAnalyzer(AnalyzerBase):
         if self.stream is None:
             return nullcontext()
         return torch.cuda.stream(self.stream)
+
+    @torch.inference_mode()
+    def analyze_aligned(self, images: np.ndarray | Sequence[np.ndarray]) -> list[FaceRecord]:
+        """Records of aligned ArcFace crops, embedded without detection (see the onnxruntime
+        analyzer's analyze_aligned: the same records, batched on the device)."""
+        frames = rgb_frames(images)
+        size = self.recognizer.input_size
+        check_aligned(frames, size)
+        records: list[FaceRecord] = []
+        keypoints = aligned_keypoints(size)
+        for start in range(0, len(frames), self.batch_size):
+            batch = torch.from_numpy(np.stack(frames[start : start + self.batch_size]))
+            batch = batch.to(self.device)
+            net = self.recognizer
+            features = net.module(_to_blob(batch, net.mean, net.std, self.dtype))[0].float()
+            norms = features.norm(dim=1)
+            embeddings = features / norms.clamp(min=1e-12)[:, None]
+            faces = torch.arange(len(batch), device=self.device)
+            boxes = torch.tensor([[0.0, 0.0, size, size]] * len(batch), device=self.device)
+            poses = self._head_poses(batch, boxes, faces).float().cpu().numpy()
+            gender_age = to_host(self._gender_age(batch, boxes, faces).float())
+            for embedding, norm, pose, reading in zip(
+                embeddings.cpu().numpy(), norms.cpu().numpy(), poses, gender_age, strict=True
+            ):
+                record = FaceRecord(
+                    1, math.nan, np.array([0, 0, size, size], np.float32), keypoints.copy(),
+                    embedding.astype(np.float32), tuple(float(v) for v in pose), float(norm),
+                )  # fmt: skip
+                if np.isfinite(reading).all():
+                    with_gender_age(record, read_gender_age(reading)[0])
+                records.append(record)
+        if self.skin_tone:
+            from arc2face_engine.faces.skin_tone import measure_skin_tones  # see __init__
+
+            measure_skin_tones(frames, records)
+        return records
 
     def batch_sizes(self) -> list[int]:
         """The fixed batch sizes the networks see: powers of two up to batch_size."""

@@ -20,6 +20,7 @@ import numpy as np
 import pyarrow as pa
 
 from arc2face_engine.dataset import layout
+from arc2face_engine.dataset.gallery import is_dataset, read_identity_embeddings
 from arc2face_engine.dataset.reader import DatasetReader
 from arc2face_engine.dataset.writer import DatasetWriter
 from arc2face_engine.determinism import image_seed
@@ -163,7 +164,7 @@ def check_identity_galleries(spec: JobSpec) -> None:
 
     source = spec.identities
     if source.source == "packed" and source.packing.gallery:
-        sources.read_embedding_matrix(
+        gallery_matrix(
             source.packing.gallery, spec.output.storage_options, "identities.packing.gallery"
         )
     gallery = exclusion_gallery(spec)
@@ -180,14 +181,26 @@ def _search_device(spec: JobSpec) -> torch.device:
     return resolve_device(spec.models.device)
 
 
+def gallery_matrix(
+    uri: str, storage_options: dict | None, setting: str
+) -> tuple[np.ndarray, str]:
+    """(unit rows, sha256) of a gallery: an embeddings file (.parquet/.npy), or a dataset
+    folder (its identities, checked against its dataset.json)."""
+    if is_dataset(uri, storage_options):
+        matrix, _, digest = read_identity_embeddings(uri, storage_options, setting)
+        return matrix, digest
+    return sources.read_embedding_matrix(uri, storage_options, setting)
+
+
 def exclusion_gallery(spec: JobSpec) -> ExclusionGallery | None:
-    from arc2face_engine.identities.exclusion import ExclusionGallery
+    from arc2face_engine.identities.exclusion import SETTING, ExclusionGallery
 
     settings = spec.identities.exclusion
     if not settings.gallery:
         return None
-    return ExclusionGallery.load(
-        settings.gallery, settings.max_cosine, spec.output.storage_options, _search_device(spec)
+    matrix, digest = gallery_matrix(settings.gallery, spec.output.storage_options, SETTING)
+    return ExclusionGallery.from_matrix(
+        matrix, settings.max_cosine, digest, settings.gallery, _search_device(spec)
     )
 
 
@@ -224,7 +237,7 @@ def _packed_identities(spec: JobSpec) -> pa.Table:
 
     settings = spec.identities.packing
     if settings.gallery:
-        manifold = sources.read_embedding_matrix(
+        manifold = gallery_matrix(
             settings.gallery, spec.output.storage_options, "identities.packing.gallery"
         )[0]
     else:  # the project's own face manifold: ArcFace re-embeddings of Arc2Face probe images

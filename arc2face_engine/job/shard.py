@@ -33,7 +33,7 @@ from arc2face_engine.dataset.writer import DatasetWriter
 from arc2face_engine.determinism import image_seed
 from arc2face_engine.generation.settings import GenerationSettings, ImageRequest
 from arc2face_engine.job.shards import ShardWork, variant_for
-from schemas.tables import ManifestRow, manifest_table, skin_tone_of
+from schemas.tables import GENERATED, ManifestRow, manifest_table, skin_tone_of
 
 if TYPE_CHECKING:  # the seam only needs the types
     from arc2face_engine.faces.records import FaceRecord, Verdict
@@ -465,6 +465,9 @@ def _row(
         **attribute_columns(record),
         accepted=bool(verdict.accepted),
         reject_reason=verdict.reason,
+        source=GENERATED,
+        source_label=None,
+        source_name=None,
     )
 
 
