@@ -44,9 +44,13 @@ _PUBLIC = {
     "run_job_directly": "arc2face_engine.job.direct",
     "image_seed": "arc2face_engine.determinism",
     "DatasetReader": "arc2face_engine.dataset.reader",
+    "DamagedPart": "arc2face_engine.dataset.reader",
+    "DatasetIncomplete": "arc2face_engine.dataset.reader",
     "Arc2FaceDataset": "arc2face_engine.loader",
     "audit_dataset": "arc2face_engine.audit",
+    "compare_datasets": "arc2face_engine.audit.compare",
     "export_dataset": "arc2face_engine.exports",
+    "run_import_directly": "arc2face_engine.ingest.direct",
     # stand-in models
     "write_tiny_models": "arc2face_engine.testing.tiny_models",
 }
@@ -54,6 +58,8 @@ _PUBLIC = {
 __all__ = [
     "Arc2FaceDataset",
     "Arc2FaceEngine",
+    "DamagedPart",
+    "DatasetIncomplete",
     "DatasetReader",
     "Expression",
     "ExpressionBank",
@@ -67,12 +73,14 @@ __all__ = [
     "Verdict",
     "align_face",
     "audit_dataset",
+    "compare_datasets",
     "embed_image_folder",
     "export_dataset",
     "image_seed",
     "judge",
     "load_embedding_file",
     "load_face_analyzer",
+    "run_import_directly",
     "run_job_directly",
     "sample_random",
     "write_tiny_models",
@@ -80,9 +88,10 @@ __all__ = [
 
 if TYPE_CHECKING:
     from arc2face_engine.audit import audit_dataset
+    from arc2face_engine.audit.compare import compare_datasets
     from arc2face_engine.controls.expressions import Expression, ExpressionBank
     from arc2face_engine.controls.poses import Pose, PoseBank
-    from arc2face_engine.dataset.reader import DatasetReader
+    from arc2face_engine.dataset.reader import DamagedPart, DatasetIncomplete, DatasetReader
     from arc2face_engine.determinism import image_seed
     from arc2face_engine.exports import export_dataset
     from arc2face_engine.faces.align import align_face
@@ -97,6 +106,7 @@ if TYPE_CHECKING:
         load_embedding_file,
         sample_random,
     )
+    from arc2face_engine.ingest.direct import run_import_directly
     from arc2face_engine.job.direct import run_job_directly
     from arc2face_engine.loader import Arc2FaceDataset
     from arc2face_engine.testing.tiny_models import write_tiny_models
@@ -118,7 +128,7 @@ def __dir__() -> list[str]:
 class _NoTorchvisionFallbackNotice(logging.Filter):
     """transformers announces, once per class, that CLIP/SigLIP image processors fall back
     to their PIL versions without torchvision (diffusers imports them with its pipelines).
-    Arc2Face uses no image processor and torchvision is deliberately absent (see README),
+    Arc2Face uses no image processor and torchvision is deliberately absent (docs/gpu.md),
     so the notice is noise in every run's output."""
 
     def filter(self, record: logging.LogRecord) -> bool:

@@ -9,6 +9,11 @@ Splits are by identity: an identity goes to "val" when a hash of
 (split_seed, identity_id) falls below val_fraction, so no person appears in
 both splits and the split does not depend on the order of rows or shards.
 Labels are re-numbered 0..K-1 within the split, in identity-label order.
+
+Nothing is trusted unchecked: every manifest part is verified against its checksum
+sidecar while the index is built (a damaged one raises `DamagedPart`, naming it), and a
+dataset still being generated is refused unless `allow_incomplete=True`
+(`DatasetIncomplete`, saying how many shards are missing).
 """
 
 from __future__ import annotations
@@ -62,6 +67,7 @@ class Arc2FaceDataset(Dataset):
         align: bool = False,
         transform: Callable[[Image.Image], Any] | None = None,
         include_rejected: bool = False,
+        allow_incomplete: bool = False,
     ):
         if split not in SPLITS:
             raise DatasetSplitError(f"split {split!r} is not one of None, 'train', 'val': pick one")
@@ -75,7 +81,8 @@ class Arc2FaceDataset(Dataset):
         self._reader_pid: int | None = None
         reader = DatasetReader(self.uri, self.storage_options)
         reader.info()  # DatasetNotFound (naming the URI) when there is no dataset.json
-        self._build_index(reader)
+        reader.require_complete(allow_incomplete, "allow_incomplete=True")
+        self._build_index(reader)  # DamagedPart (naming the part) for a damaged part
         if not len(self.labels):
             raise EmptySplit(self._empty_message())
 

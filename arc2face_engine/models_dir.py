@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -256,10 +257,16 @@ def component_hashes(root: str | os.PathLike, components: Iterable[str]) -> dict
     }
 
 
-def file_hashes(root: str | os.PathLike) -> dict[str, str]:
-    """{relative path: sha256} of every model file in `root` (dataset.json provenance)."""
+def file_hashes(root: str | os.PathLike, under: str | None = None) -> dict[str, str]:
+    """{relative path: sha256} of every model file in `root` (dataset.json provenance), or
+    of those in its folder `under` (an import uses only the face pack)."""
     root = Path(root)
-    return {relative: _cached_sha256(root / relative) for relative in _model_files(root)}
+    prefix = f"{under.strip('/')}/" if under else ""
+    return {
+        relative: _cached_sha256(root / relative)
+        for relative in _model_files(root)
+        if relative.startswith(prefix)
+    }
 
 
 def write_checksums(root: str | os.PathLike) -> Path:
@@ -322,16 +329,67 @@ def verify_models(root: str | os.PathLike, components: Iterable[str] = ("core",)
 # --- download ------------------------------------------------------------------------
 
 
+class ModelDownloadFailed(UserError, ConnectionError):
+    """The Hugging Face Hub (or insightface's release server) could not be reached."""
+
+
+def _unreachable(what: str, root: Path, why: str) -> ModelDownloadFailed:
+    return ModelDownloadFailed(
+        f"cannot download {what}: {why}; connect this machine to the internet (or set "
+        f"HF_ENDPOINT to a reachable Hub mirror) and re-run `arc2face-synth models download "
+        f"{root}` (files already downloaded are kept), or copy a models folder downloaded "
+        f"elsewhere to {root}"
+    )
+
+
+PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+
+
+def _hub_unreachable() -> str | None:
+    """Why the Hub cannot be reached, from one TCP connection to its endpoint (the Hub
+    client would retry for half a minute first); None when it can, or when a proxy is set
+    (only a request through it could tell)."""
+    from urllib.parse import urlsplit
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set (unset it to download)"
+    if any(os.environ.get(name) for name in PROXY_VARIABLES):
+        return None
+    endpoint = urlsplit(constants.ENDPOINT)
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        with socket.create_connection((endpoint.hostname, port), timeout=10):
+            return None
+    except OSError as error:
+        return (
+            f"the Hugging Face Hub ({constants.ENDPOINT}) cannot be reached "
+            f"({first_line(error)[:80]}): no network?"
+        )
+
+
 def _download_hub_files(root: Path, component: str) -> None:
     # Imported here so that reading a models directory never needs the Hub client.
-    from huggingface_hub import hf_hub_download
+    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
 
     for hub_file in HUB_FILES[component]:
-        hf_hub_download(
-            repo_id=hub_file.repo_id,
-            filename=hub_file.filename,
-            local_dir=root / hub_file.local_dir if hub_file.local_dir else root,
-        )
+        try:
+            hf_hub_download(
+                repo_id=hub_file.repo_id,
+                filename=hub_file.filename,
+                local_dir=root / hub_file.local_dir if hub_file.local_dir else root,
+            )
+        except (LocalEntryNotFoundError, OfflineModeIsEnabled):
+            # The Hub client's "not in the local cache" after it failed to connect: no
+            # network, or offline mode (a FileNotFoundError, which is not about a path).
+            why = (
+                "HF_HUB_OFFLINE is set (unset it to download)"
+                if constants.HF_HUB_OFFLINE
+                else f"the Hugging Face Hub ({constants.ENDPOINT}) cannot be reached: no network?"
+            )
+            raise _unreachable(f"{hub_file.repo_id}/{hub_file.filename}", root, why) from None
 
 
 def _download_antelopev2_pack(root: Path) -> None:
@@ -340,10 +398,15 @@ def _download_antelopev2_pack(root: Path) -> None:
     target = root / "antelopev2"
     if all((target / name).is_file() for name in ANTELOPEV2_PACK_FILES):
         return
+    import requests
     from insightface.utils import storage
 
     with tempfile.TemporaryDirectory() as scratch:
-        pack_dir = Path(storage.ensure_available("models", ANTELOPEV2_PACK, root=scratch))
+        try:
+            pack_dir = Path(storage.ensure_available("models", ANTELOPEV2_PACK, root=scratch))
+        except (requests.ConnectionError, requests.Timeout) as error:
+            why = f"its release server cannot be reached ({first_line(error)[:120]}): no network?"
+            raise _unreachable(f"insightface's {ANTELOPEV2_PACK} pack", root, why) from None
         target.mkdir(parents=True, exist_ok=True)
         for name in ANTELOPEV2_PACK_FILES:
             # Some releases of the zip nest the files one folder deeper.
@@ -367,6 +430,9 @@ def download_models(root: str | os.PathLike, with_: Iterable[str] = ()) -> Path:
                 f"model component {component!r} is not on the Hugging Face Hub: "
                 f"{fetch_hint(root, component)}"
             )
+    unreachable = _hub_unreachable()
+    if unreachable:  # before anything is written
+        raise _unreachable("the models from the Hugging Face Hub", root, unreachable)
     root.mkdir(parents=True, exist_ok=True)
     for component in dict.fromkeys(["core", *optional]):
         _download_hub_files(root, component)

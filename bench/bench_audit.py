@@ -88,6 +88,7 @@ def _part(shard: int, identity_start: int, n_identities: int, per_identity: int,
         "reject_reason": pa.array(
             [None if a else "low_similarity" for a in accepted.tolist()], pa.string()
         ),
+        "source": pa.array(["generated"] * n),
     }
     arrays = [columns.get(f.name, pa.nulls(n, f.type)) for f in MANIFEST_SCHEMA]
     return pa.Table.from_arrays(arrays, schema=MANIFEST_SCHEMA)
@@ -114,7 +115,9 @@ def build(root: str, rows: int, per_identity: int, rows_per_part: int, seed: int
     writer = DatasetWriter(root)
     writer.write_identities(pa.Table.from_arrays(
         [pa.array([f"id-{i:06d}" for i in range(n_identities)]), pa.array(np.arange(n_identities), pa.int32()),
-         _vectors(centres), pa.array(["random"] * n_identities), pa.array(["bench"] * n_identities)],
+         _vectors(centres), pa.array(["random"] * n_identities), pa.array(["bench"] * n_identities),
+         *(pa.nulls(n_identities, IDENTITIES_SCHEMA.field(name).type)
+           for name in IDENTITIES_SCHEMA.names[5:])],
         schema=IDENTITIES_SCHEMA,
     ))  # fmt: skip
     per_part = max(1, rows_per_part // per_identity)

@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
+from flows import interrupts
 from flows.prefect_api import ephemeral_timeout_message, patient_ephemeral_server
 from schemas.errors import UserError
 
@@ -154,27 +158,96 @@ def plan(
 def generate(
     spec: Annotated[str, typer.Argument(help="Job spec (YAML path or URI).")],
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    redo_damaged: Annotated[
+        bool,
+        typer.Option(
+            help="Move committed shards whose manifest part fails its checksum aside "
+            "(damaged/<time>/ in the output) and generate them again."
+        ),
+    ] = False,
 ) -> None:
     """Run the generate flow: identities, generation, verification, dataset."""
-    _check_spec_quickly(spec)
+    interrupts.describe_with(lambda: _generate_interrupted(spec))
+    finished = _check_spec_quickly(spec)
     from flows.generate import generate_dataset  # Prefect and the model libraries: now
 
-    info = generate_dataset(spec, show_progress=progress)
-    _print_counts(info)
+    started = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    # A finished dataset is checked by the flow too, and not rewritten.
+    info = generate_dataset(spec, show_progress=progress, redo_damaged=redo_damaged)
+    if redo_damaged:
+        _print_set_aside(spec, started)
+    if finished and not redo_damaged:
+        console.print(finished)
+    else:
+        _print_counts(info)
 
 
-def _check_spec_quickly(uri: str) -> None:
+def _print_set_aside(uri: str, started: str) -> None:
+    """Where `--redo-damaged` put the damaged shards: damaged/<UTC time>/ of this run."""
+    from arc2face_engine.dataset import layout
+    from arc2face_engine.dataset.reader import DatasetReader
+    from schemas.job import load_spec
+
+    spec = load_spec(uri)
+    reader = DatasetReader(spec.output.uri, spec.output.storage_options)
+    stamps = []
+    if reader.exists(layout.DAMAGED_DIR):
+        listed = reader.fs.ls(reader.path(layout.DAMAGED_DIR), detail=False)
+        stamps = [name.rstrip("/").rsplit("/", 1)[-1] for name in listed]
+    stamps = [stamp for stamp in stamps if stamp >= started]  # set aside by this run
+    if not stamps:
+        console.print("no damaged shards found: nothing was redone")
+        return
+    folder = f"{layout.DAMAGED_DIR}/{max(stamps)}"
+    parts = reader.fs.glob(reader.path(f"{folder}/{layout.MANIFEST_DIR}/part-*.parquet"))
+    shards = sorted(layout.shard_of_part(part) for part in parts)
+    console.print(
+        f"redone {len(shards)} damaged shards ({', '.join(f'{s:05d}' for s in shards)}); "
+        f"their damaged files are kept in {spec.output.uri}/{folder}/"
+    )
+
+
+def _generate_interrupted(uri: str) -> str:
+    """`interrupted: N of M shards committed; ...`, counted on the output after the stop."""
+    from arc2face_engine.dataset.reader import DatasetReader
+    from arc2face_engine.job.estimate import summarize
+    from schemas.job import load_spec
+
+    committed, total = 0, None
+    try:
+        spec = load_spec(uri)
+        if not spec.output.storage_options_secret:  # a Secret block needs the (gone) API
+            from flows.credentials import with_credentials
+
+            spec = with_credentials(spec)  # ${env:NAME} references in storage options
+        reader = DatasetReader(spec.output.uri, spec.output.storage_options)
+        if reader.exists("dataset.json"):
+            state = reader.completeness()
+            committed, total = state.committed, state.total
+        if total is None:
+            total = summarize(spec).shards
+    except Exception:  # a spec or output that cannot be read now: say what is known
+        pass
+    planned = f"{committed} of {total}" if total is not None else f"{committed}"
+    return f"interrupted: {planned} shards committed; re-run the same command to resume"
+
+
+def _check_spec_quickly(uri: str) -> str | None:
     """Parse and validate the spec and make the checks that load no model library, before
-    Prefect, torch or diffusers are imported: a mistake is one line within a second."""
+    Prefect, torch or diffusers are imported: a mistake is one line within a second.
+    Returns what to say when the output already holds the finished dataset (the flow
+    still makes the other checks, and then rewrites nothing)."""
     from schemas.job import load_spec
 
     spec = load_spec(uri)
     if spec.output.storage_options_secret:  # a Secret block needs the Prefect API first
-        return
+        return None
+    from arc2face_engine.job.lifecycle import nothing_to_do
     from arc2face_engine.job.preflight import quick_checks
     from flows.credentials import with_credentials
 
-    quick_checks(with_credentials(spec))
+    spec = with_credentials(spec)
+    return nothing_to_do(spec, quick_checks(spec))
 
 
 def _print_counts(info) -> None:
@@ -196,6 +269,9 @@ def demo(
     """The main job on built-in tiny models: generate -> filter -> write -> audit."""
     from flows.demo import run_demo
 
+    interrupts.describe_with(
+        lambda: f"interrupted: the demo in {out} stopped; re-run the same command to resume"
+    )
     report = run_demo(out, identities=identities, show_progress=True)
     if not report.passed:
         raise typer.Exit(1)
@@ -240,33 +316,51 @@ def audit(
     uri: Annotated[str, typer.Argument(help="Dataset folder or URI.")],
     gallery: Annotated[
         str | None,
-        typer.Option(help="Parquet/.npy of real-person embeddings; default: the spec's exclusion gallery."),
+        typer.Option(help="Parquet/.npy of real-person embeddings or a dataset folder; default: the spec's exclusion gallery."),
     ] = None,
     gallery_threshold: Annotated[
         float | None,
         typer.Option(help="Leak flag above this cosine; default: the spec's exclusion max_cosine, else 0.5."),
     ] = None,
     reverify: Annotated[int, typer.Option(help="Re-run face analysis on N images.")] = 0,
-    models: Annotated[Path | None, typer.Option(help="Models dir for --reverify.")] = None,
+    models: Annotated[
+        Path | None,
+        typer.Option(help="Models dir for --reverify; default: the models.dir dataset.json records."),
+    ] = None,
     radius: Annotated[float, typer.Option(help="Cosine-distance radius for quality.")] = 0.3,
+    fairness_gap: Annotated[
+        float,
+        typer.Option(help="Warn when a metric differs by more than this between groups."),
+    ] = 0.1,
     prefect: Annotated[bool, typer.Option(help="Run as a Prefect flow (artifacts).")] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
     storage_options: StorageOptions = None,
 ) -> None:
-    """Audit a dataset: schema, integrity, quality, leakage. Exit 1 when integrity fails."""
+    """Audit a dataset: schema, integrity, quality, leakage, composition. Exit 1 when
+    integrity fails."""
+    interrupts.describe_with(
+        lambda: f"interrupted: the audit of {uri} stopped before writing its report; "
+        "re-run the same command"
+    )
+    if not (math.isfinite(fairness_gap) and fairness_gap >= 0):
+        raise UserError(f"--fairness-gap {fairness_gap:g} is not a gap >= 0: pass e.g. 0.1")
     options = dict(
         gallery=gallery,
         gallery_threshold=gallery_threshold,
         reverify=reverify,
         models_dir=str(models) if models else None,
         radius=radius,
+        fairness_gap=fairness_gap,
     )
     if prefect:
         from flows.audit import audit_dataset_flow
         from flows.prefect_api import check_api
 
         check_api()
-        report = audit_dataset_flow(uri, _storage_options(storage_options), **options)
+        models_dir = options.pop("models_dir")  # the flow takes the CLI's names
+        report = audit_dataset_flow(
+            uri, _storage_options(storage_options), models=models_dir, **options
+        )
     else:
         from arc2face_engine.audit import audit_dataset
 
@@ -281,9 +375,61 @@ def _print_audit(report) -> None:
     verdict = "[green]PASSED[/green]" if report.passed else "[red]FAILED[/red]"
     if report.in_progress:
         verdict += f" [yellow](dataset in progress: {report.in_progress_reason})[/yellow]"
-    console.print(f"audit {verdict}: {report.report_uri}")
+    console.print(f"audit {verdict}: {report.report_uri}; {escape(report.headline())}")
+    if report.reverify is not None:
+        console.print(
+            f"re-verified {report.reverify.checked} images with the models in "
+            f"{report.reverify.models_dir} ({report.reverify.models_from})"
+        )
     for problem in report.problems[:20]:
         console.print(f"  - {problem}")
+
+
+@app.command("compare")
+def compare(
+    uris: Annotated[list[str], typer.Argument(help="Two or more dataset folders or URIs.")],
+    out: Annotated[str, typer.Option(help="Folder for compare.json and compare.html.")],
+    radius: Annotated[
+        float, typer.Option(help="Cosine-distance radius: identities closer than this overlap.")
+    ] = 0.3,
+    verify_files: Annotated[
+        bool, typer.Option(help="Also hash and decode every image, as audit does.")
+    ] = False,
+    device: Annotated[
+        str, typer.Option(help="Where the overlap search runs: cpu, cuda, auto.")
+    ] = "cpu",
+    prefect: Annotated[bool, typer.Option(help="Run as a Prefect flow (artifacts).")] = False,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    storage_options: StorageOptions = None,
+) -> None:
+    """Compare datasets side by side: audit metrics, overlaid plots, shared identities."""
+    options = _storage_options(storage_options)
+    if prefect:
+        from flows.audit import compare_datasets_flow
+        from flows.prefect_api import check_api
+
+        check_api()
+        report = compare_datasets_flow(list(uris), out, options, radius, verify_files, device=device)
+    else:
+        from arc2face_engine.audit.compare import compare_datasets
+
+        with _progress_bar(progress) as bar:
+            report = compare_datasets(
+                list(uris), out, options, radius, verify_files=verify_files, device=device,
+                progress=bar,
+            )
+    table = Table("dataset", "passed", "identities", "accepted", "uniqueness", "intra-class",
+                  "inter-class max", title="compare")  # fmt: skip
+    for row in report.summary_rows():
+        table.add_row(*(str(value if not isinstance(value, float) else round(value, 4))
+                        for value in row.values()))  # fmt: skip
+    console.print(table)
+    for found in report.overlaps:
+        console.print(
+            f"datasets {found.first + 1} ~ {found.second + 1}: {found.pair_count} identity pairs "
+            f"within cosine {found.threshold:.2f} (max {found.max_cosine})"
+        )
+    console.print(f"report: {report.html_uri}")
 
 
 @app.command("export")
@@ -306,12 +452,16 @@ def export(
         bool, typer.Option(help="recordio: images only, shuffled, keys 0..N-1 (shuffle_rec.py's layout, for DALI).")
     ] = False,
     shuffle_seed: Annotated[int, typer.Option(help="recordio --dali: seed of the order.")] = 0,
+    allow_incomplete: Annotated[
+        bool, typer.Option(help="Export a dataset whose generation has not finished.")
+    ] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
     storage_options: StorageOptions = None,
 ) -> None:
     """Export accepted images for face-recognition training (label_map.csv maps labels to ids)."""
     from arc2face_engine.exports import ExportError, export_dataset
 
+    interrupts.describe_with(lambda: _export_interrupted(out))
     options = _storage_options(storage_options)
     extra = {}
     if dali or shuffle_seed:
@@ -330,9 +480,86 @@ def export(
             overwrite=overwrite,
             labels=labels,
             progress=bar,
+            allow_incomplete=allow_incomplete,
             **extra,
         )
     console.print(f"exported {result}")
+
+
+def _export_interrupted(out: str) -> str:
+    if "://" in out and not out.startswith("file://"):
+        left = f"files written so far under {out} are incomplete: re-run with --overwrite"
+    else:
+        left = f"{out} was not written (an existing one is unchanged): re-run the same command"
+    return f"interrupted: the export stopped before it finished; {left}"
+
+
+@app.command("import")
+def import_(
+    source: Annotated[str, typer.Argument(help="The dataset to import: folder, file or URI.")],
+    format_: Annotated[
+        str, typer.Option("--format", help="recordio | imagefolder | webdataset | hf")
+    ],
+    out: Annotated[str, typer.Option(help="The dataset to write (new, or an import to resume).")],
+    models: Annotated[Path, typer.Option(help="Models directory holding antelopev2/.")],
+    aligned: Annotated[
+        bool | None,
+        typer.Option(
+            "--aligned/--no-aligned",
+            help="Images are aligned 112x112 crops: embed without detection (default: recordio only).",
+        ),
+    ] = None,
+    name: Annotated[str | None, typer.Option(help="Dataset name (default: from SOURCE).")] = None,
+    label_field: Annotated[
+        str | None,
+        typer.Option(help="webdataset: cls or json.FIELD; hf: the label column (default label)."),
+    ] = None,
+    image_field: Annotated[str, typer.Option(help="hf: the image column.")] = "image",
+    shard_size: Annotated[int, typer.Option(help="Images per shard (whole identities).")] = 1000,
+    max_images: Annotated[
+        int, typer.Option(help="Refuse a source holding more items than this.")
+    ] = 10_000_000,
+    min_det_score: Annotated[float, typer.Option(help="Reject weaker detections.")] = 0.5,
+    min_feature_norm: Annotated[
+        float, typer.Option(help="Reject faces with a lower ArcFace feature norm (0: off).")
+    ] = 0.0,
+    device: Annotated[str, typer.Option(help="Face analysis device: cpu, cuda, auto.")] = "cpu",
+    workers: Annotated[int, typer.Option(help="Shards analysed at the same time.")] = 1,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    storage_options: StorageOptions = None,
+    out_storage_options: Annotated[
+        str | None,
+        typer.Option(help="fsspec options of --out as JSON (default: --storage-options)."),
+    ] = None,
+) -> None:
+    """Import a face dataset (RecordIO, ImageFolder, WebDataset, HF Parquet) into this
+    project's format: every image copied and analysed; auditable and comparable after."""
+    from schemas.imports import parse_import_spec
+
+    source_options = _storage_options(storage_options)
+    spec = parse_import_spec(
+        dict(
+            source=source, format=format_, out=out, models_dir=str(models), aligned=aligned,
+            name=name, label_field=label_field, image_field=image_field, shard_size=shard_size,
+            max_images=max_images, min_det_score=min_det_score,
+            min_feature_norm=min_feature_norm, device=device, workers=workers,
+            storage_options=source_options,
+            out_storage_options=_storage_options(out_storage_options) if out_storage_options
+            else source_options,
+        )
+    )  # fmt: skip
+    from arc2face_engine.ingest.lifecycle import quick_checks
+
+    quick_checks(spec)  # one line within a second, before Prefect starts
+    from flows.imports import import_dataset
+
+    info = import_dataset(spec, show_progress=progress)
+    _print_counts(info)
+    source_info = info.imported
+    console.print(
+        f"  {source_info.source_items} source items, {source_info.identities_left_out} "
+        f"identities left out (no accepted image), {source_info.unlabelled} without a label"
+    )
 
 
 @banks_app.command("poses")
@@ -414,15 +641,16 @@ def main() -> None:
     """Console-script entry point: an error a user can fix is one line on stderr, with
     exit status 2 for bad input (1 for failed shards); anything else is a bug and keeps
     its traceback."""
-    try:
-        app()
-    except Exception as error:
-        known = _one_line(error)
-        if known is None:
-            raise
-        message, status = known
-        print(f"error: {message}".replace("\n", " "), file=sys.stderr)
-        sys.exit(status)
+    with interrupts.handling():  # Ctrl-C / SIGTERM: one line, nothing partial, no orphans
+        try:
+            app()
+        except Exception as error:
+            known = _one_line(error)
+            if known is None:
+                raise
+            message, status = known
+            print(f"error: {message}".replace("\n", " "), file=sys.stderr)
+            sys.exit(status)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from schemas.errors import UserError
+from schemas.imports import ImportSpec, recorded_import_spec
 from schemas.job import JobSpec, recorded_spec
 
 ENV_REFERENCE = re.compile(r"^\$\{env:([A-Za-z_][A-Za-z0-9_]*)\}$")
@@ -100,10 +101,16 @@ def redacted_parameters(parameters: dict[str, Any]) -> dict[str, Any]:
     spec = shown.get("spec")
     if isinstance(spec, JobSpec):
         shown["spec"] = recorded_spec(spec)
+    elif isinstance(spec, ImportSpec):
+        shown["spec"] = recorded_import_spec(spec)
     elif isinstance(spec, dict) and isinstance(spec.get("output"), dict):
         output = dict(spec["output"])
         output["storage_options"] = _redact(output.get("storage_options"))
         shown["spec"] = {**spec, "output": output}
+    elif isinstance(spec, dict):  # an import's options
+        shown["spec"] = {
+            **spec, **{name: _redact(spec[name]) for name in SECRET_PARAMETERS if name in spec}
+        }
     for name in SECRET_PARAMETERS:
         if isinstance(shown.get(name), dict):
             shown[name] = _redact(shown[name])

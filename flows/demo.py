@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 
 from schemas.job import JobSpec
 
@@ -67,8 +68,9 @@ def run_demo(out: Path, identities: int = 8, show_progress: bool = True):
         f"dataset {spec.output.uri}: {counts.images} images, {counts.accepted} accepted, "
         f"{counts.rejected} rejected {dict(sorted(counts.reject_reasons.items()))}"
     )
-    report = audit_dataset_flow(spec.output.uri, models_dir=str(models), reverify=4)
-    console.print(f"audit {'PASSED' if report.passed else 'FAILED'}: {report.report_uri}")
+    report = audit_dataset_flow(spec.output.uri, models=str(models), reverify=4)
+    verdict = "PASSED" if report.passed else "FAILED"
+    console.print(f"audit {verdict}: {report.report_uri}; {escape(report.headline())}")
     exported = export_dataset_flow(  # the demo owns its folder: a re-run replaces the export
         spec.output.uri, str(out / "export-recordio"), "recordio", overwrite=True
     )

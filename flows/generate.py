@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator
 
 from prefect.artifacts import create_table_artifact
 from prefect.futures import PrefectFuture
-from prefect.runtime import flow_run
+from prefect.runtime import deployment, flow_run
 from prefect.task_runners import TaskRunner
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -19,6 +19,7 @@ from arc2face_engine.job import lifecycle, preflight
 from arc2face_engine.job.identities_step import BuiltIdentities
 from arc2face_engine.job.shard import ShardResult
 from arc2face_engine.job.shards import ShardWork, shard_count, shard_works
+from flows import interrupts
 from flows.credentials import with_credentials
 from flows.prefect_api import check_api
 from flows.redacting import RedactingFlow
@@ -176,37 +177,76 @@ def load_job_spec(spec: JobSpec | str | dict) -> JobSpec:
     return load_spec(spec)
 
 
-def check_quickly(spec: JobSpec) -> None:
+def check_quickly(spec: JobSpec) -> DatasetInfo | None:
     """The checks that load no model library (job/preflight.py quick_checks), and the
-    Dask scheduler: a mistake is one line within a second, before anything is written."""
-    preflight.quick_checks(spec)
+    Dask scheduler: a mistake is one line within a second, before anything is written.
+    Returns the output's dataset.json (None for a new dataset)."""
+    info = preflight.quick_checks(spec)
     if spec.compute.task_runner == "dask" and spec.compute.dask_address:
         check_dask_scheduler(spec.compute.dask_address)  # seconds, before loading banks
+    return info
 
 
-def _generate_dataset(spec: JobSpec | str, show_progress: bool = False) -> DatasetInfo:
+def in_deployment_terms(error: UserError) -> UserError:
+    """`error` with what to do in a deployment run when it is about a relative path: a
+    worker runs each flow run in a folder of its own (a new temporary one, for process
+    workers), so relative paths in a spec rarely mean what they meant to its author."""
+    folder = getattr(error, "resolved_against", None)
+    if folder is None or deployment.get_id() is None:
+        return error
+    return type(error)(
+        f"{error}; in a deployment run relative paths resolve against the flow run's working "
+        f"folder {folder}: give absolute paths or URIs, or set the work pool's working_dir "
+        "(`--job-variable working_dir=/srv/arc2face-synth`, or job_variables in "
+        "infra/prefect.yaml)"
+    )
+
+
+def _generate_dataset(
+    spec: JobSpec | str, show_progress: bool = False, redo_damaged: bool = False
+) -> DatasetInfo:
     """Turn a job spec (a YAML path or URI, or the spec itself) into a dataset:
-    identities, shards, verification, finalise.
+    identities, shards, verification, finalise. `redo_damaged`: committed shards whose
+    manifest part fails its checksum are moved aside (damaged/<time>/) and generated
+    again (without it, a resume refuses them).
 
     Deployment runs and CLI runs do the same: credentials resolved on this worker,
     every check before anything is written, then the spec's own task runner.
     """
-    spec = with_credentials(load_job_spec(spec))
-    check_quickly(spec)
-    built = preflight.preflight(spec)  # model files, devices, banks, resume, identities
-    try:
-        # One writer per output: the lease (heartbeat thread) is held until the flow ends.
-        with lifecycle.writer_lease(spec) as lease, task_runner_for(spec) as runner:
-            return _run_job(spec, runner, show_progress, lease.token, built)
-    except (UserError, ShardsFailed):
-        raise
-    except Exception as error:  # an outage: one line, not a storage client's traceback
-        buried = _buried_failure(error)
-        if buried is not None:
-            raise buried from None
-        if layout.store_unavailable(error):
-            raise _store_down(spec, f"{type(error).__name__}: {first_line(error)}") from None
-        raise
+    with interrupts.kept_inside_flows():  # the CLI's Ctrl-C/SIGTERM handling, not Prefect's
+        try:
+            spec = with_credentials(load_job_spec(spec))
+            existing = check_quickly(spec)
+        except UserError as error:
+            raise in_deployment_terms(error) from None
+        # model files and configs, devices, banks, resume (committed parts verified), identities
+        built = preflight.preflight(spec, redo_damaged=redo_damaged)
+        finished = None if redo_damaged else lifecycle.nothing_to_do(spec, existing)
+        if finished:  # a re-run of a finished job that passed every check rewrites nothing
+            print(finished)
+            return existing
+        try:
+            # One writer per output: the lease (heartbeat thread) is held until the flow ends.
+            with lifecycle.writer_lease(spec) as lease, task_runner_for(spec) as runner:
+                if redo_damaged:
+                    _set_aside_damaged(spec, lease.token)
+                return _run_job(spec, runner, show_progress, lease.token, built)
+        except (UserError, ShardsFailed):
+            raise
+        except Exception as error:  # an outage: one line, not a storage client's traceback
+            buried = _buried_failure(error)
+            if buried is not None:
+                raise buried from None
+            if layout.store_unavailable(error):
+                raise _store_down(spec, f"{type(error).__name__}: {first_line(error)}") from None
+            raise
+
+
+def _set_aside_damaged(spec: JobSpec, lease_token: str) -> None:
+    moved, folder = lifecycle.set_aside_damaged(spec, lease_token)
+    if moved:
+        shards = ", ".join(f"{shard:05d}" for shard in moved)
+        print(f"damaged shards {shards} moved aside to {folder}/; generating them again")
 
 
 generate_dataset_flow = RedactingFlow(_generate_dataset, name="generate-dataset", log_prints=True)
@@ -285,8 +325,10 @@ def _run_job(
     return info
 
 
-def generate_dataset(spec: JobSpec | str, show_progress: bool = False) -> DatasetInfo:
+def generate_dataset(
+    spec: JobSpec | str, show_progress: bool = False, redo_damaged: bool = False
+) -> DatasetInfo:
     """Run the generate flow for a spec object or a spec file path/URI; an unreachable
     Prefect API is one line. (The CLI makes the quick checks before it imports this.)"""
     check_api()
-    return generate_dataset_flow(spec, show_progress)
+    return generate_dataset_flow(spec, show_progress, redo_damaged)

@@ -4,12 +4,26 @@ They live in `schemas` (which imports nothing of the engine) so that both the sp
 models and the engine can raise them (the one errors module).
 """
 
+import os
+
 
 def first_line(error: BaseException) -> str:
     """The first line of an error's message (its type when it has none), to quote a
     library's error inside a one-line UserError."""
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
+
+
+def resolved_against(path: str) -> str | None:
+    """The folder a relative local path was resolved against (the working folder), or None
+    for an absolute path or a URI: a message about a path that does not resolve names it,
+    since a relative path means something else in a deployment run's working folder."""
+    text = str(path)
+    if "://" in text and not text.startswith("file://"):
+        return None
+    if os.path.isabs(text.removeprefix("file://")):
+        return None
+    return os.getcwd()
 
 
 class UserError(Exception):

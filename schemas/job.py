@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import itertools
 import json
 import re
 from pathlib import PurePosixPath
@@ -30,7 +31,18 @@ from pydantic import (
     model_validator,
 )
 
-from schemas.errors import SpecError
+from schemas.constants import (  # noqa: F401 - re-exported
+    DEFAULT_SIZE,
+    DPM_GUIDANCE,
+    DPM_STEPS,
+    LCM_GUIDANCE,
+    LCM_STEPS,
+    SCHEDULERS,
+    VAE_FACTOR,
+    check_image_side,
+)
+from schemas.errors import SpecError, resolved_against
+from schemas.tables import DEFAULT_AGE_EDGES, GENDERS, SKIN_TONES, age_band_names
 
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 DEFAULT_RANDOM_COUNT = 100
@@ -44,27 +56,8 @@ MAX_ATTEMPTS = 100
 MAX_EXPRESSIONS = 100_000
 MAX_IMAGE_SIDE = 4096
 MAX_POSE_GRID = 4096  # rendered normal maps, each height x width x 3 bytes
-# The sampler settings' one home: generation.GenerationSettings takes its defaults and
-# checks from here. Arc2Face defaults (DPM-Solver++ 25 steps, CFG 3.0) and the LCM-LoRA
-# sweet spot (4 steps, no CFG).
-SCHEDULERS = ("dpmsolver++", "lcm")
-DPM_STEPS, DPM_GUIDANCE, LCM_STEPS, LCM_GUIDANCE = 25, 3.0, 4, 1.0
-DEFAULT_SIZE = 512
-VAE_FACTOR = 8  # the VAE downsamples by 8: image sides are multiples of it
-
-
-def check_image_side(name: str, size: int) -> int:
-    """Raise ValueError unless `size` is a positive multiple of the VAE's factor."""
-    if size < VAE_FACTOR or size % VAE_FACTOR:
-        candidates = (size // VAE_FACTOR * VAE_FACTOR, size // VAE_FACTOR * VAE_FACTOR + VAE_FACTOR)
-        nearest = " or ".join(str(v) for v in candidates if v > 0)
-        raise ValueError(
-            f"{name}={size} is not a positive multiple of {VAE_FACTOR} (the VAE downsamples "
-            f"by {VAE_FACTOR}): use {nearest}"
-        )
-    return size
-
-
+# The sampler defaults and the image-side rule live in schemas.constants (the engine reads
+# them without pydantic); re-exported here for the spec's users.
 def check_lcm_guidance(guidance: float) -> float:
     if guidance > LCM_GUIDANCE:
         raise ValueError(
@@ -147,7 +140,8 @@ class ExclusionSpec(_Section):
     gallery: str | None = Field(
         None,
         description="Embeddings of real people no identity may resemble (e.g. of evaluation "
-        "sets): .parquet (column 'embedding') or .npy of N x 512, local path or URI; null: off.",
+        "sets): .parquet (column 'embedding') or .npy of N x 512, or a dataset folder (its "
+        "identities, e.g. an imported real dataset), local path or URI; null: off.",
     )
     max_cosine: float = Field(
         0.5,
@@ -157,6 +151,138 @@ class ExclusionSpec(_Section):
         "and packed identities are resampled or moved, a file that breaks it is refused, photos "
         "that break it are dropped and listed.",
     )
+
+
+BALANCE_AXES = ("gender", "age", "skin_tone")
+SHARE_TOLERANCE = 1e-6  # shares must sum to 1 within this
+MAX_BALANCE_CANDIDATES = 10 * MAX_IDENTITIES
+PROBE_STEPS = {"lcm": LCM_STEPS, "dpmsolver++": 12}  # cheap: a probe only has to show a face
+
+
+def _check_shares(shares: dict[str, float], what: str) -> dict[str, float]:
+    bad = {key: value for key, value in shares.items() if not 0.0 <= value <= 1.0}
+    if bad:
+        raise ValueError(f"{what} shares {bad} outside [0, 1]: use fractions of the count")
+    total = sum(shares.values())
+    if abs(total - 1.0) > SHARE_TOLERANCE:
+        raise ValueError(f"{what} shares sum to {total:g}, not 1: make them add up to 1")
+    return shares
+
+
+class BalanceCell(_Section):
+    """One cell of a joint target table: values of the balanced axes and its share."""
+
+    gender: Literal[GENDERS] | None = Field(None, description="female or male.")
+    age: str | None = Field(None, description="An age band name (see age_edges), e.g. 20-30.")
+    skin_tone: Literal[SKIN_TONES] | None = Field(None, description="An ITA category.")
+    share: float = Field(..., ge=0.0, le=1.0, description="Fraction of the identities.")
+
+
+class BalanceSpec(_Section):
+    """Balanced identity sampling: each candidate identity gets one probe image whose
+    predicted gender and age and measured skin tone (ITA) place it in a cell; candidates
+    fill the cells until every quota is met (docs/composition.md)."""
+
+    gender: dict[Literal[GENDERS], float] | None = Field(
+        None, description="Target shares of predicted gender, e.g. {female: 0.5, male: 0.5}."
+    )
+    age: dict[str, float] | None = Field(
+        None,
+        description="Target shares of predicted age bands named by age_edges, e.g. "
+        "{0-20: 0.1, 20-30: 0.3, ...}; bands left out get no identity.",
+    )
+    skin_tone: dict[Literal[SKIN_TONES], float] | None = Field(
+        None,
+        description="Target shares of the measured ITA categories (very_light, light, "
+        "intermediate, tan, brown, dark); categories left out get no identity.",
+    )
+    joint: list[BalanceCell] | None = Field(
+        None,
+        description="Instead of the marginals above: a joint table, one entry per cell "
+        "(the same axes in every entry) with its share.",
+    )
+    age_edges: list[float] = Field(
+        default_factory=lambda: list(DEFAULT_AGE_EDGES),
+        min_length=1,
+        description="Lower edges of the age bands in years, ascending; a band includes its "
+        "lower edge and the last is open (default bands 0-20, 20-30, ..., 60+).",
+    )
+    max_candidates: int | None = Field(
+        None,
+        gt=0,
+        le=MAX_BALANCE_CANDIDATES,
+        description="Candidates probed at most (default 10 x count); when they run out the "
+        "job is refused, naming the cell that could not be filled, before anything is written.",
+    )
+    oversample: float = Field(
+        3.0,
+        ge=1.0,
+        le=100.0,
+        description="packed: candidates packed per wanted identity, from which the cells are filled.",
+    )
+    probe_scheduler: Literal["auto", "lcm", "dpmsolver++"] = Field(
+        "auto",
+        description="Sampler of the probe images; auto = lcm when the models directory holds "
+        "the LCM-LoRA, else dpmsolver++.",
+    )
+    probe_steps: int | None = Field(
+        None,
+        gt=0,
+        le=1000,
+        description="Probe inference steps; default 4 for lcm, 12 for dpmsolver++.",
+    )
+
+    @field_validator("age_edges")
+    @classmethod
+    def _ascending_edges(cls, edges: list[float]) -> list[float]:
+        if edges[0] < 0 or any(high <= low for low, high in itertools.pairwise(edges)):
+            raise ValueError(f"age_edges {edges} are not ascending from >= 0: e.g. [0, 20, 40, 60]")
+        return edges
+
+    @model_validator(mode="after")
+    def _targets(self) -> BalanceSpec:
+        marginals = {axis: getattr(self, axis) for axis in BALANCE_AXES}
+        given = [axis for axis, shares in marginals.items() if shares is not None]
+        if self.joint is not None and given:
+            raise ValueError(
+                f"joint and marginal targets ({', '.join(given)}) both given: use one of them"
+            )
+        if self.joint is None and not given:
+            raise ValueError("no targets: give gender, age or skin_tone shares, or a joint table")
+        bands = age_band_names(self.age_edges)
+        if self.age is not None:
+            self._check_bands(self.age.keys(), bands)
+        for axis in given:
+            _check_shares(marginals[axis], axis)
+        if self.joint is not None:
+            self._check_joint(bands)
+        return self
+
+    @staticmethod
+    def _check_bands(names, bands: list[str]) -> None:
+        unknown = sorted(set(names) - set(bands))
+        if unknown:
+            raise ValueError(
+                f"unknown age band {unknown[0]!r}: use one of {', '.join(bands)} (from age_edges)"
+            )
+
+    def _check_joint(self, bands: list[str]) -> None:
+        axes = {tuple(a for a in BALANCE_AXES if getattr(cell, a) is not None) for cell in self.joint}
+        if len(axes) != 1 or not next(iter(axes)):
+            raise ValueError("joint cells name different axes: give the same axes in every cell")
+        self._check_bands([cell.age for cell in self.joint if cell.age is not None], bands)
+        keys = [tuple(getattr(cell, a) for a in BALANCE_AXES) for cell in self.joint]
+        if len(set(keys)) != len(keys):
+            raise ValueError("a joint cell is listed twice: give each cell once")
+        _check_shares(
+            {str(key): cell.share for key, cell in zip(keys, self.joint, strict=True)}, "joint"
+        )
+
+    def axes(self) -> tuple[str, ...]:
+        """The balanced axes, in BALANCE_AXES order."""
+        if self.joint is not None:
+            return tuple(a for a in BALANCE_AXES if getattr(self.joint[0], a) is not None)
+        return tuple(a for a in BALANCE_AXES if getattr(self, a) is not None)
 
 
 class IdentitiesSpec(_Section):
@@ -201,6 +327,11 @@ class IdentitiesSpec(_Section):
         default_factory=ExclusionSpec,
         description="Every source: keep identities away from a gallery of real people.",
     )
+    balance: BalanceSpec | None = Field(
+        None,
+        description="Balanced sampling over predicted gender, age bands and skin-tone (ITA) "
+        "categories; null: off. Needs count (file/images: how many to keep).",
+    )
 
     @field_validator("count")
     @classmethod
@@ -231,6 +362,29 @@ class IdentitiesSpec(_Section):
                 f"projection only applies to source 'random', not '{source}': set it to false"
             )
         return project
+
+    @model_validator(mode="after")
+    def _balance_needs_count(self) -> IdentitiesSpec:
+        balance = self.balance
+        if balance is None:
+            return self
+        if self.count is None:
+            raise ValueError(
+                f"balance needs count with source '{self.source}': set identities.count to "
+                "how many identities to keep"
+            )
+        if balance.max_candidates is not None and balance.max_candidates < self.count:
+            raise ValueError(
+                f"balance.max_candidates {balance.max_candidates} is below count {self.count}: "
+                "raise it (default 10 x count)"
+            )
+        return self
+
+    def balance_candidates(self) -> int:
+        """How many candidates a balanced job may probe."""
+        assert self.balance is not None and self.count is not None
+        default = min(10 * self.count, MAX_BALANCE_CANDIDATES)
+        return self.balance.max_candidates or default
 
 
 def _angle_list(low: float, high: float, what: str):
@@ -459,6 +613,14 @@ class FilterSpec(_Section):
         "feature_norm distribution of a pilot run. Rejected images get reason "
         "low_feature_norm.",
     )
+    max_similarity: float = Field(
+        1.0,
+        gt=-1.0,
+        le=1.0,
+        description="Maximum cosine similarity to the identity embedding; 1.0 = off. An image "
+        "above it is a near-copy of the identity that adds no intra-class variation for "
+        "training; rejected with reason too_similar. Must be above min_similarity.",
+    )
     max_attempts: int = Field(
         3,
         ge=1,
@@ -466,6 +628,15 @@ class FilterSpec(_Section):
         description="Tries per wanted image: a rejected image is regenerated with a new seed "
         "until accepted or this many attempts were made.",
     )
+
+    @model_validator(mode="after")
+    def _similarity_window(self) -> FilterSpec:
+        if self.max_similarity < 1.0 and self.max_similarity <= self.min_similarity:
+            raise ValueError(
+                f"max_similarity {self.max_similarity:g} is not above min_similarity "
+                f"{self.min_similarity:g}: no image could pass; raise max_similarity (1.0 = off)"
+            )
+        return self
 
 
 class OutputSpec(_Section):
@@ -654,7 +825,11 @@ def load_spec(uri: str, storage_options: dict[str, Any] | None = None) -> JobSpe
         with fs.open(path, "rb") as handle:
             text = handle.read().decode("utf-8")
     except FileNotFoundError:
-        raise SpecError(f"job spec {uri} not found: check the path") from None
+        folder = resolved_against(str(uri))
+        where = f" (resolved against {folder})" if folder else ""
+        error = SpecError(f"job spec {uri} not found: check the path{where}")
+        error.resolved_against = folder
+        raise error from None
     except UnicodeDecodeError as error:
         raise SpecError(
             f"job spec {uri} is not UTF-8 text ({error.reason}): save it as UTF-8"
@@ -698,6 +873,58 @@ def spec_hash(spec: JobSpec) -> str:
     content = spec.model_dump(mode="json", exclude=HASH_EXCLUDED)
     canonical = json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def _without_excluded(data: Any, excluded: Any) -> Any:
+    """`data` (a spec as JSON) less the HASH_EXCLUDED fields."""
+    if excluded is True:
+        return None
+    if not isinstance(data, dict) or not isinstance(excluded, dict):
+        return data
+    kept = {key: _without_excluded(value, excluded.get(key)) for key, value in data.items()}
+    return {key: value for key, value in kept.items() if excluded.get(key) is not True}
+
+
+def _leaves(data: Any, prefix: str = "") -> dict[str, Any]:
+    """{dotted path: value} of every non-mapping value (an empty mapping inside is a leaf)."""
+    if not isinstance(data, dict) or (not data and prefix):
+        return {prefix: data}
+    found: dict[str, Any] = {}
+    for key, value in data.items():
+        found.update(_leaves(value, f"{prefix}.{key}" if prefix else str(key)))
+    return found
+
+
+MISSING = "absent"
+
+
+def spec_differences(recorded: dict[str, Any], spec: JobSpec) -> list[tuple[str, Any, Any]]:
+    """(dotted path, recorded value, new value) for every content-defining field (the ones
+    spec_hash covers) that differs between a recorded spec (dataset.json) and `spec`,
+    in path order; a field one side lacks shows as MISSING."""
+    before = _leaves(_without_excluded(recorded, HASH_EXCLUDED))
+    after = _leaves(spec.model_dump(mode="json", exclude=HASH_EXCLUDED))
+    return [
+        (path, before.get(path, MISSING), after.get(path, MISSING))
+        for path in sorted(before.keys() | after.keys())
+        if before.get(path, MISSING) != after.get(path, MISSING)
+    ]
+
+
+def describe_differences(
+    differences: list[tuple[str, Any, Any]], most: int = 4, width: int = 40
+) -> str:
+    """'seed (0 -> 1), generation.steps (2 -> 3)', at most `most` fields, each value cut
+    to `width` characters, so the message stays one bounded line."""
+
+    def shown(value: Any) -> str:
+        text = value if value is MISSING else json.dumps(value, ensure_ascii=True)
+        return text if len(text) <= width else text[: width - 3] + "..."
+
+    parts = [f"{path} ({shown(old)} -> {shown(new)})" for path, old, new in differences[:most]]
+    if len(differences) > most:
+        parts.append(f"and {len(differences) - most} more")
+    return ", ".join(parts)
 
 
 def recorded_spec(spec: JobSpec) -> dict[str, Any]:

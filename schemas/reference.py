@@ -19,12 +19,17 @@ from pydantic_core import PydanticUndefined
 
 from schemas.job import JobSpec
 from schemas.tables import (
+    IMPORT_REFUSALS,
+    LEFT_OUT_LABEL,
     REJECT_REASONS,
+    AuditIdentityRow,
     DatasetCounts,
     DatasetInfo,
     ExclusionReport,
     IdentityRow,
+    ImportProvenance,
     ManifestRow,
+    ProbeRow,
 )
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
@@ -117,6 +122,7 @@ def _model_table(model: type[BaseModel]) -> list[str]:
 
 def dataset_format_page() -> str:
     reasons = ", ".join(f"`{reason}`" for reason in REJECT_REASONS)
+    refusals = ", ".join(f"`{reason}`" for reason in IMPORT_REFUSALS)
     lines = [
         GENERATED,
         "# Dataset format reference",
@@ -129,6 +135,7 @@ def dataset_format_page() -> str:
         "manifest/part-00000.parquet         one per committed shard: one row per image",
         "manifest/part-00000.parquet.sha256  the part's sha256, written just before it",
         "images/00000/<image_id>.jpg         the image files of shard 0",
+        "probes/manifest.parquet, probes/*    balanced jobs only: each candidate's probe",
         "README.md                           the dataset card",
         "audit/report.json, report.html      written by `arc2face-synth audit`",
         ".writer-lease.json                  only while a run writes it",
@@ -145,11 +152,32 @@ def dataset_format_page() -> str:
         "",
         f"Reject reasons, in the order they are checked: {reasons}.",
         "",
+        "Imported datasets (`arc2face-synth import`, `source` = `imported`) add the reasons",
+        f"an item is refused before face analysis: {refusals}. Their generation columns are",
+        "null. An imported identity without an accepted image is left out of",
+        f"identities.parquet; its rows keep their reasons under label {LEFT_OUT_LABEL}.",
+        "",
         *_row_table(ManifestRow),
+        "",
+        "## probes/manifest.parquet",
+        "",
+        "Only when `identities.balance` is set: one row per candidate identity the balancing",
+        "probed, in candidate order; the kept ones' probe images are `probes/<identity_id>.<ext>`",
+        "(see docs/composition.md). Written with identities.parquet, before it.",
+        "",
+        *_row_table(ProbeRow),
+        "",
+        "## audit/identities.parquet",
+        "",
+        "Written by `arc2face-synth audit`: one row per identity with a committed image, its",
+        "group and how hard and varied its accepted images are (docs/composition.md).",
+        "",
+        *_row_table(AuditIdentityRow),
         "",
         "## dataset.json",
         "",
         *_model_table(DatasetInfo),
+
         "",
         "### counts",
         "",
@@ -158,6 +186,10 @@ def dataset_format_page() -> str:
         "### exclusion_report",
         "",
         *_model_table(ExclusionReport),
+        "",
+        "### imported",
+        "",
+        *_model_table(ImportProvenance),
     ]
     return "\n".join(lines).rstrip() + "\n"
 

@@ -59,12 +59,14 @@ def generate_shard(spec: JobSpec, work: ShardWork) -> ShardResult:
         result = workers.generate_shard(
             spec, work, device=placement.device, on_batch=on_batch, hold_device=guard
         )
-        if result.superseded:  # e.g. this worker was paused, presumed lost, and resumed
-            get_run_logger().warning(
-                f"{label}: another attempt at it committed or claimed it first; this attempt "
-                "stopped without writing more (dataset/attempt.py)"
-            )
-        return result
+    for warning in result.warnings:  # e.g. torch.compile fell back to eager
+        get_run_logger().warning(f"{label}: {warning}")
+    if result.superseded:  # e.g. this worker was paused, presumed lost, and resumed
+        get_run_logger().warning(
+            f"{label}: another attempt at it committed or claimed it first; this attempt "
+            "stopped without writing more (dataset/attempt.py)"
+        )
+    return result
 
 
 @task(name="finalize-dataset", cache_policy=NO_CACHE, persist_result=False)

@@ -26,10 +26,12 @@ from arc2face_engine.dataset.writer import DatasetWriter
 from schemas.tables import (
     EXPRESSION_DIM,
     IDENTITIES_SCHEMA,
+    IDENTITY_ATTRIBUTE_COLUMNS,
     MANIFEST_SCHEMA,
     REJECT_REASONS,
     DatasetCounts,
     DatasetInfo,
+    skin_tone_of,
 )
 
 # insightface's 112x112 ArcFace template (eyes, nose, mouth corners), scaled per image size.
@@ -39,6 +41,8 @@ EXPRESSIONS = ("neutral", "smile")
 
 # (identity_index, variant, rng) -> face embedding for an accepted image (or None: default)
 FaceEmbeddingFn = Callable[[int, int, np.random.Generator], np.ndarray | None]
+# identity_index -> (predicted gender, predicted age, skin ITA) of its images with a face
+AttributesFn = Callable[[int], tuple[str, float, float]]
 
 
 @dataclass
@@ -95,6 +99,7 @@ def make_dataset(
     face_embedding_fn: FaceEmbeddingFn | None = None,
     keep_rejected_images: bool = True,
     storage_options: dict | None = None,
+    attributes_fn: AttributesFn | None = None,
 ) -> MadeDataset:
     """Write a complete dataset at `root` (a path or fsspec URI) and describe it.
 
@@ -103,6 +108,8 @@ def make_dataset(
     retry (attempt + 1), so each identity ends with `images_per_identity`
     accepted images. Accepted face embeddings are
     normalise(identity + face_noise * N(0, I/512)) unless `face_embedding_fn` says otherwise.
+    `attributes_fn` gives every image with a face of an identity its composition columns
+    (null without it).
     """
     rng = np.random.default_rng(seed)
     if identity_embeddings is None:
@@ -132,6 +139,8 @@ def make_dataset(
                         made, writer, shard, identity_index, variant, attempt, reason,
                         image_size, face_noise, face_embedding_fn, keep_rejected_images, rng,
                     )  # fmt: skip
+                    if attributes_fn is not None and row["face_count"]:
+                        row.update(_attributes(*attributes_fn(identity_index)))
                     rows.append(row)
                     if reason is None:
                         break
@@ -183,6 +192,7 @@ def _identities_table(identity_ids: list[str], embeddings: np.ndarray, seed: int
             "embedding": [vector.tolist() for vector in embeddings],
             "source": ["random"] * len(identity_ids),
             "provenance": [f"seed={seed} candidate={index}" for index in range(len(identity_ids))],
+            **{name: [None] * len(identity_ids) for name in IDENTITY_ATTRIBUTE_COLUMNS},
         },
         schema=IDENTITIES_SCHEMA,
     )
@@ -284,7 +294,13 @@ def _row(
         "similarity": similarity,
         "accepted": accepted,
         "reject_reason": reason,
+        "source": "generated",
     }
+
+
+def _attributes(gender: str, age: float, ita: float) -> dict:
+    return {"predicted_gender": gender, "gender_probability": 0.9, "predicted_age": age,
+            "skin_ita": ita, "skin_tone": skin_tone_of(ita)}  # fmt: skip
 
 
 def _info(made: MadeDataset, n_identities: int) -> DatasetInfo:

@@ -41,8 +41,13 @@ def _disk_full(path: str) -> OSError:
     return OSError(errno.ENOSPC, "No space left on device (injected)", path)
 
 
-_s3_pipe_file = s3fs.S3FileSystem._pipe_file
-_local_pipe_file = LocalFileSystem.pipe_file
+# The originals, kept on the classes: Dask may run a preload module more than once in a
+# process, and wrapping the wrapper again would make it call itself.
+if not hasattr(s3fs.S3FileSystem, "_unpatched_pipe_file"):
+    s3fs.S3FileSystem._unpatched_pipe_file = s3fs.S3FileSystem._pipe_file
+    LocalFileSystem._unpatched_pipe_file = LocalFileSystem.pipe_file
+_s3_pipe_file = s3fs.S3FileSystem._unpatched_pipe_file
+_local_pipe_file = LocalFileSystem._unpatched_pipe_file
 
 
 async def _s3_pipe_file_or_full(self, path, data, *args, **kwargs):

@@ -88,8 +88,14 @@ def tree_hashes(root: Path) -> dict[str, str] | None:
 
 def run_cli(args: list, monkeypatch, capsys) -> tuple[int, str, str]:
     """The console script in this process: (exit status, stdout, stderr)."""
+    import transformers.utils.logging as transformers_logging
+
     from flows import cli
 
+    # The console script sets the model libraries' quiet settings before it imports them;
+    # in this process they were imported first, so their weight-loading bars are turned
+    # off here (they would add lines to stderr when a test is the first to load models).
+    transformers_logging.disable_progress_bar()
     monkeypatch.setattr(sys, "argv", ["arc2face-synth", *map(str, args)])
     capsys.readouterr()
     try:
@@ -279,6 +285,17 @@ def delete(path: Path) -> None:
     path.unlink()
 
 
+def json_edit(edit: Callable[[dict], None]) -> Callable[[Path], None]:
+    """A mutation of a JSON file (a model config) that keeps it valid JSON."""
+
+    def mutate(path: Path) -> None:
+        data = json.loads(path.read_text())
+        edit(data)
+        path.write_text(json.dumps(data))
+
+    return mutate
+
+
 def output_at(where: Callable[[Ctx], tuple[Path | str, Path]]) -> Callable:
     def setup(ctx: Ctx) -> tuple[list, Path]:
         uri, watched = where(ctx)
@@ -348,6 +365,13 @@ def _write(relative: str, content: bytes) -> Callable[[Ctx, Path], None]:
         (copy / relative).write_bytes(content)
 
     return mutate
+
+
+def _alter_part(_ctx: Ctx, copy: Path) -> None:
+    """Bytes changed in the middle of a committed part; it still parses (issue 17)."""
+    from tests.damage import alter_part_keeping_it_readable
+
+    alter_part_keeping_it_readable(copy / layout.manifest_part(1))
 
 
 def _truncate_identities(_ctx: Ctx, copy: Path) -> None:
@@ -531,6 +555,37 @@ CASES = [
     Case(
         "encoder-missing", "missing model file", broken_model("encoder/pytorch_model.bin", delete)
     ),
+    # model configs that open but do not fit what they configure
+    Case(
+        "scheduler-config-without-num-train-timesteps",
+        "scheduler_config.json is not a diffusers scheduler config (no num_train_timesteps)",
+        broken_model(
+            "scheduler/scheduler_config.json", json_edit(lambda c: c.pop("num_train_timesteps"))
+        ),
+    ),
+    Case(
+        "scheduler-config-unknown-beta-schedule",
+        "scheduler_config.json does not configure DPMSolverMultistepScheduler",
+        broken_model(
+            "scheduler/scheduler_config.json", json_edit(lambda c: c.update(beta_schedule="wobbly"))
+        ),
+    ),
+    Case(
+        "unet-config-does-not-fit-its-weights",
+        "arc2face/config.json does not fit",
+        broken_model(
+            "arc2face/config.json", json_edit(lambda c: c.update(block_out_channels=[32, 48]))
+        ),
+    ),
+    Case(
+        "controlnet-config-does-not-fit-its-weights",
+        "controlnet/config.json does not fit",
+        broken_model(
+            "controlnet/config.json",
+            json_edit(lambda c: c.update(layers_per_block=2)),
+            variations__poses={"kind": "procedural"},
+        ),
+    ),
     # output locations
     Case("output-is-a-file", "is a file: set output.uri to a folder", output_at(_a_file)),
     Case("output-under-a-file", "is a file, not a folder", output_at(_under_a_file)),
@@ -566,6 +621,16 @@ CASES = [
         "resume-different-spec",
         "made from a different spec",
         resumed(lambda c, p: None, generation__steps=3),
+    ),
+    Case(
+        "resume-part-altered-still-parses",
+        "manifest part manifest/part-00001.parquet of dataset",
+        resumed(_alter_part),
+    ),
+    Case(
+        "resume-part-without-checksum",
+        "part-00001.parquet of dataset",
+        resumed(lambda _ctx, copy: (copy / layout.part_checksum_path(1)).unlink()),
     ),
     Case(
         "resume-identities-truncated", "damaged identities.parquet", resumed(_truncate_identities)
@@ -739,35 +804,154 @@ def test_expired_lease_of_another_host_is_taken_over(ctx: Ctx):
     assert not (copy / layout.LEASE_FILE).exists()
 
 
-def test_resume_after_a_crash_records_and_verifies_checksums(ctx: Ctx):
-    """Sidecars and identities_sha256 are written by a normal run and hold after resume."""
-    assert_intact(ctx.base)
-    info = json.loads((ctx.base / layout.DATASET_JSON).read_text())
-    assert info["precision"] == "fp32"
-    assert "arc2face/diffusion_pytorch_model.safetensors" in info["model_hashes"]
+CRASH_IN_SHARD_1 = """
+import os, signal, sys, time
+from pathlib import Path
+from arc2face_engine.dataset.writer import DatasetWriter
+from arc2face_engine.job.direct import run_job_directly
+from schemas.job import load_spec
+
+out = Path(sys.argv[2])
+write_image = DatasetWriter.write_image
+
+def write_then_crash(self, shard, image_id, data, ext):
+    written = write_image(self, shard, image_id, data, ext)
+    if shard == 1:  # shard 1 half written, shard 0 committed: the power goes out
+        deadline = time.monotonic() + 120
+        while not (out / "manifest" / "part-00000.parquet").exists():
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGKILL)
+    return written
+
+DatasetWriter.write_image = write_then_crash
+run_job_directly(load_spec(sys.argv[1]))
+"""
+
+
+def _crash_in_shard_1(ctx: Ctx, out: Path) -> Path:
+    """A real crash: a writer process SIGKILLed after shard 0 committed, while it writes
+    shard 1's images. Returns the spec path."""
+    spec_path = write_spec(ctx.tmp, spec_dict(ctx.models, out))
+    crashed = subprocess.run(
+        [sys.executable, "-c", CRASH_IN_SHARD_1, str(spec_path), str(out)],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        timeout=600,
+    )
+    assert crashed.returncode == -signal.SIGKILL, crashed.stderr.decode()[-2000:]
+    assert (out / layout.manifest_part(0)).exists() and not (out / layout.manifest_part(1)).exists()
+    assert list((out / layout.image_dir(1)).iterdir())  # the crash left shard 1 half done
+    return spec_path
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_resume_after_a_crash_records_and_verifies_checksums(ctx: Ctx, monkeypatch, capsys):
+    """Crash mid-run, resume with the same command: the committed shard is kept byte for
+    byte (checked against its sidecar, not redone), the half-written one is redone, and
+    the dataset equals an uninterrupted run. A committed part damaged after the crash is
+    refused by the resume, naming it and the repair."""
+    out = ctx.tmp / "crashed"
+    spec_path = _crash_in_shard_1(ctx, out)
+    damaged = ctx.tmp / "crashed-then-damaged"
+    shutil.copytree(out, damaged)
+    kept = (out / layout.manifest_part(0)).read_bytes()
+
+    code, stdout, err = run_cli(["generate", spec_path, "--no-progress"], monkeypatch, capsys)
+    assert code == 0, (stdout, err)
+    assert (out / layout.manifest_part(0)).read_bytes() == kept
+    assert_intact(out)  # sidecars, identities_sha256 and image sha256s all hold
+    assert manifest_rows(str(out)) == manifest_rows(str(ctx.base))
+    assert image_hashes(out) == image_hashes(ctx.base)
+    info = json.loads((out / layout.DATASET_JSON).read_text())
+    assert info["status"] == "complete" and info["identities_sha256"]
+
+    from tests.damage import alter_part_keeping_it_readable
+
+    alter_part_keeping_it_readable(damaged / layout.manifest_part(0))
+    before = tree_hashes(damaged)
+    spec_path = write_spec(ctx.tmp, spec_dict(ctx.models, damaged), "damaged.yaml")
+    code, _, err = run_cli(["generate", spec_path, "--no-progress"], monkeypatch, capsys)
+    assert code == 2, err
+    assert_one_line_error(err, "manifest part manifest/part-00000.parquet of dataset")
+    assert "--redo-damaged" in err
+    assert tree_hashes(damaged) == before
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_redo_damaged_sets_damaged_shards_aside_and_regenerates_them(
+    ctx: Ctx, monkeypatch, capsys
+):
+    """`generate --redo-damaged` on a dataset whose part 1 was altered (still readable):
+    part, sidecar and images of shard 1 move to damaged/<time>/, shard 1 alone is redone,
+    and the dataset equals the undamaged one (rows and image bytes); the audit passes."""
+    from tests.damage import alter_part_keeping_it_readable
+
+    copy = ctx.copy_base()
+    alter_part_keeping_it_readable(copy / layout.manifest_part(1))
+    altered = (copy / layout.manifest_part(1)).read_bytes()
+    kept = (copy / layout.manifest_part(0)).read_bytes()
+    spec_path = write_spec(ctx.tmp, spec_dict(ctx.models, copy))
+
+    code, stdout, err = run_cli(
+        ["generate", spec_path, "--no-progress", "--redo-damaged"], monkeypatch, capsys
+    )
+    assert code == 0, (stdout, err)
+    assert "redone 1 damaged shards (00001); their damaged files are kept in" in stdout
+    assert (copy / layout.manifest_part(0)).read_bytes() == kept  # not redone
+    assert manifest_rows(str(copy)) == manifest_rows(str(ctx.base))
+    assert image_hashes(copy) == image_hashes(ctx.base)
+    assert_intact(copy)
+    (aside,) = (copy / layout.DAMAGED_DIR).iterdir()
+    assert (aside / layout.manifest_part(1)).read_bytes() == altered
+    assert (aside / layout.part_checksum_path(1)).exists()
+    assert {p.name for p in (aside / layout.image_dir(1)).iterdir()} == {
+        p.name for p in (ctx.base / layout.image_dir(1)).iterdir()
+    }
+    code, _, err = run_cli(["audit", copy, "--no-progress"], monkeypatch, capsys)
+    assert code == 0, err
 
 
 @pytest.mark.usefixtures("prefect_harness")
 def test_disk_full_mid_run_is_one_line_and_keeps_the_commits(ctx: Ctx, monkeypatch, capsys):
+    """The disk fills after the run's first commit: later writes fail, the run ends in one
+    line, and the shard committed earlier in the same run survives whole; a re-run once
+    there is space completes the dataset."""
     import errno
 
-    copy = ctx.copy_base()
-    (copy / layout.manifest_part(1)).unlink()
-    (copy / layout.part_checksum_path(1)).unlink()
-    shutil.rmtree(copy / layout.image_dir(1))
-    committed = tree_hashes(copy)
-    spec_path = write_spec(ctx.tmp, spec_dict(ctx.models, copy))
+    out = ctx.fresh()
+    spec_path = write_spec(ctx.tmp, spec_dict(ctx.models, out))
+    commits = []
+    commit_shard, ensure_parent = DatasetWriter.commit_shard, DatasetWriter._ensure_parent
 
-    def disk_full(self, path):  # the first write of the run: an image of shard 1
-        raise OSError(errno.ENOSPC, "No space left on device")
+    def counted_commit(self, shard, table):
+        written = commit_shard(self, shard, table)
+        commits.append(shard)
+        return written
 
-    monkeypatch.setattr(DatasetWriter, "_ensure_parent", disk_full)
-    code, out, err = run_cli(["generate", spec_path, "--no-progress"], monkeypatch, capsys)
-    assert code == 2, (out, err)
+    def full_after_first_commit(self, path):  # every write goes through here first
+        if commits:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return ensure_parent(self, path)
+
+    monkeypatch.setattr(DatasetWriter, "commit_shard", counted_commit)
+    monkeypatch.setattr(DatasetWriter, "_ensure_parent", full_after_first_commit)
+    code, stdout, err = run_cli(["generate", spec_path, "--no-progress"], monkeypatch, capsys)
+    assert code == 2, (stdout, err)
     assert_one_line_error(err, "no space left on the device: free space or choose another")
-    after = tree_hashes(copy)
-    assert {name: after.get(name) for name in committed} == committed
-    assert not (copy / layout.manifest_part(1)).exists()
+    (first,) = commits
+    assert sorted(out.glob("manifest/part-*.parquet")) == [out / layout.manifest_part(first)]
+    assert DatasetReader(str(out)).damaged_parts() == []  # committed whole, before the fault
+    for row in manifest_rows(str(out)):
+        if row["path"]:
+            assert hashlib.sha256((out / row["path"]).read_bytes()).hexdigest() == row["sha256"]
+
+    monkeypatch.undo()
+    code, stdout, err = run_cli(["generate", spec_path, "--no-progress"], monkeypatch, capsys)
+    assert code == 0, (stdout, err)
+    assert manifest_rows(str(out)) == manifest_rows(str(ctx.base))
+    assert image_hashes(out) == image_hashes(ctx.base)
 
 
 @pytest.mark.usefixtures("prefect_harness")
@@ -783,8 +967,8 @@ def test_model_file_broken_after_preflight_fails_the_shard_once_naming_it(
     spec_path = write_spec(ctx.tmp, spec_dict(models, out))
     real_preflight = preflight.preflight
 
-    def preflight_then_break(spec):
-        built = real_preflight(spec)
+    def preflight_then_break(spec, **options):
+        built = real_preflight(spec, **options)
         truncate(models / "arc2face" / "diffusion_pytorch_model.safetensors")
         return built
 

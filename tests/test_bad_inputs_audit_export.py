@@ -180,6 +180,21 @@ def _flip_part(root: Path, tmp: Path) -> None:
     flip_byte(root / PART0, 0.3)
 
 
+def _alter_part(root: Path, tmp: Path) -> None:
+    """Bytes in the middle of part 0 changed; it still reads, with other values."""
+    from tests.damage import alter_part_keeping_it_readable
+
+    alter_part_keeping_it_readable(root / PART0)
+
+
+def _in_progress(root: Path, tmp: Path) -> None:
+    """A dataset still being generated: in progress, shard 1 not committed yet."""
+    info = json.loads((root / "dataset.json").read_text())
+    info["status"] = "in_progress"
+    (root / "dataset.json").write_text(json.dumps(info))
+    (root / "manifest" / "part-00001.parquet").unlink()
+
+
 def _drop_sidecar(root: Path, tmp: Path) -> None:
     (root / f"{PART0}.sha256").unlink()
 
@@ -239,6 +254,8 @@ AUDIT_FAILS = [
     Case("audit dataset.json name 3", _then(_json_text('{"name": 3}'), _audit), 1, ("dataset_json",)),
     Case("audit dataset.json list", _then(_json_text("[1, 2]"), _audit), 1, ("dataset_json",)),
     Case("audit flipped part byte", _then(_flip_part, _audit), 1, ("checksum_mismatches",)),
+    Case("audit part altered, still readable", _then(_alter_part, _audit), 1,
+         ("checksum_mismatches", PART0)),
     Case("audit part without sidecar", _then(_drop_sidecar, _audit), 1, ("missing_checksums",)),
     Case("audit flipped identities byte", _then(_flip_identities, _audit), 1, ("identities",)),
 ]
@@ -281,6 +298,12 @@ EXPORT_REFUSED = [
          ("dataset.json",)),
     Case("export dataset.json name 3", _then(_json_text('{"name": 3}'), _export("hf")), 2,
          ("dataset.json",)),
+    *(Case(f"export {fmt} part altered, still readable", _then(_alter_part, _export(fmt)), 2,
+           (f"manifest part {PART0}", "is damaged", "--redo-damaged")) for fmt in FORMATS),
+    Case("export part without sidecar", _then(_drop_sidecar, _export("recordio")), 2,
+         (PART0, "no checksum sidecar")),
+    Case("export in progress", _then(_in_progress, _export("recordio")), 2,
+         ("not complete", "1 of 2 shards missing", "--allow-incomplete")),
     Case("export --out not empty", _out_nonempty, 2, ("not empty", "--overwrite")),
     Case("export --out is a file", _out_file, 2, ("is a file",)),
     Case("export --out under a file", _out_under_file, 2, ("under a file",)),
@@ -355,6 +378,41 @@ def test_loader_refuses(name, change, word, work: Path, tmp_path: Path) -> None:
     if name != "corrupt dataset.json":
         assert "row" in message  # names the row
     assert hashes(work) == before
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [_alter_part, lambda root, tmp: (root / PART0).write_bytes((root / PART0).read_bytes()[:-9])],
+    ids=["altered, still readable", "truncated"],
+)
+def test_loader_refuses_a_damaged_part_naming_it(damage, work: Path, tmp_path: Path) -> None:
+    """A typed exception naming the part, never pyarrow's own error (which names no file)."""
+    from arc2face_engine import DamagedPart
+    from arc2face_engine.loader import Arc2FaceDataset
+
+    damage(work, tmp_path)
+    with pytest.raises(DamagedPart) as raised:
+        Arc2FaceDataset(str(work))
+    assert raised.value.part == PART0
+    message = str(raised.value)
+    assert "\n" not in message and PART0 in message and "--redo-damaged" in message
+
+
+def test_loader_and_export_refuse_an_incomplete_dataset_unless_allowed(
+    work: Path, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    from arc2face_engine import DatasetIncomplete
+    from arc2face_engine.loader import Arc2FaceDataset
+
+    _in_progress(work, tmp_path)
+    with pytest.raises(DatasetIncomplete, match=r"1 of 2 shards missing.*allow_incomplete=True"):
+        Arc2FaceDataset(str(work))
+    partial = Arc2FaceDataset(str(work), allow_incomplete=True)
+    assert len(partial) == len(pq.read_table(work / PART0).filter(pa.compute.field("accepted")))
+    args = [*_export("imagefolder")(work, tmp_path), "--allow-incomplete", "--no-progress"]
+    status, stdout, err = run_cli(args, monkeypatch, capsys)
+    assert status == 0, (stdout, err)
+    assert f"exported {len(partial)} images" in stdout
 
 
 # --- end to end through the console script ----------------------------------------------------

@@ -72,8 +72,16 @@ def manifest_rows(shard: int, identity: int, variants: int, paths: dict[str, tup
                 "face_embedding": [0.0] * 512,
                 "feature_norm": 20.0 + variant,
                 "similarity": 0.5 + variant / 100,
+                "predicted_gender": "female",
+                "gender_probability": 0.8,
+                "predicted_age": 30.0 + variant,
+                "skin_ita": 35.0,
+                "skin_tone": "intermediate",
                 "accepted": variant % 2 == 0,
                 "reject_reason": None if variant % 2 == 0 else "low_similarity",
+                "source": "generated",
+                "source_label": None,
+                "source_name": None,
             }
         )
     return rows

@@ -103,8 +103,31 @@ class Server:
         raise AssertionError(f"flow run {run_id} did not finish: {self.logs_of(run_id)}")
 
     def logs_of(self, run_id: str) -> list[str]:
-        logs = self.post("/logs/filter", {"logs": {"flow_run_id": {"any_": [run_id]}}})
-        return [entry["message"] for entry in logs]
+        """Every log line of the run, page by page (the API returns at most 200 at a time)."""
+        messages: list[str] = []
+        while True:
+            page = self.post(
+                "/logs/filter",
+                {
+                    "logs": {"flow_run_id": {"any_": [run_id]}},
+                    "sort": "TIMESTAMP_ASC",
+                    "offset": len(messages),
+                    "limit": 200,
+                },
+            )
+            messages += [entry["message"] for entry in page]
+            if len(page) < 200:
+                return messages
+
+    def lines_of(self, run_id: str, text: str, count: int, timeout: float = 60) -> list[str]:
+        """The run's log lines containing `text`, waiting for `count` of them: a run's state
+        can read COMPLETED before its process has sent its last batch of log lines."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = [line for line in self.logs_of(run_id) if text in line]
+            if len(found) >= count or time.monotonic() > deadline:
+                return found
+            time.sleep(1)
 
     def run_deployment(self, name: str, *params: str) -> str:
         args = [arg for param in params for arg in ("--param", param)]
@@ -188,8 +211,9 @@ def test_deployments_on_process_pools(server: Server, tmp_path: Path):
     for pool in ("gpu-pool", "cpu-pool"):
         server.start("worker", "start", "--pool", pool, "--type", "process", log=f"{pool}.log")
     server.cli(
-        "deploy", "--prefect-file", "infra/prefect.yaml", "--name", "generate", "--name", "audit"
-    )
+        "deploy", "--prefect-file", "infra/prefect.yaml",
+        "--name", "generate", "--name", "audit", "--name", "export",
+    )  # fmt: skip
     spec_path = tmp_path / "job.yaml"
     dataset = tmp_path / "dataset"
     spec_path.write_text(yaml.safe_dump(_tiny_spec(models, dataset, "deployed")))
@@ -199,8 +223,14 @@ def test_deployments_on_process_pools(server: Server, tmp_path: Path):
     bad_path = tmp_path / "bad.yaml"
     bad_path.write_text(yaml.safe_dump(_tiny_spec(tmp_path / "no-models", never, "bad")))
 
+    # A relative path resolves against the flow run's working folder (a temporary one):
+    # the failure names it and says what to do in a deployment.
+    relative_path = tmp_path / "relative.yaml"
+    relative_path.write_text(yaml.safe_dump(_tiny_spec(Path("models"), never, "relative")))
+
     generate = server.run_deployment("generate-dataset/generate", f"spec={spec_path}")
     bad = server.run_deployment("generate-dataset/generate", f"spec={bad_path}")
+    relative = server.run_deployment("generate-dataset/generate", f"spec={relative_path}")
     run = server.wait(generate)
     assert run["state_type"] == "COMPLETED", server.logs_of(generate)
     assert run["parameters"] == {"spec": str(spec_path), "show_progress": False}
@@ -213,11 +243,16 @@ def test_deployments_on_process_pools(server: Server, tmp_path: Path):
     assert rows["shards committed"] == "2/2" and rows["images (dataset)"] == 4
     assert json.loads((dataset / "dataset.json").read_text())["status"] == "complete"
     # Each shard held this host's device slot; the lines are in the run's logs.
-    held = [line for line in server.logs_of(generate) if "held device slot cpu-" in line]
+    held = server.lines_of(generate, "held device slot cpu-", count=2)
     assert len(held) == 2, server.logs_of(generate)
 
     assert server.wait(bad)["state_type"] == "FAILED"
-    assert any("arc2face/config.json" in line for line in server.logs_of(bad))
+    assert server.lines_of(bad, "no-models does not exist", count=1)
+    assert server.wait(relative)["state_type"] == "FAILED"
+    said = server.lines_of(relative, "models.dir models", count=1)[0]
+    assert "does not exist (resolved against " in said
+    assert "in a deployment run relative paths resolve against" in said
+    assert "working_dir" in said and "absolute paths" in said
     assert not never.exists()
 
     audit = server.run_deployment("audit-dataset/audit", f"uri={dataset}")
@@ -228,3 +263,16 @@ def test_deployments_on_process_pools(server: Server, tmp_path: Path):
     artifacts = server.post("/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [audit]}}})
     verdict = next(artifact for artifact in artifacts if artifact["key"] == "audit-verdict")
     assert "PASSED" in verdict["data"]
+
+    # The export deployment takes the CLI's names: out and format.
+    folder = tmp_path / "exported"
+    export = server.run_deployment(
+        "export-dataset/export", f"uri={dataset}", f"out={folder}", "format=imagefolder",
+        "align=false",
+    )  # fmt: skip
+    run = server.wait(export)
+    assert run["state_type"] == "COMPLETED", server.logs_of(export)
+    assert run["parameters"] == {
+        "uri": str(dataset), "out": str(folder), "format": "imagefolder", "align": False,
+    }  # fmt: skip
+    assert len(list(folder.rglob("*.jpg"))) == rows["accepted (dataset)"]

@@ -41,7 +41,7 @@ def test_reference_pages_name_every_key_and_column() -> None:
 
     from schemas.job import JobSpec
     from schemas.reference import dataset_format_page, job_spec_page
-    from schemas.tables import IdentityRow, ManifestRow
+    from schemas.tables import AuditIdentityRow, IdentityRow, ManifestRow, ProbeRow
 
     spec_page, format_page = job_spec_page(), dataset_format_page()
 
@@ -54,5 +54,5 @@ def test_reference_pages_name_every_key_and_column() -> None:
                 yield f"{prefix}{name}"
 
     assert all(f"| `{key}` |" in spec_page for key in keys(JobSpec))
-    for row in (ManifestRow, IdentityRow):
+    for row in (ManifestRow, IdentityRow, ProbeRow, AuditIdentityRow):
         assert all(f"| `{column.name}` |" in format_page for column in fields(row))

@@ -153,7 +153,7 @@ def test_bad_gallery_is_one_line_exit_2_before_anything_is_written(tiny_models, 
         tmp_path / "ds",
         {"source": "random", "count": 2, "exclusion": {"gallery": str(gallery)}},
     )
-    with pytest.raises(EmbeddingFileError, match=r"not found: check identities\.exclusion\.gallery"):
+    with pytest.raises(EmbeddingFileError, match=r"identities\.exclusion\.gallery .*people\.npy does not exist"):
         preflight.preflight(spec)
     np.save(gallery, np.ones((4, 3)))
     spec_path = tmp_path / "spec.yaml"

@@ -255,7 +255,7 @@ def test_corrupt_manifest_part_names_the_part(tmp_path: Path) -> None:
     made = make_dataset(str(tmp_path / "ds"), n_identities=2, images_per_identity=2)
     (tmp_path / "ds" / "manifest" / "part-00001.parquet").write_bytes(b"not parquet at all")
     with pytest.raises(
-        DamagedDataset, match=r"manifest part .*part-00001\.parquet is corrupt"
+        DamagedDataset, match=r"manifest part .*part-00001\.parquet of dataset .* is damaged"
     ) as e:
         export_dataset(made.uri, str(tmp_path / "out"), "imagefolder")
     _one_line_naming(e, made.uri)

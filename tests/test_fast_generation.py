@@ -6,8 +6,10 @@ next shard's generation leaves the dataset byte-for-byte the same."""
 from __future__ import annotations
 
 import hashlib
+import itertools
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +22,8 @@ from arc2face_engine.generation import engine as generation_engine
 from arc2face_engine.generation.engine import Arc2FaceEngine
 from arc2face_engine.generation.settings import GenerationSettings, ImageRequest
 from arc2face_engine.job import direct, identities_step, lifecycle, workers
-from arc2face_engine.job.shards import shard_works
+from arc2face_engine.job import shard as shard_module
+from arc2face_engine.job.shards import job_batch_sizes, shard_works
 from arc2face_engine.testing.tiny_models import TINY_IMAGE_SIZE
 from schemas.job import JobSpec, default_batch_buckets, parse_spec
 
@@ -30,6 +33,10 @@ SIZE = TINY_IMAGE_SIZE
 def _requests(count: int, seed: int = 0) -> list[ImageRequest]:
     embeddings = np.random.default_rng(seed).standard_normal((count, 512)).astype(np.float32)
     return [ImageRequest(embedding, 100 + index) for index, embedding in enumerate(embeddings)]
+
+
+def _updated(spec: JobSpec, section: str, **fields) -> JobSpec:
+    return spec.model_copy(update={section: getattr(spec, section).model_copy(update=fields)})
 
 
 def job_spec(models: Path, out: Path, **generation_fields) -> JobSpec:
@@ -159,6 +166,109 @@ def test_noise_drawn_up_front_equals_the_pipelines(tiny_models):
         assert np.array_equal(drawn_by_pipeline, drawn_up_front), settings.scheduler
 
 
+@pytest.fixture
+def eager_compile(monkeypatch, full_batches):
+    """Compiled engines on CPU with dynamo's `eager` backend (traces, never codegens)."""
+    monkeypatch.setattr(generation_engine, "COMPILE_BACKEND", "eager")
+    limit = torch._dynamo.config.recompile_limit
+    yield
+    torch._dynamo.config.recompile_limit = limit
+
+
+def test_a_compiled_job_compiles_each_graph_once_before_its_first_shard(
+    tiny_models, tmp_path, eager_compile, monkeypatch
+):
+    """Poses, expressions and top-ups: every (module, call signature) is compiled once per
+    bucket, all at warm-up, and dynamo reports no fallback even with a recompile limit
+    lower than the graphs one code object gets (the engine lifts it)."""
+    torch._dynamo.config.recompile_limit = 1
+    spec = job_spec(tiny_models, tmp_path / "compiled", batch_size=2, compile=True)
+    spec = _updated(spec, "filter", min_similarity=0.5, max_attempts=3)
+    variations = spec.variations.model_copy(
+        update={
+            "poses": spec.variations.poses.model_copy(
+                update={"kind": "procedural", "yaw": [-20.0, 20.0]}
+            ),
+            "expressions": spec.variations.expressions.model_copy(
+                update={"kind": "random", "count": 2}
+            ),
+        }
+    )
+    spec = spec.model_copy(update={"variations": variations})
+    graphs_at_first_batch: list[int] = []
+    original_generate = Arc2FaceEngine.generate
+
+    def generate(self, requests, settings):
+        if not graphs_at_first_batch:
+            graphs_at_first_batch.append(len(self.compile_watch.graphs))
+        return original_generate(self, requests, settings)
+
+    monkeypatch.setattr(Arc2FaceEngine, "generate", generate)
+    unique_graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    info = direct.run_job_directly(spec)
+    assert info.status == "complete"
+    assert info.counts.rejected > 0  # top-ups ran: ragged batches met the buckets
+    watch = workers.worker_for(spec).engine.compile_watch
+    per_bucket = Counter((graph.module, graph.bucket) for graph in watch.graphs)
+    expected = {
+        (module, bucket): 1
+        for module in ("unet+expression", "controlnet", "vae decoder")
+        for bucket in (1, 2)
+    }
+    assert per_bucket == expected
+    assert len(watch.counts()) == len(expected)  # one call signature per module here
+    assert graphs_at_first_batch == [len(expected)]  # all compiled before the first shard
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - unique_graphs == 6
+    assert workers.worker_for(spec).engine.compile_problems() == []
+
+
+def test_a_fallback_to_eager_is_reported_and_the_engine_lifts_the_limit(
+    tiny_models, eager_compile, monkeypatch
+):
+    """With dynamo's recompile limit below what the engine compiles, dynamo falls back to
+    eager and the engine says so in one line; the engine lifts the limit, so it does not."""
+    settings = GenerationSettings(num_inference_steps=1, height=SIZE, width=SIZE)
+
+    def warmed_engine() -> Arc2FaceEngine:
+        torch._dynamo.config.recompile_limit = 1
+        engine = Arc2FaceEngine.from_pretrained(
+            tiny_models, device="cpu", compile=True, max_batch_size=2, batch_buckets=[1, 2]
+        )
+        engine.warm_up({1, 2}, settings)
+        return engine
+
+    monkeypatch.setattr(generation_engine, "raise_recompile_limit", lambda entries: None)
+    problems = warmed_engine().compile_problems()
+    assert any(line.startswith("torch.compile fell back to eager") for line in problems)
+    monkeypatch.undo()  # the engine's own limit-raising again
+    monkeypatch.setattr(generation_engine, "_CPU_MICRO_BATCH", None)
+    monkeypatch.setattr(generation_engine, "COMPILE_BACKEND", "eager")
+    torch._dynamo.reset()
+    assert warmed_engine().compile_problems() == []
+
+
+def test_only_the_buckets_a_job_can_meet_are_compiled(tiny_models, eager_compile):
+    # 3 images per shard, no top-ups: every batch holds 3 images, so only bucket 4 runs.
+    assert job_batch_sizes(5, 3, 3, batch_size=8, max_attempts=1) == {3}
+    assert job_batch_sizes(5, 3, 9, batch_size=4, max_attempts=1) == {4, 2, 1}
+    assert job_batch_sizes(5, 3, 9, batch_size=4, max_attempts=2) == {1, 2, 3, 4}
+    engine = Arc2FaceEngine.from_pretrained(
+        tiny_models, device="cpu", compile=True, max_batch_size=8, batch_buckets=[1, 2, 4, 8]
+    )
+    settings = GenerationSettings(num_inference_steps=1, height=SIZE, width=SIZE)
+    engine.warm_up({3}, settings)
+    assert {bucket for _, _, bucket in engine.compile_watch.counts()} == {4}
+    compiled = len(engine.compile_watch.graphs)
+    engine.warm_up({3, 4}, settings)  # already warm: nothing more
+    engine.generate(_requests(3), settings)
+    assert len(engine.compile_watch.graphs) == compiled
+    assert engine.compile_problems() == []
+    engine.generate(_requests(5), settings)  # a batch the job never meets: reported
+    assert engine.compile_problems() == [
+        "torch.compile compiled graphs after warm-up (unet, vae decoder)"
+    ]
+
+
 # --- overlap of a shard's commit with the next shard -----------------------------------------
 
 
@@ -172,8 +282,11 @@ def _dataset_bytes(root: Path) -> tuple[list[dict], dict[str, str]]:
     return rows, files
 
 
-def test_overlapped_commits_keep_the_dataset_identical(tiny_models, tmp_path, monkeypatch):
-    sequential = job_spec(tiny_models, tmp_path / "sequential", batch_size=4)
+def test_overlapped_shards_keep_the_dataset_identical(tiny_models, tmp_path, monkeypatch):
+    """The next shard generates while this one's last batch is verified (the device turn
+    is given back while a shard only waits for verdicts) and while it commits; at most
+    one generated batch waits for the verifier; the dataset is the sequential one."""
+    sequential = job_spec(tiny_models, tmp_path / "sequential", batch_size=2)
     with lifecycle.writer_lease(sequential) as lease:
         writer = lifecycle.prepare_dataset(sequential, lease.token)
         table = identities_step.build_identities(sequential, writer)
@@ -182,9 +295,12 @@ def test_overlapped_commits_keep_the_dataset_identical(tiny_models, tmp_path, mo
         lifecycle.finalize_dataset(sequential, lease.token)
 
     events: list[tuple[str, int]] = []
+    times: dict[str, list[tuple[int, float]]] = {"generated": [], "verified": []}
+    waiting = [0, 0]  # batches generated and not yet verifying; the most seen
     lock = threading.Lock()
     original_commit = DatasetWriter.commit_shard
     original_start = direct.start_shard
+    original_generate, original_verification = shard_module._generate, shard_module._verification
 
     def slow_commit(self, shard, table, **options):
         time.sleep(0.3)  # a slow object store: the next shard must not wait for it
@@ -195,15 +311,46 @@ def test_overlapped_commits_keep_the_dataset_identical(tiny_models, tmp_path, mo
 
     def recorded_start(spec, work, *args, **kwargs):
         with lock:
-            events.append(("generating", work.range.shard))
+            events.append(("starting", work.range.shard))
         return original_start(spec, work, *args, **kwargs)
+
+    def recorded_generate(work, *args):
+        with lock:
+            times["generated"].append((work.range.shard, time.perf_counter()))
+        generated = original_generate(work, *args)
+        with lock:
+            waiting[0] += 1
+            waiting[1] = max(waiting)
+        return generated
+
+    def slow_verification(turns, work, *args):
+        with lock:
+            waiting[0] -= 1
+        checked = original_verification(turns, work, *args)
+        time.sleep(1.0)  # a slow verifier: the device must not wait for it
+        with lock:
+            times["verified"].append((work.range.shard, time.perf_counter()))
+        return checked
 
     monkeypatch.setattr(DatasetWriter, "commit_shard", slow_commit)
     monkeypatch.setattr(direct, "start_shard", recorded_start)
-    overlapped = job_spec(tiny_models, tmp_path / "overlapped", batch_size=4)
+    monkeypatch.setattr(shard_module, "_generate", recorded_generate)
+    monkeypatch.setattr(shard_module, "_verification", slow_verification)
+    overlapped = job_spec(tiny_models, tmp_path / "overlapped", batch_size=2)
     info = direct.run_job_directly(overlapped)
     assert info.status == "complete" and info.counts.committed_shards == 3
-    assert events.index(("generating", 1)) < events.index(("committed", 0))
+    assert events.index(("starting", 1)) < events.index(("committed", 0))
+
+    def first(kind: str, shard: int) -> float:
+        return min(t for s, t in times[kind] if s == shard)
+
+    def last(kind: str, shard: int) -> float:
+        return max(t for s, t in times[kind] if s == shard)
+
+    order = sorted(range(3), key=lambda shard: first("generated", shard))
+    for earlier, later in itertools.pairwise(order):
+        assert first("generated", later) < last("verified", earlier)
+    assert waiting[1] == 1
     assert _dataset_bytes(tmp_path / "overlapped") == _dataset_bytes(tmp_path / "sequential")
 
 

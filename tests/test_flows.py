@@ -6,6 +6,7 @@ import hashlib
 import json
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import fsspec
@@ -152,6 +153,23 @@ def test_a_different_spec_on_the_same_output_is_refused(reference, tiny_models):
         generate_dataset(other)
 
 
+def test_rerunning_a_finished_job_rewrites_nothing(reference):
+    from flows.generate import generate_dataset
+
+    def every_file() -> dict[str, str]:
+        return {
+            str(path.relative_to(out)): hashlib.sha256(path.read_bytes()).hexdigest()
+            for path in sorted(out.rglob("*"))
+            if path.is_file() and "audit" not in path.parts  # the audit test's report
+        }
+
+    spec, out = reference
+    before = every_file()
+    info = generate_dataset(spec)
+    assert info.status == "complete"
+    assert every_file() == before  # dataset.json (finished_at) and the card included
+
+
 def test_s3_output_through_the_emulator(tiny_models, s3_uri):
     from flows.generate import generate_dataset
 
@@ -213,7 +231,7 @@ def test_audit_and_export_flows_on_a_generated_dataset(reference, tiny_models, t
 
     _, out = reference
     accepted = sum(row["accepted"] for row in manifest_rows(str(out)))
-    report = audit_dataset_flow(str(out), models_dir=str(tiny_models), reverify=3)
+    report = audit_dataset_flow(str(out), models=str(tiny_models), reverify=3)
     assert report.passed, report.problems
     # Re-verification samples accepted images and measures as the job did: no mismatch.
     assert report.reverify.checked == min(3, accepted) > 0
@@ -249,6 +267,28 @@ def test_demo_leaves_a_complete_audited_dataset(tmp_path):
     assert info["status"] == "complete" and info["counts"]["images"] >= 2 * 6
     assert (tmp_path / "dataset" / "audit" / "report.html").exists()
     assert (tmp_path / "export-recordio" / "train.rec").exists()
+    assert_composition_reported(tmp_path / "dataset", report)
+
+
+def assert_composition_reported(root: Path, report) -> None:
+    """The composition section in report.json and the HTML, and the card's table, agree
+    with the manifest's own columns."""
+    accepted = [row for row in manifest_rows(str(root)) if row["accepted"]]
+    saved = json.loads((root / "audit" / "report.json").read_text())["composition"]
+    axes = {axis["axis"]: axis for axis in saved["axes"]}
+    assert set(axes) == {"gender", "age", "skin_tone"}
+    genders = Counter(row["predicted_gender"] for row in accepted if row["predicted_gender"])
+    assert axes["gender"]["image_counts"] == {g: genders[g] for g in ("female", "male") if genders[g]}
+    tones = Counter(row["skin_tone"] for row in accepted if row["skin_tone"])
+    assert axes["skin_tone"]["image_counts"] == dict(tones)
+    assert saved["difficulty"]["identities"] == report.composition.difficulty.identities
+    html = (root / "audit" / "report.html").read_text()
+    assert "Composition and fairness" in html and "skin tone (ITA)" in html
+    card = (root / "README.md").read_text()
+    assert "## Composition" in card and "No ethnicity or race is inferred" in card
+    assert "| gender | female |" in card or "| gender | male |" in card
+    assert "genderage.onnx" in card and "non-commercial" in card
+    assert "## Intra-class difficulty and diversity" in card
 
 
 def test_setup_mistakes_fail_before_anything_is_written(tiny_models, tmp_path):
@@ -256,7 +296,7 @@ def test_setup_mistakes_fail_before_anything_is_written(tiny_models, tmp_path):
     from schemas.errors import BankError, ModelFileMissing
 
     out = tmp_path / "never"
-    with pytest.raises(ModelFileMissing, match=r"arc2face/config\.json"):
+    with pytest.raises(ModelFileMissing, match=r"models\.dir \S*no-models does not exist"):
         generate_dataset(small_spec(tmp_path / "no-models", str(out)))
     folder_poses = {"kind": "folder", "path": str(tmp_path / "no-poses")}
     with pytest.raises(BankError, match="no-poses"):

@@ -356,7 +356,7 @@ def test_expression_adapter_changes_output_and_gets_zero_uncond(engine):
     embedding = _embeddings(1, seed=9)[0]
     expressions = [_expression(4), _expression(5)]
     seen: list[torch.Tensor] = []
-    projection = engine.variants["dpmsolver++"].expression._projection
+    projection = engine.variants["dpmsolver++"].expression.projection
     hook = projection.register_forward_pre_hook(lambda module, args: seen.append(args[0][0]))
     try:
         plain, first, second = engine.generate(
@@ -379,7 +379,7 @@ def test_expression_adapter_changes_output_and_gets_zero_uncond(engine):
         assert torch.equal(embeds[1, 0], torch.from_numpy(expression))
     # Without guidance (LCM, its own UNet copy and adapter) only the conditional half.
     seen.clear()
-    lcm_projection = engine.variants["lcm"].expression._projection
+    lcm_projection = engine.variants["lcm"].expression.projection
     hook = lcm_projection.register_forward_pre_hook(lambda module, args: seen.append(args[0][0]))
     try:
         engine.generate([ImageRequest(embedding, 6, expression=expressions[0])], LCM)
@@ -414,7 +414,7 @@ def test_full_batches_keep_request_order(engine, monkeypatch):
     ]
     assert engine._batches(requests) == [[0, 2], [1, 3]]
     seen: list[torch.Tensor] = []
-    projection = engine.variants["dpmsolver++"].expression._projection
+    projection = engine.variants["dpmsolver++"].expression.projection
     hook = projection.register_forward_pre_hook(lambda module, args: seen.append(args[0][0]))
     try:
         batches = {settings: engine.generate(requests, settings) for settings in (BASE, LCM)}

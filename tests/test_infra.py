@@ -1,5 +1,5 @@
 """infra/ validated offline: compose config, hadolint, Kubernetes schemas, and every path,
-pool and command the files and the README name exists."""
+pool and command the files, the README and docs/ name exists."""
 
 from __future__ import annotations
 
@@ -178,6 +178,7 @@ def test_dask_gpu_cluster_and_helm_values():
 
 def test_every_infra_path_named_in_docs_exists():
     texts = [(ROOT / "README.md").read_text()]
+    texts += [path.read_text() for path in sorted((ROOT / "docs").glob("*.md"))]
     texts += [path.read_text() for path in INFRA.rglob("*") if path.is_file()]
     named = set()
     for text in texts:

@@ -47,6 +47,21 @@ def test_schemas_import_nothing_of_the_engine():
     assert done.returncode == 0, done.stderr
 
 
+def test_gpu_path_loads_without_what_a_bare_gpu_image_lacks():
+    """Generation and the torch face analysis import neither pydantic nor pyarrow, OpenCV,
+    onnxruntime or the insightface package (bench/gpu_run.py's image has none of them)."""
+    done = run_python(
+        """
+        import sys
+        import arc2face_engine.generation.engine, arc2face_engine.faces.torch_analyzer
+        absent = ("pydantic", "pyarrow", "cv2", "onnxruntime", "insightface", "prefect")
+        loaded = [name for name in absent if name in sys.modules]
+        assert not loaded, loaded
+        """
+    )
+    assert done.returncode == 0, done.stderr
+
+
 def test_public_api_resolves_lazily():
     done = run_python(
         f"""

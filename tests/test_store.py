@@ -173,6 +173,7 @@ def test_download_models_fetches_every_file_and_records_checksums(
     requested: list[tuple[str, str]] = []
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", _fake_hub(requested))
     monkeypatch.setattr(storage, "ensure_available", _fake_insightface_pack)
+    monkeypatch.setattr(models_dir, "_hub_unreachable", lambda: None)  # the fake Hub is here
 
     root = models_dir.download_models(tmp_path / "models", with_=["controlnet", "lcm"])
 

@@ -78,8 +78,9 @@ def test_alignment_is_the_default_and_no_align_keeps_the_size(made, tmp_path: Pa
     assert {Image.open(path).size for path in kept.glob("*/*.jpg")} == {(64, 64)}
 
 
-def test_hf_card_has_yaml_metadata_and_loads(made, tmp_path: Path, monkeypatch) -> None:
+def test_hf_card_has_yaml_metadata_and_loads(made, tmp_path: Path, monkeypatch, caplog) -> None:
     import json
+    import logging
 
     info_path = Path(made.uri) / "dataset.json"
     info = json.loads(info_path.read_text())
@@ -95,15 +96,25 @@ def test_hf_card_has_yaml_metadata_and_loads(made, tmp_path: Path, monkeypatch) 
     assert features["image"] == "image"
     assert features["label"] == {"class_label": {"names": {"0": "id-000000", "1": "id-000002"}}}
     assert features["similarity"] == "float32" and features["accepted"] == "bool"
-    assert metadata["dataset_info"]["splits"] == [{"name": "train", "num_examples": 4}]
+    # num_bytes: the Arrow size of the rows (datasets ignores a split without it, warning)
+    split = metadata["dataset_info"]["splits"]
+    assert [(s["name"], s["num_examples"]) for s in split] == [("train", 4)]
+    num_bytes = split[0]["num_bytes"]
+    assert metadata["dataset_info"]["dataset_size"] == num_bytes > 0
+    parquet_bytes = sum(path.stat().st_size for path in out.glob("data/*.parquet"))
+    assert metadata["dataset_info"]["download_size"] == parquet_bytes
     assert metadata["configs"][0]["data_files"][0]["path"] == "data/train-*"
     # the Hub's loader reads the card: the folder alone is enough
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
     import datasets
 
-    loaded = datasets.load_dataset(str(out), split="train", cache_dir=str(tmp_path / "cache"))
+    with caplog.at_level(logging.WARNING, logger="datasets"):
+        loaded = datasets.load_dataset(str(out), split="train", cache_dir=str(tmp_path / "cache"))
+    warned = [record.getMessage() for record in caplog.records if record.name.startswith("datasets")]
+    assert warned == []  # e.g. "The `splits` field in YAML is malformed ..."
     assert len(loaded) == 4 and loaded.features["label"].names == ["id-000000", "id-000002"]
+    assert num_bytes == loaded.data.nbytes  # the rows as datasets holds them in Arrow
     assert loaded[0]["image"].size == (112, 112)
 
 

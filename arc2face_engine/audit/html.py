@@ -12,8 +12,10 @@ import matplotlib
 matplotlib.use("Agg")  # no display on workers; must precede pyplot
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.ticker import MaxNLocator
 from PIL import Image
 
+from arc2face_engine.audit.composition_html import composition_html
 from arc2face_engine.audit.report import AuditReport, Histogram, PlotData
 
 if TYPE_CHECKING:
@@ -44,6 +46,11 @@ def _img(data: str, kind: str = "png", alt: str = "") -> str:
 def _bars(ax, histogram: Histogram, label: str) -> None:
     edges = np.asarray(histogram.edges)
     ax.stairs(np.asarray(histogram.counts), edges, fill=True, alpha=0.5, label=label)
+    # Counts: whole-number ticks, on an axis that reaches 1 even when every bin is empty
+    # (the locator gives fractions below a span of one).
+    ax.update_datalim([(edges[0], 0), (edges[0], 1)])
+    ax.autoscale_view()
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
 
 
 def _similarity_plot(report: AuditReport) -> str | None:
@@ -64,19 +71,22 @@ def _accept_rate_plot(plots: PlotData) -> str | None:
     figure, ax = plt.subplots(figsize=(5, 3.2))
     rates = np.sort(plots.accept_rates)
     ax.plot(np.arange(len(rates)), rates, marker="." if len(rates) < 200 else None)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # ranks
     ax.set(title="accept rate per identity (sorted)", xlabel="identity rank", ylabel="rate",
            ylim=(0, 1.05))  # fmt: skip
     return _png(figure)
 
 
-def _yaw_plot(plots: PlotData) -> str | None:
-    if not len(plots.yaw_pairs):
+def _angle_plot(pairs: np.ndarray, angle: str) -> str | None:
+    """Requested vs measured head `angle` (yaw or pitch), one point per sampled image."""
+    if not len(pairs):
         return None
     figure, ax = plt.subplots(figsize=(5, 3.2))
-    ax.scatter(plots.yaw_pairs[:, 0], plots.yaw_pairs[:, 1], s=4, alpha=0.5)
-    low, high = float(plots.yaw_pairs.min()), float(plots.yaw_pairs.max())
+    ax.scatter(pairs[:, 0], pairs[:, 1], s=4, alpha=0.5)
+    low, high = float(pairs.min()), float(pairs.max())
     ax.plot([low, high], [low, high], color="gray", linewidth=1)
-    ax.set(title="yaw: requested vs measured", xlabel="requested (deg)", ylabel="measured (deg)")
+    ax.set(title=f"{angle}: requested vs measured", xlabel="requested (deg)",
+           ylabel="measured (deg)")  # fmt: skip
     return _png(figure)
 
 
@@ -178,12 +188,13 @@ def render_html(report: AuditReport, plots: PlotData, reader: DatasetReader | No
     images = [
         (_similarity_plot(report), "similarity to identity"),
         (_accept_rate_plot(plots), "accept rate per identity"),
-        (_yaw_plot(plots), "yaw: requested vs measured"),
+        (_angle_plot(plots.yaw_pairs, "yaw"), "yaw: requested vs measured"),
+        (_angle_plot(plots.pitch_pairs, "pitch"), "pitch: requested vs measured"),
         (_inter_class_plot(report), "inter-class cosine"),
         (_feature_norm_plot(report), "ArcFace feature norm"),
     ]
     plot_html = "".join(_img(data, alt=alt) for data, alt in images if data)
-    leakage = ""
+    leakage = f"<h2>Leakage</h2><p>{html.escape(report.leakage_status())}: pass a gallery of real-person embeddings (--gallery) to check it</p>"
     if report.leakage is not None:
         flagged = [
             f"{f.identity_id}: cos {f.cosine:.4f} to {f.gallery_id}" for f in report.leakage.flagged
@@ -198,6 +209,7 @@ def render_html(report: AuditReport, plots: PlotData, reader: DatasetReader | No
         f"<h2>Warnings</h2>{_list(report.warnings, 'warning')}"
         f"<h2>Plots</h2><div class='plots'>{plot_html}</div>"
         f"<h2>Coverage</h2>{_coverage(report)}"
+        f"{composition_html(report, plots.intra_class)}"
         f"{leakage}{_contact_sheet(reader, plots)}"
         "</body></html>"
     )

@@ -24,7 +24,7 @@ from arc2face_engine.audit.schema import iter_part_batches
 from arc2face_engine.dataset import layout
 from arc2face_engine.dataset.paths import UnsafePath, is_safe_name, is_safe_relative
 from arc2face_engine.dataset.reader import DatasetReader
-from schemas.tables import DatasetInfo
+from schemas.tables import LEFT_OUT_LABEL, DatasetInfo
 
 FILE_CHECK_THREADS = 8
 INTEGRITY_COLUMNS = [
@@ -108,8 +108,12 @@ def _check_rows(
     report(section.accepted_without_file, no_file, "accepted row without an image file")
     if identities is not None:
         index = identities.index_of(batch.column("identity_id"))
-        report(section.unknown_identities, index < 0, "identity_id not in identities.parquet")
+        # Imported identities without an accepted image are left out of identities.parquet;
+        # their rejected rows stay, under LEFT_OUT_LABEL.
         labels = batch.column("label").to_numpy(zero_copy_only=False)
+        left_out = (labels == LEFT_OUT_LABEL) & ~accepted
+        report(section.unknown_identities, (index < 0) & ~left_out,
+               "identity_id not in identities.parquet")  # fmt: skip
         known = index >= 0
         wrong = np.zeros(len(index), bool)
         wrong[known] = identities.labels[index[known]] != labels[known]

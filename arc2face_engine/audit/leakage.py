@@ -12,6 +12,8 @@ import pyarrow.parquet as pq
 
 from arc2face_engine.audit.identities import Identities, normalise_rows
 from arc2face_engine.audit.report import AuditError, LeakageSection, LeakFlag
+from arc2face_engine.dataset.gallery import is_dataset, read_identity_embeddings
+from schemas.errors import UserError
 from schemas.tables import EMBEDDING_DIM
 
 Block = tuple[np.ndarray, "list[str] | None"]
@@ -38,6 +40,8 @@ def _open_gallery(gallery: str, storage_options: dict | None) -> pq.ParquetFile:
 
 def gallery_readable(gallery: str, storage_options: dict | None = None) -> bool:
     """Whether `gallery` can be opened here (the spec's gallery may live on another machine)."""
+    if is_dataset(gallery, storage_options):
+        return True
     try:
         fs, path = fsspec.core.url_to_fs(str(gallery), **(storage_options or {}))
         return bool(fs.isfile(path))
@@ -82,8 +86,21 @@ def _parquet_blocks(gallery: str, storage_options: dict | None, rows: int) -> It
         yield np.asarray(flat, np.float32).reshape(-1, EMBEDDING_DIM), names
 
 
+def _dataset_blocks(gallery: str, storage_options: dict | None, rows: int) -> Iterator[Block]:
+    """A dataset folder's identities (checked against its dataset.json), ids included."""
+    try:
+        matrix, ids, _ = read_identity_embeddings(gallery, storage_options, "--gallery")
+    except UserError as error:
+        raise AuditError(str(error)) from None
+    for start in range(0, len(matrix), rows):
+        yield matrix[start : start + rows], ids[start : start + rows]
+
+
 def _gallery_blocks(gallery: str, storage_options: dict | None, rows: int) -> Iterator[Block]:
-    """(embeddings, ids or None) blocks of a .parquet (`embedding`, optional `id`) or .npy."""
+    """(embeddings, ids or None) blocks of a .parquet (`embedding`, optional `id`), a .npy,
+    or a dataset folder (its identities)."""
+    if is_dataset(gallery, storage_options):
+        return _dataset_blocks(gallery, storage_options, rows)
     if str(gallery).lower().endswith(".npy"):
         return _npy_blocks(gallery, storage_options, rows)
     return _parquet_blocks(gallery, storage_options, rows)

@@ -45,7 +45,7 @@ NORM_BINS = np.linspace(0.0, 64.0, 65)  # ArcFace feature norms; larger values l
 NORM_SAMPLE = 65_536  # values kept per kind for the quantiles
 QUALITY_COLUMNS = [
     "identity_id", "accepted", "face_embedding", "similarity", "pose_name", "expression_name",
-    "pose_yaw", "measured_yaw",
+    "pose_yaw", "measured_yaw", "pose_pitch", "measured_pitch",
 ]  # fmt: skip
 SECOND_PASS_COLUMNS = [
     "image_id", "identity_id", "accepted", "face_embedding", "path", "face_count", "similarity",
@@ -68,8 +68,9 @@ class _QualityAccumulator:
     yaw_abs_sum: float = 0.0
     yaw_sq_sum: float = 0.0
     yaw_max_abs: float = 0.0
-    yaw_pairs: list[np.ndarray] = field(default_factory=list)
-    yaw_kept: int = 0
+    yaw_pairs: _PairSample = field(default_factory=lambda: _PairSample())
+    pitch_pairs: _PairSample = field(default_factory=lambda: _PairSample())
+    pitch_rng: np.random.Generator = field(default_factory=lambda: np.random.default_rng(1))
     norms: _NormAccumulator = field(default_factory=lambda: _NormAccumulator())
 
     def __post_init__(self) -> None:
@@ -145,28 +146,49 @@ def _count_names(column: pa.Array, accepted: np.ndarray, into: dict[str, Coverag
         entry.accepted += int(is_accepted)
 
 
+class _PairSample:
+    """A bounded random sample of (requested, measured) angle pairs for a scatter plot."""
+
+    def __init__(self) -> None:
+        self.chunks: list[np.ndarray] = []
+        self.kept = 0
+
+    def add(self, pairs: np.ndarray, rng: np.random.Generator) -> None:
+        keep = min(len(pairs), SCATTER_POINTS // 4)
+        self.chunks.append(pairs[rng.choice(len(pairs), keep, replace=False)])
+        self.kept += keep
+        if self.kept > 2 * SCATTER_POINTS:  # keep the sample bounded
+            merged = np.concatenate(self.chunks)
+            self.chunks = [merged[rng.choice(len(merged), SCATTER_POINTS, replace=False)]]
+            self.kept = SCATTER_POINTS
+
+    def array(self) -> np.ndarray:
+        return np.concatenate(self.chunks) if self.chunks else np.empty((0, 2), np.float32)
+
+
+def _angle_pairs(batch: pa.RecordBatch, angle: str) -> np.ndarray:
+    """(requested, measured) float32 pairs of the rows that have both values of `angle`."""
+    requested = batch.column(f"pose_{angle}").to_numpy(zero_copy_only=False).astype(float)
+    measured = batch.column(f"measured_{angle}").to_numpy(zero_copy_only=False).astype(float)
+    both = ~(np.isnan(requested) | np.isnan(measured))
+    return np.stack([requested[both], measured[both]], axis=1).astype(np.float32)
+
+
 def _accumulate_yaw(
     batch: pa.RecordBatch, acc: _QualityAccumulator, rng: np.random.Generator
 ) -> None:
-    requested = batch.column("pose_yaw").to_numpy(zero_copy_only=False)
-    measured = batch.column("measured_yaw").to_numpy(zero_copy_only=False)
-    both = ~(np.isnan(requested.astype(float)) | np.isnan(measured.astype(float)))
-    if not both.any():
+    pitch = _angle_pairs(batch, "pitch")
+    if len(pitch):  # its own generator: the shared one's draws stay as they were
+        acc.pitch_pairs.add(pitch, acc.pitch_rng)
+    pairs = _angle_pairs(batch, "yaw")
+    if not len(pairs):
         return
-    requested, measured = requested[both].astype(float), measured[both].astype(float)
-    error = measured - requested
+    error = pairs[:, 1].astype(float) - pairs[:, 0].astype(float)
     acc.yaw_count += len(error)
     acc.yaw_abs_sum += float(np.abs(error).sum())
     acc.yaw_sq_sum += float((error**2).sum())
     acc.yaw_max_abs = max(acc.yaw_max_abs, float(np.abs(error).max()))
-    pairs = np.stack([requested, measured], axis=1).astype(np.float32)
-    keep = min(len(pairs), SCATTER_POINTS // 4)
-    acc.yaw_pairs.append(pairs[rng.choice(len(pairs), keep, replace=False)])
-    acc.yaw_kept += keep
-    if acc.yaw_kept > 2 * SCATTER_POINTS:  # keep the sample bounded
-        merged = np.concatenate(acc.yaw_pairs)
-        acc.yaw_pairs = [merged[rng.choice(len(merged), SCATTER_POINTS, replace=False)]]
-        acc.yaw_kept = SCATTER_POINTS
+    acc.yaw_pairs.add(pairs, rng)
 
 
 def _first_pass(
@@ -232,12 +254,13 @@ def greedy_ball_count(centres: np.ndarray, radius: float, chunk: int = 1024) -> 
 
 
 def inter_class_stats(
-    centres: np.ndarray, block_rows: int | None = None
+    centres: np.ndarray, block_rows: int | None = None, nearest: np.ndarray | None = None
 ) -> tuple[float | None, tuple[int, int] | None, np.ndarray]:
     """(max off-diagonal cosine, its pair, histogram over COSINE_BINS of i<j cosines).
 
     Row blocks of the upper triangle only, sized to BLOCK_ELEMENTS: memory stays
-    bounded however many identities there are.
+    bounded however many identities there are. `nearest` (n,), when given, receives each
+    centre's largest cosine to another centre (-inf for a lone centre).
     """
     n = len(centres)
     counts = np.zeros(len(COSINE_BINS) - 1, np.int64)
@@ -249,6 +272,10 @@ def inter_class_stats(
         upper = np.arange(block.shape[1])[None, :] > np.arange(len(block))[:, None]
         counts += np.histogram(np.clip(block[upper], -1, 1), COSINE_BINS)[0]
         block[~upper] = -np.inf
+        if nearest is not None:  # each pair once: row r with column c, and c with r
+            rows = slice(start, start + len(block))
+            nearest[rows] = np.maximum(nearest[rows], block.max(axis=1))
+            nearest[start:] = np.maximum(nearest[start:], block.max(axis=0))
         flat = int(np.argmax(block))
         if upper.any() and block.flat[flat] > best:
             best = float(block.flat[flat])
@@ -388,7 +415,8 @@ def measure_quality(
     _fill_accept_rates(quality, acc, identities)
     _fill_yaw(quality, acc)
     plots = PlotData(
-        yaw_pairs=np.concatenate(acc.yaw_pairs) if acc.yaw_pairs else PlotData().yaw_pairs,
+        yaw_pairs=acc.yaw_pairs.array(),
+        pitch_pairs=acc.pitch_pairs.array(),
         accept_rates=np.divide(acc.accepted, np.maximum(acc.total, 1))[acc.total > 0],
     )
     valid_centres = centres[has_centre]
@@ -396,7 +424,10 @@ def measure_quality(
         balls = greedy_ball_count(valid_centres, radius)
         quality.unique_balls = balls
         quality.uniqueness = balls / len(valid_centres)
-        best, pair, counts = inter_class_stats(valid_centres)
+        nearest = np.full(len(valid_centres), -np.inf)
+        best, pair, counts = inter_class_stats(valid_centres, nearest=nearest)
+        plots.nearest_other = np.full(len(identities), np.nan)
+        plots.nearest_other[has_centre] = np.where(np.isfinite(nearest), nearest, np.nan)
         quality.inter_class_max_cosine = best
         if best is not None and best > 1.0 - radius:
             quality.inter_class_close_pairs = close_pair_count(valid_centres, 1.0 - radius)

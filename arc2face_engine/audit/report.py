@@ -16,6 +16,7 @@ from schemas.errors import UserError
 
 NEAR_DUPLICATE_COSINE = 0.98
 MAX_EXAMPLES = 20  # examples kept per finding; counts are always exact
+NOT_CHECKED = "not checked"
 
 
 class AuditError(UserError, ValueError):
@@ -176,10 +177,115 @@ class ReverifyMismatch(BaseModel):
 
 class ReverifySection(BaseModel):
     requested: int
+    models_dir: str | None = None  # the models folder used
+    models_from: str | None = None  # "--models", or the dataset.json models.dir it came from
     checked: int = 0
     similarity_tolerance: float
     embedding_min_cosine: float
     mismatches: list[ReverifyMismatch] = Field(default_factory=list)
+
+
+class Quantiles(BaseModel):
+    """A distribution over identities: how many, and its 10th, 50th and 90th percentiles."""
+
+    count: int = 0
+    p10: float | None = None
+    median: float | None = None
+    p90: float | None = None
+
+
+class IdentityDifficulty(BaseModel):
+    identity_id: str
+    accepted: int
+    similarity_mean: float | None
+    intra_class_cosine: float | None
+    yaw_spread: float | None
+    pitch_spread: float | None
+    expression_coverage: float | None
+
+
+class DifficultySection(BaseModel):
+    """Intra-class difficulty and diversity, per identity over its accepted images
+    (dataset.identity_stats), summarised over identities; every identity's values are in
+    audit/identities.parquet."""
+
+    identities: int = 0
+    similarity_mean: Quantiles = Field(default_factory=Quantiles)
+    similarity_min: Quantiles = Field(default_factory=Quantiles)
+    intra_class_cosine: Quantiles = Field(default_factory=Quantiles)
+    yaw_spread: Quantiles = Field(default_factory=Quantiles)
+    pitch_spread: Quantiles = Field(default_factory=Quantiles)
+    expression_coverage: Quantiles = Field(default_factory=Quantiles)
+    most_uniform: list[IdentityDifficulty] = Field(
+        default_factory=list, description="highest intra-class cosine first: least varied"
+    )
+
+
+class GroupStats(BaseModel):
+    """How one group (identities with one attribute value) is served."""
+
+    group: str
+    identities: int = 0
+    images: int = 0
+    accepted: int = 0
+    accept_rate: float | None = None
+    reject_reasons: dict[str, int] = Field(default_factory=dict)
+    mean_similarity: float | None = None  # accepted images, to their identity
+    intra_class_cosine: float | None = None  # mean over the group's identities
+    nearest_other_identity: float | None = None  # mean of each identity's largest centre cosine
+
+
+class GroupGap(BaseModel):
+    metric: str
+    gap: float
+    low: str  # the group with the lowest value
+    high: str
+    compared: bool = Field(
+        description="both groups hold at least min_group_identities identities: a gap above "
+        "the threshold is then a warning (smaller groups are too noisy to warn about)"
+    )
+
+
+class AxisComposition(BaseModel):
+    axis: str  # gender | age | skin_tone
+    image_counts: dict[str, int] = Field(default_factory=dict)  # accepted images, own values
+    image_shares: dict[str, float] = Field(default_factory=dict)
+    images_without_value: int = 0
+    identity_counts: dict[str, int] = Field(default_factory=dict)
+    identity_shares: dict[str, float] = Field(default_factory=dict)
+    identities_without_value: int = 0
+    targets: dict[str, float] | None = None  # identities.balance, when it balanced this axis
+    deviations: dict[str, float] | None = None  # identity share - target
+    max_abs_deviation: float | None = None
+    agreement: float | None = None  # identities whose accepted images agree with their value
+    groups: list[GroupStats] = Field(default_factory=list)
+    gaps: list[GroupGap] = Field(default_factory=list)
+
+
+class PlacementCheck(BaseModel):
+    """A balanced job's probes/manifest.parquet, checked against the spec's quotas."""
+
+    candidates: int = 0
+    kept: int = 0
+    quotas_met: bool = False
+    cells: dict[str, list[int]] = Field(
+        default_factory=dict, description="cell -> [kept identities, quota]"
+    )
+    problems: list[str] = Field(default_factory=list)
+
+
+class CompositionSection(BaseModel):
+    """Who is in the dataset, as predicted (gender, age) and measured (skin tone, ITA) on
+    its synthetic images, and how well each group is served. No ethnicity or race is
+    inferred. Identities are grouped by identities.parquet's attributes (the probe's for
+    a balanced job), images by their own."""
+
+    age_edges: list[float]
+    gap_threshold: float
+    min_group_identities: int
+    axes: list[AxisComposition] = Field(default_factory=list)
+    placement: PlacementCheck | None = None
+    difficulty: DifficultySection = Field(default_factory=DifficultySection)
 
 
 class AuditReport(BaseModel):
@@ -198,6 +304,7 @@ class AuditReport(BaseModel):
     quality: QualitySection | None = None
     leakage: LeakageSection | None = None
     reverify: ReverifySection | None = None
+    composition: CompositionSection | None = None
     report_uri: str | None = None
     html_uri: str | None = None
 
@@ -216,9 +323,28 @@ class AuditReport(BaseModel):
             "uniqueness": quality.uniqueness if quality else None,
             "inter_class_max_cosine": quality.inter_class_max_cosine if quality else None,
             "near_duplicates": quality.near_duplicates.count if quality else None,
-            "leaked_identities": len(self.leakage.flagged) if self.leakage else None,
-            "reverify_mismatches": len(self.reverify.mismatches) if self.reverify else None,
+            # Not None: an empty cell reads as "none leaked" / "no mismatch".
+            "leaked_identities": len(self.leakage.flagged) if self.leakage else NOT_CHECKED,
+            "reverify_mismatches": len(self.reverify.mismatches) if self.reverify else NOT_CHECKED,
         }
+
+    def leakage_status(self) -> str:
+        """'not checked (no gallery)' when no gallery was used, else what leaked."""
+        if self.leakage is None:
+            return f"{NOT_CHECKED} (no gallery)"
+        flagged = len(self.leakage.flagged)
+        return f"{flagged} identities above cosine {self.leakage.threshold:g} to the gallery"
+
+    def headline(self, width: int = 160) -> str:
+        """One line for a console: how many warnings and the first one (cut to `width`
+        characters), and whether leakage was checked."""
+        count = len(self.warnings)
+        warnings = "no warnings"
+        if count:
+            first = self.warnings[0]
+            first = first if len(first) <= width else first[: width - 3] + "..."
+            warnings = f"{count} warning{'s' if count > 1 else ''} (first: {first})"
+        return f"{warnings}; leakage: {self.leakage_status()}"
 
 
 
@@ -227,5 +353,11 @@ class PlotData:
     """What the HTML report draws that is not in report.json (bounded samples)."""
 
     yaw_pairs: np.ndarray = field(default_factory=lambda: np.empty((0, 2), np.float32))
+    pitch_pairs: np.ndarray = field(default_factory=lambda: np.empty((0, 2), np.float32))
     accept_rates: np.ndarray = field(default_factory=lambda: np.empty(0))
     contact_sheet: dict[str, list[str]] = field(default_factory=dict)  # identity -> paths
+    # Each identity's largest centre cosine to another identity (nan: no centre), for the
+    # composition section's groups; filled by the quality pass's inter-class search.
+    nearest_other: np.ndarray = field(default_factory=lambda: np.empty(0))
+    # Each identity's intra-class cosine (composition section), for its histogram.
+    intra_class: np.ndarray = field(default_factory=lambda: np.empty(0))

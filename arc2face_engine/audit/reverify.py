@@ -2,14 +2,73 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 
 from arc2face_engine.audit.identities import Identities
-from arc2face_engine.audit.report import ReverifyMismatch, ReverifySection
+from arc2face_engine.audit.report import AuditError, ReverifyMismatch, ReverifySection
 from arc2face_engine.dataset.codec import decode_image
 from arc2face_engine.dataset.reader import DatasetReader
+
+
+def reverify_models(
+    models_dir: str | Path | None, recorded: dict | None, dataset_root: str | None
+) -> tuple[Path, str]:
+    """(the models folder for re-verification, where it came from): `--models` when given,
+    else the models.dir that dataset.json's spec records. A relative recorded path is tried
+    against the working folder, then against the folder the dataset was generated from
+    (inferred from the recorded relative output.uri and where the dataset is now).
+
+    The recorded path comes from an untrusted file: it is only used when it names a local
+    folder, which the report and the console then name, and the face models in it are
+    opened as ONNX graphs (no code runs from them)."""
+    if models_dir is not None:
+        return Path(models_dir), "--models"
+    spec = recorded if isinstance(recorded, dict) else {}
+    models = spec.get("models")
+    folder = models.get("dir") if isinstance(models, dict) else None
+    if not isinstance(folder, str) or not folder or "://" in folder:
+        raise AuditError(
+            "--reverify needs the models directory (dataset.json records no local models.dir): "
+            "pass --models DIR"
+        )
+    tried = _candidates(Path(folder), spec, dataset_root)
+    for candidate in tried:
+        if candidate.is_dir():
+            # absolute, but links kept: the folder named is the one the user knows
+            return Path(os.path.abspath(candidate)), f"dataset.json models.dir {folder}"
+    raise AuditError(
+        f"--reverify needs the models directory: dataset.json's models.dir {folder} is not a "
+        f"folder here (tried {', '.join(str(path) for path in tried)}): pass --models DIR"
+    )
+
+
+def _candidates(folder: Path, spec: dict, dataset_root: str | None) -> list[Path]:
+    if folder.is_absolute():
+        return [folder]
+    found = [Path.cwd() / folder]
+    generated_in = _generation_folder(spec, dataset_root)
+    if generated_in is not None and generated_in != Path.cwd():
+        found.append(generated_in / folder)
+    return found
+
+
+def _generation_folder(spec: dict, dataset_root: str | None) -> Path | None:
+    """The working folder of the run that wrote the dataset, when its spec gave a relative
+    output.uri that the dataset's local path ends with ('./ds' at /proj/ds: /proj)."""
+    output = spec.get("output")
+    uri = output.get("uri") if isinstance(output, dict) else None
+    if dataset_root is None or not isinstance(uri, str) or "://" in uri:
+        return None
+    relative = Path(os.path.normpath(uri))
+    if relative.is_absolute() or ".." in relative.parts:
+        return None
+    root, size = Path(dataset_root).parts, len(relative.parts)
+    if len(root) <= size or root[-size:] != relative.parts:
+        return None
+    return Path(*root[:-size])
 
 
 def reverify_rows(

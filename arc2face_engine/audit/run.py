@@ -5,12 +5,21 @@ from __future__ import annotations
 import datetime as dt
 import json
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
+from arc2face_engine import stopping
 from arc2face_engine.audit.checksums import verify_identities, verify_parts
+from arc2face_engine.audit.composition import (
+    AUDIT_IDENTITIES,
+    DEFAULT_GAP_THRESHOLD,
+    composition_warnings,
+    measure_composition,
+)
 from arc2face_engine.audit.html import render_html
 from arc2face_engine.audit.identities import Identities, load_identities
 from arc2face_engine.audit.integrity import check_integrity
@@ -23,7 +32,7 @@ from arc2face_engine.audit.report import (
     PlotData,
     QualitySection,
 )
-from arc2face_engine.audit.reverify import reverify_rows
+from arc2face_engine.audit.reverify import reverify_models, reverify_rows
 from arc2face_engine.audit.schema import check_schemas, read_dataset_info
 from arc2face_engine.dataset import layout
 from arc2face_engine.dataset.reader import DatasetReader
@@ -54,6 +63,8 @@ def _collect_problems(report: AuditReport) -> None:
             f"leakage: {len(report.leakage.flagged)} identities above cosine "
             f"{report.leakage.threshold} to the gallery"
         )
+    if report.composition is not None:
+        report.warnings.extend(composition_warnings(report.composition))
     if report.reverify is not None and report.reverify.mismatches:
         report.warnings.append(f"reverify: {len(report.reverify.mismatches)} mismatches")
     if report.in_progress:
@@ -83,7 +94,38 @@ def _separation_warnings(quality: QualitySection) -> list[str]:
     return warnings
 
 
+@dataclass
+class AuditRun:
+    """What one audit produced: the report, its plot data and, for comparisons, the identity
+    centres it measured (rows of identities.parquet; zero rows: no accepted image)."""
+
+    report: AuditReport
+    plots: PlotData
+    identities: Identities | None = None
+    centres: np.ndarray | None = None
+    parts: list[str] = field(default_factory=list)  # the parts the quality pass read
+
+
 def audit_dataset(
+    uri: str,
+    storage_options: dict | None = None,
+    gallery: str | None = None,
+    gallery_threshold: float | None = None,
+    reverify: int = 0,
+    models_dir: str | Path | None = None,
+    radius: float = 0.3,
+    sample_seed: int = 0,
+    **options,
+) -> AuditReport:
+    """Audit the dataset at `uri`; writes audit/report.json and audit/report.html into it.
+    Options and keyword-only settings as `run_audit`."""
+    return run_audit(
+        uri, storage_options, gallery, gallery_threshold, reverify, models_dir, radius,
+        sample_seed, **options,
+    ).report  # fmt: skip
+
+
+def run_audit(
     uri: str,
     storage_options: dict | None = None,
     gallery: str | None = None,
@@ -97,20 +139,24 @@ def audit_dataset(
     write_report: bool = True,
     reverify_det_size: int | None = None,
     progress: ProgressReport = no_progress,
-) -> AuditReport:
-    """Audit the dataset at `uri`; writes audit/report.json and audit/report.html into it.
+    fairness_gap: float = DEFAULT_GAP_THRESHOLD,
+) -> AuditRun:
+    """Audit the dataset at `uri`; writes audit/report.json and audit/report.html into it
+    unless `write_report` is false.
 
     `gallery`/`gallery_threshold` default to the spec's `identities.exclusion`
     (gallery used when readable; threshold `max_cosine`, else 0.5).
     `verify_files=False` skips hashing/decoding files and the orphan listing
     (row-level integrity and quality still run): for benchmarks and quick checks.
+    `fairness_gap`: a metric differing by more than this between groups is a warning.
     """
-    if reverify and models_dir is None:
-        raise AuditError("--reverify needs the models directory: pass --models DIR")
     reader = DatasetReader(uri, storage_options)
     report = AuditReport(uri=str(uri), created_at=dt.datetime.now(dt.timezone.utc).isoformat())
     integrity = report.integrity  # findings about dataset.json stay: check_integrity adds to it
     info, raw = read_dataset_info(reader, integrity)
+    if reverify:  # before the long checks: a missing models folder is one line
+        local_root = reader.root if reader.local else None
+        models_dir, models_from = reverify_models(models_dir, (raw or {}).get("spec"), local_root)
     report.dataset_status = info.status if info else _raw_status(raw)
     report.in_progress_reason = in_progress_reason(reader, report.dataset_status)
     report.in_progress = report.in_progress_reason is not None
@@ -123,7 +169,7 @@ def audit_dataset(
         reader, info, parts, identities, all_parts, verify_files, integrity,
         in_progress=report.in_progress, progress=stream,
     )  # fmt: skip
-    plots = PlotData()
+    plots, centres, identity_table = PlotData(), None, None
     if identities is not None:
         stream = _stage(progress, "quality", 2 * len(parts))
         report.quality, plots, sample_rows, centres = measure_quality(
@@ -132,15 +178,23 @@ def audit_dataset(
         has_centre = np.linalg.norm(centres, axis=1) > 0
         report.leakage = _leakage(report, raw, identities, centres, has_centre, gallery,
                                   gallery_threshold, storage_options)  # fmt: skip
+        report.composition, identity_table = measure_composition(
+            reader, parts, identities, plots.nearest_other, raw, fairness_gap
+        )
+        plots.intra_class = identity_table.column("intra_class_cosine").to_numpy(
+            zero_copy_only=False
+        ).astype(float)
         if reverify:
             det_size, det_thresh = _reverify_detection(info, reverify_det_size)
             report.reverify = reverify_rows(
                 reader, sample_rows, identities, models_dir, reverify, det_size, det_thresh
             )
+            report.reverify.models_dir, report.reverify.models_from = str(models_dir), models_from
     _collect_problems(report)
     if write_report:
-        write_audit_report(reader, report, plots)
-    return report
+        with stopping.critical():  # Ctrl-C waits for every file: no half-written report
+            write_audit_report(reader, report, plots, identity_table)
+    return AuditRun(report, plots, identities, centres, parts)
 
 
 def _leakage(
@@ -280,8 +334,11 @@ def _reverify_detection(info, det_size: int | None) -> tuple[int, float]:
     return det_size or size, thresh
 
 
-def write_audit_report(reader: DatasetReader, report: AuditReport, plots: PlotData) -> None:
-    """audit/report.json and the self-contained audit/report.html, through fsspec."""
+def write_audit_report(
+    reader: DatasetReader, report: AuditReport, plots: PlotData, identity_table=None
+) -> None:
+    """audit/report.json, the self-contained audit/report.html and (with the composition
+    section) audit/identities.parquet, through fsspec."""
     json_path = reader.path(layout.AUDIT_REPORT_JSON)
     html_path = reader.path(layout.AUDIT_REPORT_HTML)
     report.report_uri = _as_uri(reader, json_path)
@@ -290,6 +347,10 @@ def write_audit_report(reader: DatasetReader, report: AuditReport, plots: PlotDa
     html = render_html(report, plots, reader)
     reader.fs.pipe_file(json_path, report.model_dump_json(indent=2).encode())
     reader.fs.pipe_file(html_path, html.encode())
+    if identity_table is not None:
+        sink = pa.BufferOutputStream()
+        pq.write_table(identity_table, sink)
+        reader.fs.pipe_file(reader.path(AUDIT_IDENTITIES), sink.getvalue().to_pybytes())
 
 
 def _as_uri(reader: DatasetReader, path: str) -> str:

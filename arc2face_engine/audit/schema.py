@@ -19,7 +19,7 @@ from schemas.tables import IDENTITIES_SCHEMA, MANIFEST_SCHEMA, DatasetInfo
 BATCH_ROWS = 16_384
 MAX_DATASET_JSON_BYTES = 64 << 20  # a spec and counts; anything bigger is not ours
 # Columns added after datasets were already written: absent in older parts, allowed in any.
-OPTIONAL_COLUMNS = ("feature_norm",)
+OPTIONAL_COLUMNS = ("feature_norm", "source", "source_label", "source_name")
 
 
 def read_dataset_info(
@@ -70,10 +70,10 @@ def schema_errors(found: pa.Schema, expected: pa.Schema) -> list[str]:
             errors.append(f"missing column {wanted.name!r}")
         elif have.type != wanted.type:
             errors.append(f"column {wanted.name!r} is {have.type}, expected {wanted.type}")
-        elif have.nullable != wanted.nullable:
-            errors.append(
-                f"column {wanted.name!r} nullable={have.nullable}, expected {wanted.nullable}"
-            )
+        elif have.nullable and not wanted.nullable:
+            # The other way round is a part written before the column became nullable
+            # (generation columns, for imported rows): stricter than needed, and valid.
+            errors.append(f"column {wanted.name!r} is nullable, expected non-null")
     extra = sorted(set(found_fields) - set(expected.names) - set(OPTIONAL_COLUMNS))
     if extra:
         errors.append(f"unexpected columns {extra}")

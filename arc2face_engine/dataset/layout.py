@@ -6,10 +6,12 @@ identities.parquet
 manifest/part-00000.parquet   one per committed shard (its presence is the commit)
 manifest/part-00000.parquet.sha256   its checksum, written just before it
 images/00000/<image_id>.jpg
+probes/manifest.parquet, probes/<identity_id>.jpg   balanced jobs: the placing probes
 README.md
 audit/report.json, audit/report.html
 .writer-lease.json            who is writing the dataset now (see lease.py)
 .attempts/00000               which attempt at a shard may write it (see attempt.py)
+damaged/<UTC time>/manifest/..., images/...   shards set aside by `generate --redo-damaged`
 ```
 
 Paths here are POSIX and relative; `join` anchors them under the root that
@@ -37,7 +39,10 @@ AUDIT_REPORT_JSON = f"{AUDIT_DIR}/report.json"
 AUDIT_REPORT_HTML = f"{AUDIT_DIR}/report.html"
 LEASE_FILE = ".writer-lease.json"
 ATTEMPTS_DIR = ".attempts"
+PROBES_DIR = "probes"
+PROBES_MANIFEST = f"{PROBES_DIR}/manifest.parquet"
 CHECKSUM_SUFFIX = ".sha256"
+DAMAGED_DIR = "damaged"
 
 _PART_NAME = re.compile(r"^part-(\d{5,})\.parquet$")
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -54,6 +59,28 @@ def manifest_part(shard: int) -> str:
 def part_checksum_path(shard: int) -> str:
     """The sidecar holding the hex sha256 of the committed part's bytes."""
     return manifest_part(shard) + CHECKSUM_SUFFIX
+
+
+def checksum_path_of(part: str) -> str:
+    """The sidecar of a part given by its relative path."""
+    return part + CHECKSUM_SUFFIX
+
+
+def damaged_dir(stamp: str) -> str:
+    """Where `generate --redo-damaged` moves damaged shards aside (`stamp`: UTC time)."""
+    if not _SAFE_NAME.match(stamp):
+        raise ValueError(f"unsafe folder name {stamp!r}")
+    return f"{DAMAGED_DIR}/{stamp}"
+
+
+def identities_per_shard(images_per_identity: int, shard_size: int) -> int:
+    """Whole identities per shard: `shard_size // images_per_identity`, at least one."""
+    return max(1, shard_size // images_per_identity)
+
+
+def shard_count(n_identities: int, images_per_identity: int, shard_size: int) -> int:
+    """How many shards a dataset of `n_identities` has (the last may hold fewer)."""
+    return -(-n_identities // identities_per_shard(images_per_identity, shard_size))
 
 
 def shard_of_part(name: str) -> int | None:

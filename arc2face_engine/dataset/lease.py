@@ -16,6 +16,9 @@ refreshing for minutes, not after one slow write.
 Workers (threads or Dask processes) do not hold the lease; they carry its token
 and `verify` it (one small read) before they delete leftovers of a shard or
 commit one, so a run that lost its lease never deletes or commits anything.
+
+The leases a process holds are listed (`release_held`): an interrupted run releases
+them on its way out, wherever its main thread stopped (flows/interrupts.py).
 """
 
 from __future__ import annotations
@@ -39,6 +42,19 @@ LEASE_TTL_S = 120.0
 SETTLE_S = 1.0  # object stores: time between writing a lease and reading it back
 LOCAL_SETTLE_S = 0.1
 MAX_LEASE_BYTES = 64 * 1024
+
+_HELD: set[WriterLease] = set()
+_HELD_LOCK = threading.Lock()
+
+
+def release_held() -> int:
+    """Release every lease this process holds (an interrupted run on its way out); returns
+    how many it released."""
+    with _HELD_LOCK:
+        held = list(_HELD)
+    for lease in held:
+        lease.release()
+    return len(held)
 
 
 @dataclass(frozen=True)
@@ -197,13 +213,18 @@ class WriterLease:
             )
         self._thread = threading.Thread(target=self._beat, name="writer-lease", daemon=True)
         self._thread.start()
+        with _HELD_LOCK:
+            _HELD.add(self)
 
     def release(self) -> None:
         """Stop the heartbeat and delete the lease file if it is still ours."""
+        with _HELD_LOCK:
+            _HELD.discard(self)
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+        self._thread = None
         current = read_lease(self.fs, self.root)
         if current is not None and current.run_id == self.token:
             with contextlib.suppress(FileNotFoundError):

@@ -11,8 +11,12 @@ Each part's sha256 goes into a sidecar `part-NNNNN.parquet.sha256` written just
 before the part, and identities.parquet's into dataset.json, so an audit can tell
 a damaged file from a committed one. A writer that holds the output's lease
 (`lease.py`) passes its token: every commit and every deletion first checks the lease
-is still this run's. Shard tasks write through `attempt.ShardAttempt`, which fences
-the attempts at one shard against each other.
+is still this run's. Generation's shard tasks write through `attempt.ShardAttempt`,
+which fences the attempts at one shard against each other.
+
+A process that is being interrupted calls `stop_writes()`: from then on no write or
+commit starts in this process, and it returns once the commits in progress have landed,
+so the committed shards can be counted and the lease released (flows/interrupts.py).
 """
 
 from __future__ import annotations
@@ -20,7 +24,10 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import threading
 import uuid
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pyarrow as pa
@@ -30,10 +37,62 @@ from pydantic import ValidationError
 
 from arc2face_engine.dataset import layout, lease
 from schemas.errors import DatasetCorrupt, SpecError
-from schemas.tables import IDENTITIES_SCHEMA, MANIFEST_SCHEMA, SAFE_ID_RULE, DatasetInfo, is_safe_id
+from schemas.job import JobSpec, describe_differences, spec_differences
+from schemas.tables import (
+    IDENTITIES_SCHEMA,
+    MANIFEST_SCHEMA,
+    PROBES_SCHEMA,
+    SAFE_ID_RULE,
+    DatasetInfo,
+    is_safe_id,
+)
 
 TEMP_MARKER = ".tmp-"
 MAX_DATASET_JSON_BYTES = 64 * 1024 * 1024
+
+
+class WritesStopped(RuntimeError):
+    """This process is stopping (SIGINT/SIGTERM): no write or commit starts any more."""
+
+
+class _WriteGate:
+    """Process-wide: open until `close()`; tracks the commits in progress."""
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._open = True
+        self._commits = 0
+
+    def check(self) -> None:
+        if not self._open:
+            raise WritesStopped("this process is stopping: nothing more is written")
+
+    @contextmanager
+    def commit(self) -> Iterator[None]:
+        with self._changed:
+            self.check()
+            self._commits += 1
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._commits -= 1
+                self._changed.notify_all()
+
+    def close(self, timeout: float) -> bool:
+        """Refuse new writes; wait up to `timeout` s for commits in progress (True: none left)."""
+        with self._changed:
+            self._open = False
+            return self._changed.wait_for(lambda: self._commits == 0, timeout)
+
+
+_GATE = _WriteGate()
+
+
+def stop_writes(timeout: float = 5.0) -> bool:
+    """No write or commit starts in this process from now on; returns once the commits in
+    progress have landed (False if some still run after `timeout` seconds)."""
+    return _GATE.close(timeout)
 
 
 def table_to_parquet_bytes(table: pa.Table) -> bytes:
@@ -100,6 +159,12 @@ class DatasetWriter:
         `exclusive`: create it only if absent, or raise FileExistsError (a hard link on a
         local disk; `If-None-Match: *` on S3, a check then a write elsewhere). `durable`
         False skips the fsync (files that only matter while their process lives)."""
+        _GATE.check()
+        return self._put(relative, data, exclusive=exclusive, durable=durable)
+
+    def _put(
+        self, relative: str, data: bytes, *, exclusive: bool = False, durable: bool = True
+    ) -> str:
         full = self.path(relative)
         try:
             return self._write_atomic(full, data, exclusive, durable)
@@ -141,6 +206,7 @@ class DatasetWriter:
         """
         relative = layout.image_path(shard, image_id, ext)
         full = self.path(relative)
+        _GATE.check()
         try:
             self._ensure_parent(full)
             self.fs.pipe_file(full, data)
@@ -167,6 +233,19 @@ class DatasetWriter:
         self.write_bytes(layout.IDENTITIES, data)
         return hashlib.sha256(data).hexdigest()
 
+    def write_probes(self, table: pa.Table, files: Iterable[tuple[str, bytes]]) -> str:
+        """Write a balanced job's probe images (relative paths under probes/), then
+        probes/manifest.parquet; returns the sha256 of the manifest's bytes."""
+        check_table(table, PROBES_SCHEMA, "probes")
+        self.check_lease()
+        for relative, data in files:
+            if not relative.startswith(f"{layout.PROBES_DIR}/"):
+                raise ValueError(f"probe image {relative!r} is not under {layout.PROBES_DIR}/")
+            self.write_bytes(relative, data)
+        data = table_to_parquet_bytes(table)
+        self.write_bytes(layout.PROBES_MANIFEST, data)
+        return hashlib.sha256(data).hexdigest()
+
     def commit_shard(self, shard: int, table: pa.Table, *, exclusive: bool = False) -> str:
         """Validate and write the shard's manifest part in one atomic step (the commit).
 
@@ -181,17 +260,19 @@ class DatasetWriter:
         if pc.count_distinct(table.column("image_id")).as_py() != table.num_rows:
             raise ValueError(f"manifest for shard {shard} repeats an image_id")
         data = table_to_parquet_bytes(table)
-        self.check_lease()
-        # The checksum first: a crash between the two leaves a sidecar without a part,
-        # which is not a commit; the next attempt's commit writes it again.
-        digest = hashlib.sha256(data).hexdigest()
-        self.write_bytes(layout.part_checksum_path(shard), f"{digest}\n".encode("ascii"))
-        try:
-            return self.write_bytes(layout.manifest_part(shard), data, exclusive=exclusive)
-        except FileExistsError:
-            if self.restore_part_checksum(shard) != digest:
-                raise
-            return self.path(layout.manifest_part(shard))
+        with _GATE.commit():
+            self.check_lease()
+            # The checksum first: a crash between the two leaves a sidecar without a part,
+            # which is not a commit; the next attempt's commit writes it again.
+            digest = hashlib.sha256(data).hexdigest()
+            # Inside the gate: a stop waits for both writes instead of splitting them.
+            self._put(layout.part_checksum_path(shard), f"{digest}\n".encode("ascii"))
+            try:
+                return self._put(layout.manifest_part(shard), data, exclusive=exclusive)
+            except FileExistsError:
+                if self.restore_part_checksum(shard) != digest:
+                    raise
+                return self.path(layout.manifest_part(shard))
 
     def is_committed(self, shard: int) -> bool:
         """Whether `shard`'s part exists (one look-up, whatever the number of shards)."""
@@ -215,7 +296,7 @@ class DatasetWriter:
         overwrote it) and return it."""
         data = self.fs.cat_file(self.path(layout.manifest_part(shard)))
         digest = hashlib.sha256(data).hexdigest()
-        self.write_bytes(layout.part_checksum_path(shard), f"{digest}\n".encode("ascii"))
+        self._put(layout.part_checksum_path(shard), f"{digest}\n".encode("ascii"))
         return digest
 
     def remove_unnamed_files(self, shard: int, named: set[str]) -> None:
@@ -246,6 +327,62 @@ class DatasetWriter:
             manifest = self.path(layout.MANIFEST_DIR)
             for stale in self.fs.glob(f"{manifest}/.*{TEMP_MARKER}*"):  # parts and sidecars
                 self.fs.rm(stale)
+    def clear_uncommitted(self, shard: int) -> None:
+        """Remove leftovers of an interrupted attempt at `shard` before redoing it (imports,
+        whose shards one process runs; generation's attempts use attempt.py instead).
+
+        Only under the writer lease: without it another live run could be producing
+        exactly these files.
+        """
+        if self.lease_token is None:
+            raise ValueError("clear_uncommitted deletes files: hold the writer lease first")
+        self.check_lease()
+        if self.is_committed(shard):
+            raise ValueError(f"shard {shard} is committed; refusing to delete its images")
+        folder = self.path(layout.image_dir(shard))
+        self.fs.invalidate_cache(folder)
+        if self.fs.exists(folder):
+            self.fs.rm(folder, recursive=True)
+        sidecar = self.path(layout.part_checksum_path(shard))
+        if self.fs.exists(sidecar):
+            self.fs.rm_file(sidecar)
+        if self.local:
+            self._remove_stale_temps(shard)
+
+    def set_aside(self, shard: int, folder: str) -> list[str]:
+        """Move a committed shard's part, sidecar and images under `folder` (relative to the
+        root, e.g. damaged/<time>), keeping their relative paths; returns what moved.
+
+        The part goes first: from then on the shard is uncommitted, so an interruption
+        anywhere after leaves a dataset a re-run completes (its leftovers are cleared).
+        Only under the writer lease.
+        """
+        if self.lease_token is None:
+            raise ValueError("set_aside moves committed files: hold the writer lease first")
+        self.check_lease()
+        _GATE.check()
+        moved = []
+        for relative in (
+            layout.manifest_part(shard),
+            layout.part_checksum_path(shard),
+            layout.image_dir(shard),
+        ):
+            source = self.path(relative)
+            self.fs.invalidate_cache(source.rsplit("/", 1)[0])
+            if not self.fs.exists(source):
+                continue
+            target = self.path(f"{folder}/{relative}")
+            self._ensure_parent(target)
+            self.fs.mv(source, target, recursive=True)
+            moved.append(relative)
+        self.fs.invalidate_cache(self.path(layout.MANIFEST_DIR))
+        return moved
+
+    def _remove_stale_temps(self, shard: int) -> None:
+        part = self.path(layout.manifest_part(shard))
+        folder, name = part.rsplit("/", 1)
+        for stale in self.fs.glob(f"{folder}/.{name}*{TEMP_MARKER}*"):  # part and its sidecar
+            self.fs.rm(stale)
 
     # --- dataset.json ---------------------------------------------------------------------
 
@@ -276,11 +413,19 @@ class DatasetWriter:
                 "restore it from a copy, or choose a new output.uri to start a new dataset"
             ) from None
 
-    def check_compatible(self, spec_hash: str) -> DatasetInfo | None:
-        """Refuse an output made from another spec; return the existing info to resume from."""
+    def check_compatible(self, spec_hash: str, spec: JobSpec | None = None) -> DatasetInfo | None:
+        """Refuse an output made from another spec (naming the fields that differ from the
+        recorded one when `spec` is given); return the existing info to resume from."""
         info = self.read_dataset_json()
         if info is not None:
             if info.spec_hash != spec_hash:
+                changed = spec_differences(info.spec, spec) if spec is not None else []
+                if changed:
+                    raise SpecError(
+                        f"output {self.uri} already holds a dataset made from a different "
+                        f"spec; it differs in {describe_differences(changed)}: set those back "
+                        "to resume it, or choose a new output.uri (or delete it) for a new dataset"
+                    )
                 raise SpecError(
                     f"output {self.uri} already holds a dataset made from a different spec "
                     f"(hash {info.spec_hash[:12]} != {spec_hash[:12]}): "

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from arc2face_engine import stopping
 from arc2face_engine.dataset.reader import DatasetReader
 from arc2face_engine.exports.base import (
     FORMAT_ALIASES,
@@ -58,6 +59,7 @@ def export_dataset(
     overwrite: bool = False,
     labels: str = "contiguous",
     progress: ProgressReport = no_progress,
+    allow_incomplete: bool = False,
     **options: Any,
 ) -> ExportResult:
     """Export the dataset at `uri` to `out_uri` as `fmt` (recordio | imagefolder | webdataset | hf).
@@ -66,8 +68,10 @@ def export_dataset(
     keeps the source size. `labels`: "contiguous" (0..K-1 over identities with an
     exported image) or "dataset" (identities.parquet's labels, empty classes kept).
     `overwrite` replaces a non-empty output. `out_storage_options` defaults to
-    `storage_options`. Extra `options` go to the format (webdataset:
-    samples_per_shard; hf: rows_per_file; recordio: dali, shuffle_seed).
+    `storage_options`. A dataset still being generated is refused unless
+    `allow_incomplete`; every manifest part is verified against its checksum before its
+    rows are used. Extra `options` go to the format (webdataset: samples_per_shard; hf:
+    rows_per_file; recordio: dali, shuffle_seed).
     """
     name = FORMAT_ALIASES.get(fmt.lower(), fmt.lower())
     if name not in FORMATS:
@@ -75,6 +79,7 @@ def export_dataset(
     write = _writer(name)
     reader = DatasetReader(uri, storage_options)
     info = reader.info()  # DatasetNotFound / DatasetInfoInvalid before anything else
+    reader.require_complete(allow_incomplete, "--allow-incomplete")
     selection = select_export(reader, include_rejected, labels)
     output = prepare_output(
         reader, out_uri, out_storage_options if out_storage_options is not None else storage_options,
@@ -90,8 +95,10 @@ def export_dataset(
     progress("export", 0, len(selection))
     items = iter_items(reader, selection, align=align, skipped=skipped, advance=advance)
     try:
-        result = write(items, selection, output.fs, output.staging, info=info, **options)
-        output.commit()
+        with stopping.undo_on_stop(output.abort):  # Ctrl-C: no staging folder is left
+            result = write(items, selection, output.fs, output.staging, info=info, **options)
+        with stopping.critical():  # the swap into place is never cut in half
+            output.commit()
     except BaseException:
         output.abort()
         raise

@@ -23,12 +23,11 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 from PIL import Image, UnidentifiedImageError
 
 from arc2face_engine.dataset.codec import decode_image
 from arc2face_engine.dataset.paths import check_name
-from arc2face_engine.dataset.reader import DatasetReader
+from arc2face_engine.dataset.reader import DamagedPart, DatasetReader
 from schemas.errors import UserError, first_line
 
 FORMATS = ("recordio", "imagefolder", "webdataset", "hf")
@@ -137,9 +136,10 @@ def _selection_batches(reader: DatasetReader, part: str) -> Iterator[tuple[pa.Re
     """(batch, offset of its first row) of one manifest part, read whole before yielding so
     that a corrupt part is reported as such and not as an error of the caller."""
     batches = []
-    try:
-        with reader.open(part) as handle:
-            batches = list(pq.ParquetFile(handle).iter_batches(columns=SELECTION_COLUMNS))
+    try:  # verified against its checksum sidecar first (DamagedPart names it)
+        batches = reader.read_part(part, SELECTION_COLUMNS).to_batches()
+    except DamagedPart as error:
+        raise DamagedDataset(str(error)) from None  # the export's own error type, same line
     except (pa.ArrowException, OSError, KeyError) as error:
         if isinstance(error, UserError):
             raise
@@ -322,9 +322,10 @@ def _iter_rows(reader: DatasetReader, selection: ExportSelection) -> Iterator[tu
         selection.part_index.tolist(), selection.row_index.tolist(), selection.labels.tolist(), strict=True
     ):
         if part != loaded_part:
-            try:
-                with reader.open(selection.parts[part]) as handle:
-                    rows = pq.read_table(handle, columns=ITEM_COLUMNS).to_pylist()  # one shard
+            try:  # one shard's rows, verified against its checksum again
+                rows = reader.read_part(selection.parts[part], ITEM_COLUMNS).to_pylist()
+            except DamagedPart as error:
+                raise DamagedDataset(str(error)) from None
             except (pa.ArrowException, OSError, KeyError) as error:
                 if isinstance(error, UserError):
                     raise

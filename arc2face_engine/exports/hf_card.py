@@ -2,7 +2,7 @@
 
 The YAML block is what the Hub reads: `license` (from the job spec's `license`,
 `other` when unset), `dataset_info.features` (the same features the Parquet
-schema metadata carries), the split size and a `configs` entry pointing at
+schema metadata carries), the split's rows and bytes and a `configs` entry pointing at
 data/train-*.parquet. Class names are listed up to MAX_LISTED_CLASSES; beyond
 that the label is declared as int64 and label_map.csv names the classes.
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
@@ -43,15 +44,27 @@ def _size_category(rows: int) -> str:
     return "10M<n<100M"
 
 
+@dataclass
+class SplitSize:
+    """The train split's bytes, as the card's dataset_info states them: `num_bytes` (and
+    `dataset_size`) the Arrow size of its rows, `download_size` the Parquet files' size.
+    `datasets` ignores a split without num_bytes, with a warning."""
+
+    num_bytes: int = 0
+    download_size: int = 0
+
+
 def card_metadata(
-    info: DatasetInfo | None, selection: ExportSelection, schema: pa.Schema, images: int
-) -> dict[str, Any]:
+    info: DatasetInfo | None, selection: ExportSelection, schema: pa.Schema, images: int,
+    sizes: SplitSize | None = None,
+) -> dict[str, Any]:  # fmt: skip
     """The YAML front matter as a dict."""
     spec = info.spec if info is not None else {}
     license_id = spec.get("license") if isinstance(spec, dict) else None
     if not isinstance(license_id, str) or not re.match(r"^[A-Za-z0-9][A-Za-z0-9.+-]{0,99}$", license_id):
         license_id = DEFAULT_LICENSE
     names = selection.identity_ids if len(selection.identity_ids) <= MAX_LISTED_CLASSES else None
+    sizes = sizes or SplitSize()
     return {
         "license": license_id,
         "pretty_name": info.name if info is not None else "arc2face-synth export",
@@ -60,7 +73,9 @@ def card_metadata(
         "size_categories": [_size_category(images)],
         "dataset_info": {
             "features": [_feature(field, names) for field in schema],
-            "splits": [{"name": "train", "num_examples": images}],
+            "splits": [{"name": "train", "num_bytes": sizes.num_bytes, "num_examples": images}],
+            "download_size": sizes.download_size,
+            "dataset_size": sizes.num_bytes,
         },
         "configs": [
             {
@@ -78,10 +93,11 @@ def render_hf_card(
     schema: pa.Schema,
     images: int,
     string_columns: tuple[str, ...],
+    sizes: SplitSize | None = None,
 ) -> str:
     from arc2face_engine.dataset.card import LIMITATIONS
 
-    metadata = card_metadata(info, selection, schema, images)
+    metadata = card_metadata(info, selection, schema, images, sizes)
     name = metadata["pretty_name"]
     license_note = (
         "" if metadata["license"] != DEFAULT_LICENSE

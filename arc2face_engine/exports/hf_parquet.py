@@ -25,7 +25,7 @@ from arc2face_engine.exports.base import (
     check_options,
     write_label_map,
 )
-from arc2face_engine.exports.hf_card import render_hf_card
+from arc2face_engine.exports.hf_card import SplitSize, render_hf_card
 
 STRING_COLUMNS = ("image_id", "identity_id", "pose_name", "expression_name", "reject_reason")
 
@@ -87,16 +87,18 @@ def write_hf_parquet(
     schema = hf_schema(selection.identity_ids)
     n_files = max(1, -(-len(selection) // rows_per_file))  # upper bound when align skips rows
     fs.makedirs(f"{root}/data", exist_ok=True)
-    files, labels, images = [], Counter(), 0
+    files, labels, images, sizes = [], Counter(), 0, SplitSize()
     for number, chunk in enumerate(_chunks(items, rows_per_file)):
         table = pa.Table.from_pylist([_row(item) for item in chunk], schema=schema)
         files.append(f"{root}/data/train-{number:05d}-of-{n_files:05d}.parquet")
         with fs.open(files[-1], "wb") as handle:
             pq.write_table(table, handle, row_group_size=1000)
+        sizes.num_bytes += table.nbytes
+        sizes.download_size += fs.size(files[-1])
         labels.update(item.label for item in chunk)
         images += len(chunk)
     files.append(write_label_map(fs, root, selection, labels))
-    card = render_hf_card(info, selection, labels, schema, images, STRING_COLUMNS)
+    card = render_hf_card(info, selection, labels, schema, images, STRING_COLUMNS, sizes)
     fs.pipe_file(f"{root}/README.md", card.encode("utf-8"))  # last: the marker
     files.append(f"{root}/README.md")
     result = ExportResult(fmt="hf", out_uri=root, images=images, identities=len(labels))

@@ -3,7 +3,7 @@ the rest of the project obtains one.
 
 On CPU: the onnxruntime analyzer (insightface's classes, the reference). On a CUDA
 device: the batched torch analyzer on that GPU, provided the torch runner holds every op
-of the three graphs; otherwise onnxruntime on its best provider (CUDA only with
+of the four graphs; otherwise onnxruntime on its best provider (CUDA only with
 onnxruntime-gpu installed). Preflight asks `face_analysis_placement` before any model is
 loaded, so a GPU job whose verification would fall back to the CPU is refused up front.
 """
@@ -17,6 +17,7 @@ from pathlib import Path
 from arc2face_engine.faces.pack import (
     ANTELOPEV2_DIR,
     DETECTOR_FILE,
+    GENDERAGE_FILE,
     LANDMARK_3D_FILE,
     RECOGNITION_FILE,
     REFERENCE_DET_SIZE,
@@ -43,7 +44,7 @@ def unsupported_ops(models_dir: str | os.PathLike) -> dict[str, list[str]]:
 
     pack = Path(models_dir) / ANTELOPEV2_DIR
     missing = {}
-    for name in (DETECTOR_FILE, LANDMARK_3D_FILE, RECOGNITION_FILE):
+    for name in (DETECTOR_FILE, LANDMARK_3D_FILE, RECOGNITION_FILE, GENDERAGE_FILE):
         graph = onnx.load(str(pack / name), load_external_data=False).graph
         ops = sorted({node.op_type for node in graph.node} - set(OPS))
         if ops:

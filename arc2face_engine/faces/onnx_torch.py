@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from onnx import helper, numpy_helper
 
+from arc2face_engine.faces.onnx_prepare import AFFINE, fold_batch_norms, precise_nodes
 from schemas.errors import UserError
 
 
@@ -174,7 +175,7 @@ def _cast(inputs: list, attrs: Attrs) -> list:
     if target is None:
         raise UnsupportedOnnxGraph(f"Cast to ONNX type {attrs['to']} is not supported")
     x = inputs[0]
-    if target.is_floating_point and x.is_floating_point() and x.device.type != "cpu":
+    if target.is_floating_point and x.is_floating_point():
         return [x]  # activations keep the module's compute precision
     return [x.to(target)]
 
@@ -429,10 +430,31 @@ OPS: dict[str, Op] = {
 }  # fmt: skip
 
 
-class OnnxModule(torch.nn.Module):
-    """An ONNX graph with one image input, evaluated node by node with torch ops."""
+def _affine(inputs: list, attrs: Attrs) -> list:
+    """A prepared batch norm (onnx_prepare.AFFINE): per-channel scale and shift."""
+    x, scale, shift = inputs
+    shape = (-1,) + (1,) * (x.dim() - 2)
+    return [x * scale.reshape(shape) + shift.reshape(shape)]
 
-    def __init__(self, model: onnx.ModelProto, name: str = "model") -> None:
+
+_PREPARED_OPS: dict[str, Op] = {AFFINE: _affine}
+
+
+class OnnxModule(torch.nn.Module):
+    """An ONNX graph with one image input, evaluated node by node with torch ops.
+
+    Built in its compute `dtype` (move it with `.to(device)` only): batch norms are folded
+    at load (onnx_prepare), 4-D weights are channels-last (convolutions run NHWC on tensor
+    cores and cuDNN), and the nodes that compute `fp32_outputs` from their last
+    convolution keep float32 weights and run in float32 whatever the dtype."""
+
+    def __init__(
+        self,
+        model: onnx.ModelProto,
+        name: str = "model",
+        dtype: torch.dtype = torch.float32,
+        fp32_outputs: Sequence[str] = (),
+    ) -> None:
         super().__init__()
         graph = model.graph
         unsupported = sorted({node.op_type for node in graph.node} - set(OPS))
@@ -441,21 +463,13 @@ class OnnxModule(torch.nn.Module):
                 f"{name} uses ONNX ops {', '.join(unsupported)} that the torch face runner "
                 f"lacks: run face analysis with onnxruntime (device cpu)"
             )
-        initializers = {tensor.name: tensor for tensor in graph.initializer}
-        host_only = _host_only_initializers(graph, set(initializers))
-        self.host: dict[str, torch.Tensor] = {}
-        self._buffers_by_onnx_name: dict[str, str] = {}
-        for index, (tensor_name, tensor) in enumerate(initializers.items()):
-            value = torch.from_numpy(np.array(numpy_helper.to_array(tensor)))
-            if tensor_name in host_only or not value.is_floating_point():
-                self.host[tensor_name] = value
-            else:
-                buffer = f"w{index}"
-                self.register_buffer(buffer, value.float())
-                self._buffers_by_onnx_name[tensor_name] = buffer
-        self.input_names = [i.name for i in graph.input if i.name not in initializers]
+        self.dtype = dtype
+        self.input_names = [
+            i.name for i in graph.input if i.name not in {t.name for t in graph.initializer}
+        ]
         self.output_names = [o.name for o in graph.output]
-        self.nodes = [
+        arrays = {t.name: np.array(numpy_helper.to_array(t)) for t in graph.initializer}
+        nodes = [
             (
                 node.op_type,
                 list(node.input),
@@ -464,13 +478,36 @@ class OnnxModule(torch.nn.Module):
             )
             for node in graph.node
         ]
+        self.nodes = fold_batch_norms(nodes, arrays, set(self.output_names))
+        precise = precise_nodes(self.nodes, set(fp32_outputs))
+        self._precise = precise
+        used = {name for _, inputs, _, _ in self.nodes for name in inputs}
+        initializers = {name: value for name, value in arrays.items() if name in used}
+        precise_inputs = {name for index in precise for name in self.nodes[index][1]}
+        host_only = _host_only_initializers(self.nodes, set(initializers))
+        self.host: dict[str, torch.Tensor] = {}
+        self._buffers_by_onnx_name: dict[str, str] = {}
+        for index, (tensor_name, array) in enumerate(initializers.items()):
+            value = torch.from_numpy(array)
+            if tensor_name in host_only or not value.is_floating_point():
+                self.host[tensor_name] = value
+                continue
+            buffer = f"w{index}"
+            value = value.to(torch.float32 if tensor_name in precise_inputs else dtype)
+            if value.dim() == 4:
+                value = value.contiguous(memory_format=torch.channels_last)
+            self.register_buffer(buffer, value)
+            self._buffers_by_onnx_name[tensor_name] = buffer
         self._last_use = _last_uses(self.nodes, set(self.output_names))
 
     def forward(self, image: torch.Tensor) -> list[torch.Tensor]:
         values: dict[str, torch.Tensor | None] = {self.input_names[0]: image, "": None}
         for step, (op_type, inputs, outputs, attrs) in enumerate(self.nodes):
             args = [self._value(name, values) for name in inputs]
-            for name, value in zip(outputs, OPS[op_type](args, attrs), strict=False):
+            if step in self._precise:
+                args = [_float32(arg) for arg in args]
+            op = OPS.get(op_type) or _PREPARED_OPS[op_type]
+            for name, value in zip(outputs, op(args, attrs), strict=False):
                 values[name] = value
             for name in self._last_use.get(step, ()):
                 values.pop(name, None)  # free activations as soon as no node needs them
@@ -484,13 +521,19 @@ class OnnxModule(torch.nn.Module):
         return self.host[name]
 
 
-def _host_only_initializers(graph: onnx.GraphProto, initializers: set[str]) -> set[str]:
+def _float32(value: torch.Tensor | None) -> torch.Tensor | None:
+    if isinstance(value, torch.Tensor) and value.is_floating_point():
+        return value.float()
+    return value
+
+
+def _host_only_initializers(nodes: list, initializers: set[str]) -> set[str]:
     """Initializers that feed only shape/index/size inputs (HOST_INPUTS)."""
     device_uses: set[str] = set()
     host_uses: set[str] = set()
-    for node in graph.node:
-        host_positions = HOST_INPUTS.get(node.op_type, set())
-        for position, name in enumerate(node.input):
+    for op_type, inputs, _, _ in nodes:
+        host_positions = HOST_INPUTS.get(op_type, set())
+        for position, name in enumerate(inputs):
             if name in initializers:
                 (host_uses if position in host_positions else device_uses).add(name)
     return host_uses - device_uses

@@ -2,7 +2,8 @@
 
 Arc2Face re-verifies its images with insightface's antelopev2 pack (SCRFD detector with
 five keypoints, 3D 68-point landmarks that give the head pose) whose recognition model is
-replaced by Arc2Face's own arcface.onnx. The models are loaded through insightface's model
+replaced by Arc2Face's own arcface.onnx; the pack's genderage.onnx predicts gender and
+age, and faces.skin_tone measures the skin tone (ITA) of the aligned face. The models are loaded through insightface's model
 zoo and run by insightface's classes; what insightface does one face at a time (landmarks,
 recognition) is done here for all the faces of a batch of images in one onnxruntime call.
 This onnxruntime path is the CPU reference; on CUDA, `faces.load_face_analyzer` gives
@@ -16,6 +17,7 @@ torch_analyzer.TorchFaceAnalyzer instead, the same pipeline batched on the GPU i
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from collections.abc import Sequence
@@ -26,6 +28,7 @@ import numpy as np
 import onnxruntime
 from insightface.model_zoo import get_model
 from insightface.model_zoo.arcface_onnx import ArcFaceONNX
+from insightface.model_zoo.attribute import Attribute
 from insightface.model_zoo.landmark import Landmark
 from insightface.model_zoo.scrfd import SCRFD
 from insightface.utils import face_align, transform
@@ -33,10 +36,21 @@ from insightface.utils import face_align, transform
 from arc2face_engine.faces.pack import (
     ANTELOPEV2_DIR,
     DETECTOR_FILE,
+    GENDERAGE_FILE,
     LANDMARK_3D_FILE,
     RECOGNITION_FILE,
 )
-from arc2face_engine.faces.records import AnalyzerBase, FaceRecord, check_det_size, rgb_frames
+from arc2face_engine.faces.records import (
+    AnalyzerBase,
+    FaceRecord,
+    aligned_keypoints,
+    check_aligned,
+    check_det_size,
+    read_gender_age,
+    rgb_frames,
+    with_gender_age,
+)
+from arc2face_engine.faces.skin_tone import measure_skin_tones
 from arc2face_engine.models_dir import require
 from schemas.errors import CheckpointMismatch
 from schemas.tables import (
@@ -91,7 +105,7 @@ def _largest(boxes: np.ndarray) -> int:
     return int(np.argmax(areas))  # ties: the first, i.e. the higher score (NMS order)
 
 
-def _run_batched(model: ArcFaceONNX | Landmark, blob: np.ndarray) -> np.ndarray:
+def _run_batched(model: ArcFaceONNX | Landmark | Attribute, blob: np.ndarray) -> np.ndarray:
     """One session.run over the whole (N, 3, S, S) blob; a model exported with a fixed
     batch size is run in chunks of that size instead."""
     fixed_batch = model.session.get_inputs()[0].shape[0]
@@ -106,7 +120,7 @@ def _run_batched(model: ArcFaceONNX | Landmark, blob: np.ndarray) -> np.ndarray:
     return np.concatenate(outputs)
 
 
-def _blob(model: ArcFaceONNX | Landmark, crops: list[np.ndarray]) -> np.ndarray:
+def _blob(model: ArcFaceONNX | Landmark | Attribute, crops: list[np.ndarray]) -> np.ndarray:
     """The preprocessing insightface applies to one crop, applied to a stack of crops."""
     mean = model.input_mean
     return cv2.dnn.blobFromImages(
@@ -115,25 +129,29 @@ def _blob(model: ArcFaceONNX | Landmark, crops: list[np.ndarray]) -> np.ndarray:
 
 
 class FaceAnalyzer(AnalyzerBase):
-    """SCRFD detection, 3D-landmark head pose and ArcFace embedding of the largest face."""
+    """SCRFD detection, 3D-landmark head pose, ArcFace embedding, predicted gender and age
+    and measured skin tone of the largest face."""
 
     def __init__(
         self,
         detector: SCRFD,
         landmark_3d: Landmark,
         recognizer: ArcFaceONNX,
+        genderage: Attribute,
         det_size: int | tuple[int, int] = 640,
         det_thresh: float = 0.5,
     ) -> None:
         self.detector = detector
         self.landmark_3d = landmark_3d
         self.recognizer = recognizer
+        self.genderage = genderage
         self.det_size = check_det_size(det_size)
         self.det_thresh = float(det_thresh)
         # ctx_id 0 keeps the providers the sessions were created with.
         detector.prepare(0, input_size=self.det_size, det_thresh=self.det_thresh)
         landmark_3d.prepare(0)
         recognizer.prepare(0)
+        genderage.prepare(0)
 
     @classmethod
     def from_models_dir(
@@ -143,7 +161,8 @@ class FaceAnalyzer(AnalyzerBase):
         det_size: int | tuple[int, int] = 640,
         det_thresh: float = 0.5,
     ) -> FaceAnalyzer:
-        """Load models_dir/antelopev2 (scrfd_10g_bnkps.onnx, 1k3d68.onnx, arcface.onnx) into
+        """Load models_dir/antelopev2 (scrfd_10g_bnkps.onnx, 1k3d68.onnx, arcface.onnx,
+        genderage.onnx) into
         onnxruntime sessions on `providers` (default: CUDA first when onnxruntime-gpu
         offers it). `faces.load_face_analyzer` picks between this and the torch analyzer."""
         require(models_dir, "core", under=ANTELOPEV2_DIR)
@@ -152,18 +171,19 @@ class FaceAnalyzer(AnalyzerBase):
         detector = _load_model(pack / DETECTOR_FILE, SCRFD, providers)
         landmark_3d = _load_model(pack / LANDMARK_3D_FILE, Landmark, providers)
         recognizer = _load_model(pack / RECOGNITION_FILE, ArcFaceONNX, providers)
-        if not detector.use_kps or not landmark_3d.require_pose:
+        genderage = _load_model(pack / GENDERAGE_FILE, Attribute, providers)
+        if not detector.use_kps or not landmark_3d.require_pose or genderage.taskname != "genderage":
             raise CheckpointMismatch(
-                f"{pack} lacks a keypoint detector or 3D 68-point landmarks: "
+                f"{pack} lacks a keypoint detector, 3D 68-point landmarks or a gender/age model: "
                 f"replace it with the published antelopev2 files (`arc2face-synth models download DIR`)"
             )
-        return cls(detector, landmark_3d, recognizer, det_size, det_thresh)
+        return cls(detector, landmark_3d, recognizer, genderage, det_size, det_thresh)
 
     # --- analysis ------------------------------------------------------------------------
 
     def analyze(self, images: np.ndarray | Sequence[np.ndarray]) -> list[FaceRecord]:
         """One FaceRecord per image: the face count and the largest face's score, box,
-        keypoints, normalised embedding and head pose."""
+        keypoints, normalised embedding, head pose, predicted gender and age, and skin tone."""
         frames = _as_bgr_frames(images)
         faces = []  # (image index, detection row (5,), keypoints (5, 2), face count)
         for index, frame in enumerate(frames):
@@ -177,18 +197,51 @@ class FaceAnalyzer(AnalyzerBase):
         face_frames = [frames[index] for index, *_ in faces]
         embeddings, norms = self._embed(face_frames, [keypoints for _, _, keypoints, _ in faces])
         poses = self._head_poses(face_frames, [box[:4] for _, box, _, _ in faces])
-        for (index, box, keypoints, count), embedding, norm, pose in zip(
-            faces, embeddings, norms, poses, strict=True
+        readings = self._gender_age(face_frames, [box[:4] for _, box, _, _ in faces])
+        for (index, box, keypoints, count), embedding, norm, pose, reading in zip(
+            faces, embeddings, norms, poses, readings, strict=True
         ):
-            records[index] = FaceRecord(
-                face_count=count,
-                det_score=float(box[4]),
-                bbox=box[:4].astype(np.float32),
-                keypoints=keypoints.astype(np.float32),
-                embedding=embedding,
-                pose=pose,
-                embedding_norm=float(norm),
+            records[index] = with_gender_age(
+                FaceRecord(
+                    face_count=count,
+                    det_score=float(box[4]),
+                    bbox=box[:4].astype(np.float32),
+                    keypoints=keypoints.astype(np.float32),
+                    embedding=embedding,
+                    pose=pose,
+                    embedding_norm=float(norm),
+                ),
+                reading,
             )
+        measure_skin_tones(rgb_frames(images), records)  # in sRGB, not the BGR copies
+        return records
+
+    def analyze_aligned(self, images: np.ndarray | Sequence[np.ndarray]) -> list[FaceRecord]:
+        """Records of aligned ArcFace crops (the recognizer's input size, e.g. 112x112 RGB),
+        embedded without detection, as FR training sets store faces: one face each, its box
+        the whole crop, its keypoints the ArcFace template, its pose from the 3D landmarks
+        over the crop, gender, age and skin tone as `analyze` measures them. The detection
+        score stays nan (nothing was detected)."""
+        frames = _as_bgr_frames(images)
+        if not frames:
+            return []
+        size = self.recognizer.input_size[0]
+        check_aligned(frames, size)
+        features = _run_batched(self.recognizer, _blob(self.recognizer, frames))
+        features = features.astype(np.float32, copy=False)
+        embeddings, norms = l2_normalize(features), np.linalg.norm(features, axis=-1)
+        box = np.array([0, 0, size, size], np.float32)
+        poses = self._head_poses(frames, [box] * len(frames))
+        readings = self._gender_age(frames, [box] * len(frames))
+        keypoints = aligned_keypoints(size)
+        records = [
+            with_gender_age(
+                FaceRecord(1, math.nan, box.copy(), keypoints.copy(), embedding, pose, float(norm)),
+                reading,
+            )
+            for embedding, norm, pose, reading in zip(embeddings, norms, poses, readings, strict=True)
+        ]
+        measure_skin_tones(rgb_frames(images), records)  # the template keypoints: the crop itself
         return records
 
     # --- batched stages -------------------------------------------------------------------
@@ -226,6 +279,20 @@ class FaceAnalyzer(AnalyzerBase):
             self._pose(prediction, matrix)
             for prediction, matrix in zip(predictions, transforms, strict=True)
         ]
+
+    def _gender_age(
+        self, frames: list[np.ndarray], boxes: list[np.ndarray]
+    ) -> list[tuple[str, float, float]]:
+        """(gender, probability, age) per face: insightface Attribute.get's crop of 1.5x
+        the box at the model's 96x96 input, one batched call for all the faces."""
+        model = self.genderage
+        size = model.input_size[0]
+        crops = []
+        for frame, box in zip(frames, boxes, strict=True):
+            center = ((box[0] + box[2]) / 2, (box[1] + box[3]) / 2)
+            scale = size / (max(box[2] - box[0], box[3] - box[1]) * 1.5)
+            crops.append(face_align.transform(frame, center, size, scale, 0)[0])
+        return read_gender_age(_run_batched(model, _blob(model, crops)))
 
     def _pose(self, prediction: np.ndarray, matrix: np.ndarray) -> tuple[float, float, float]:
         model = self.landmark_3d

@@ -6,6 +6,7 @@ from __future__ import annotations
 ANTELOPEV2_DIR = "antelopev2"
 DETECTOR_FILE = "scrfd_10g_bnkps.onnx"
 LANDMARK_3D_FILE = "1k3d68.onnx"
+GENDERAGE_FILE = "genderage.onnx"  # 2 gender logits (female, male) and age / 100
 RECOGNITION_FILE = "arcface.onnx"  # Arc2Face's, in place of antelopev2's glintr100.onnx
 
 # Arc2Face's demos: FaceAnalysis(name="antelopev2").prepare(ctx_id=0, det_size=(640, 640)),

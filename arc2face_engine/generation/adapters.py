@@ -1,6 +1,7 @@
 """The adapters Arc2Face adds to its UNet, loaded strictly: the LCM-LoRA (fused into a copy
-of the UNet) and the Expression Adapter (an IP-Adapter fed FLAME values), with the switch
-that turns the latter off for requests without an expression.
+of the UNet) and the Expression Adapter (an IP-Adapter fed FLAME values), loaded onto a
+second view of the UNet that shares its weights (`weight_sharing_copy`), so requests
+without an expression run the plain UNet and neither view ever changes.
 
 diffusers only warns about keys that match nothing; here every key must fit, or the
 file is refused naming it and the command that fetches it again.
@@ -8,9 +9,11 @@ file is refused naming it and the command that fetches it again.
 
 from __future__ import annotations
 
+import copy
 import pickle
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -24,8 +27,8 @@ from safetensors import SafetensorError
 
 from arc2face_engine.generation.adapter_layouts import layout_of, unusable_reason, wants_token_axis
 from arc2face_engine.models_dir import fetch_hint, require
+from schemas.constants import EXPRESSION_DIM  # FLAME: 50 expression + 2 eyelid + 3 jaw
 from schemas.errors import CheckpointMismatch, first_line
-from schemas.tables import EXPRESSION_DIM  # FLAME: 50 expression + 2 eyelid + 3 jaw
 
 LCM_LORA_FOLDER = "lcm-lora"
 LCM_LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
@@ -167,28 +170,32 @@ def quiet_diffusers() -> Iterator[None]:
         diffusers_logging.set_verbosity(verbosity)
 
 
-class ExpressionSwitch:
-    """Turns a UNet's expression adapter on and off without reloading it: once an
-    IP-Adapter is loaded, diffusers' UNet insists on image embeds, but requests without
-    an expression must run the plain Arc2Face UNet."""
+@dataclass(frozen=True)
+class ExpressionAdapter:
+    """The expression adapter as loaded on its UNet view: its FLAME projection and whether
+    that projection takes a token axis (adapter_layouts.wants_token_axis)."""
 
-    def __init__(self, pipeline: StableDiffusionPipeline, state_dict: dict, models_dir: Path):
-        self.unet = pipeline.unet
-        self._plain_processors = dict(self.unet.attn_processors)
-        load_expression_adapter(pipeline, state_dict, models_dir)
-        self._adapter_processors = dict(self.unet.attn_processors)
-        self._projection = self.unet.encoder_hid_proj
-        self.token_axis = wants_token_axis(layout_of(state_dict["image_proj"]))
-        self._enabled = True
+    projection: torch.nn.Module
+    token_axis: bool
 
-    def enable(self, enabled: bool) -> None:
-        if enabled == self._enabled:
-            return
-        # The projection first: a resampler's own attention layers count among the UNet's
-        # processors, so the processor dict must match the UNet with or without it.
-        self.unet.encoder_hid_proj = self._projection if enabled else None
-        self.unet.config.encoder_hid_dim_type = "ip_image_proj" if enabled else None
-        # set_attn_processor pops from the dict it is given: hand it a copy.
-        processors = self._adapter_processors if enabled else self._plain_processors
-        self.unet.set_attn_processor(dict(processors))
-        self._enabled = enabled
+
+def weight_sharing_copy(module: torch.nn.Module) -> torch.nn.Module:
+    """A copy of `module`'s structure that shares every parameter and buffer with it.
+
+    Requests with and without an expression run two views of one UNet: the plain one
+    (Arc2Face's own attention processors, no projection) and this copy with the
+    IP-Adapter loaded. Switching one UNet's processors back and forth would change
+    attributes a compiled graph is guarded on, so every switch would recompile it; two
+    views are two modules, each compiled once, and cost no extra weights."""
+    shared = {id(tensor): tensor for tensor in (*module.parameters(), *module.buffers())}
+    return copy.deepcopy(module, shared)
+
+
+def attach_expression_adapter(
+    pipeline: StableDiffusionPipeline, state_dict: dict, models_dir: Path
+) -> ExpressionAdapter:
+    """Load the expression adapter onto `pipeline.unet` (a `weight_sharing_copy`)."""
+    load_expression_adapter(pipeline, state_dict, models_dir)
+    return ExpressionAdapter(
+        pipeline.unet.encoder_hid_proj, wants_token_axis(layout_of(state_dict["image_proj"]))
+    )

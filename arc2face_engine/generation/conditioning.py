@@ -10,9 +10,9 @@ included, all go through the encoder.
 
 transformers 5's `CLIPTextModel.forward` only takes `input_ids`, so the encoder's own
 parts are called here: `embeddings(inputs_embeds=...)` adds the positions,
-`create_causal_mask(..., cache=None)` + `encoder(..., is_causal=True)` run the layers
-exactly as the model's forward does (transformers 5.24 calls them the same way; the
-older `past_key_values=` name goes away in 5.40), and `final_layer_norm` finishes.
+`encoder(..., is_causal=True)` runs the layers with the causal mask built here (see
+`causal_mask`: the model's forward builds it with a private helper whose keywords change
+between releases), and `final_layer_norm` finishes.
 """
 
 from __future__ import annotations
@@ -20,14 +20,34 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from transformers import CLIPTextModel, CLIPTokenizer
-from transformers.masking_utils import create_causal_mask
 
+from arc2face_engine.transfers import to_device
+from schemas.constants import EMBEDDING_DIM
 from schemas.errors import CheckpointMismatch, UserError
-from schemas.tables import EMBEDDING_DIM
 
 ID_PROMPT = "photo of a id person"
 ID_WORD = "id"
 ARCFACE_DIM = EMBEDDING_DIM  # the ArcFace embedding written into the "id" token
+
+
+def causal_mask(config, hidden_states: torch.Tensor) -> torch.Tensor | None:
+    """CLIP's causal self-attention mask for (B, L, D) hidden states, as the model's own
+    forward gets it: position i sees positions 0..i.
+
+    Attention kernels that take `is_causal` (PyTorch's SDPA, the default, and flash
+    attention) get no mask: the encoder is called with `is_causal=True` and they build the
+    triangle themselves, which is also what CLIPTextModel.forward hands them, so the
+    result is the same bit for bit. Eager attention adds its mask to the scores: an
+    (L, L) upper triangle of the dtype's lowest value (not -inf, so no row is all -inf),
+    the value transformers uses."""
+    if getattr(config, "_attn_implementation", "eager") not in (None, "eager"):
+        return None
+    length = hidden_states.shape[1]
+    blocked = torch.full(
+        (length, length), torch.finfo(hidden_states.dtype).min,
+        dtype=hidden_states.dtype, device=hidden_states.device,
+    ).triu(diagonal=1)  # fmt: skip
+    return blocked[None, None]
 
 
 class IdentityConditioner:
@@ -90,8 +110,8 @@ class IdentityConditioner:
                 "an identity embedding is zero or not finite: pass ArcFace embeddings "
                 f"({ARCFACE_DIM} finite values, not all zero)"
             )
-        if self.device.type == "cuda" and embeddings.device.type == "cpu":
-            return embeddings.pin_memory().to(self.device, non_blocking=True)
+        if embeddings.device.type == "cpu":
+            return to_device(embeddings, self.device)  # pinned, non-blocking on a GPU
         return embeddings.to(self.device)
 
     @torch.no_grad()
@@ -113,11 +133,10 @@ class IdentityConditioner:
         """What CLIPTextModel.forward does after its token-embedding lookup."""
         model = self.text_encoder
         hidden_states = model.embeddings(inputs_embeds=token_embeddings)
-        causal_mask = create_causal_mask(
-            config=model.config, inputs_embeds=hidden_states, attention_mask=None, cache=None
-        )
         hidden_states = model.encoder(
-            inputs_embeds=hidden_states, attention_mask=causal_mask, is_causal=True
+            inputs_embeds=hidden_states,
+            attention_mask=causal_mask(model.config, hidden_states),
+            is_causal=True,
         ).last_hidden_state
         return model.final_layer_norm(hidden_states)
 

@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 import torch
 from diffusers import (
@@ -32,14 +32,20 @@ from diffusers import (
 from arc2face_engine.determinism import pinned_cpu_threads
 from arc2face_engine.generation import checkpoints
 from arc2face_engine.generation.adapters import read_expression_adapter
+from arc2face_engine.generation.compiling import CompileWatch, raise_recompile_limit
 from arc2face_engine.generation.conditioning import ARCFACE_DIM, IdentityConditioner
 from arc2face_engine.generation.devices import resolve_device, resolve_dtype
 from arc2face_engine.generation.pipelines import NoiseAheadLCMScheduler, UNetVariant, build_variant
 from arc2face_engine.generation.settings import GenerationSettings, ImageRequest
+from arc2face_engine.transfers import to_device, to_host
+from schemas.constants import EXPRESSION_DIM  # FLAME: 50 expression + 2 eyelid + 3 jaw
 from schemas.errors import UserError
-from schemas.tables import EXPRESSION_DIM  # FLAME: 50 expression + 2 eyelid + 3 jaw
 
 _MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes any 64-bit value
+COMPILE_BACKEND = "inductor"  # torch.compile's default; tests use "eager" / "aot_eager"
+# Compiled graphs one warmed-up (settings, controls, bucket) adds at most: the UNet (one
+# view, one call signature), the ControlNet and the VAE decoder.
+_GRAPHS_PER_BUCKET = 3
 
 # torch's CPU kernels are not batch-invariant: oneDNN picks its convolution algorithm by
 # batch size (a 3x3 conv of batch 1 and of batch 8 differ in the last bit), and MKL's
@@ -93,6 +99,8 @@ def _pose_batch(requests: Sequence[ImageRequest], height: int, width: int) -> to
     for request in requests:
         image = request.pose_image
         if image.shape[:2] != (height, width):
+            import cv2  # only here: the GPU command's bare image has no OpenCV
+
             shrinking = image.shape[0] > height or image.shape[1] > width
             interpolation = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
             image = cv2.resize(image, (width, height), interpolation=interpolation)
@@ -104,23 +112,14 @@ def _pose_batch(requests: Sequence[ImageRequest], height: int, width: int) -> to
 def _to_uint8(images: torch.Tensor) -> np.ndarray:
     """(B, 3, H, W) in [0, 1] -> (B, H, W, 3) uint8, rounding as the pipeline's PIL output
     does (float32 `(x * 255).round()`); on the device, so only bytes are copied back, into
-    pinned memory without blocking, and the host waits once, for this copy only."""
+    pinned memory on the images' own device, and the host waits for this copy only."""
     pixels = (images.float() * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
-    if pixels.device.type != "cuda":
-        return pixels.cpu().numpy()
-    host = torch.empty(pixels.shape, dtype=torch.uint8, pin_memory=True)
-    host.copy_(pixels, non_blocking=True)
-    copied = torch.cuda.Event()
-    copied.record()
-    copied.synchronize()
-    return host.numpy()
+    return to_host(pixels)
 
 
 def _upload(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Host -> device from pinned memory without blocking the host (CPU: as is)."""
-    if device.type != "cuda":
-        return tensor
-    return tensor.pin_memory().to(device, non_blocking=True)
+    return to_device(tensor, device)
 
 
 def _draw_noise(
@@ -151,6 +150,7 @@ class Arc2FaceEngine:
         device: torch.device,
         max_batch_size: int | None = None,
         batch_buckets: Sequence[int] | None = None,
+        compile_watch: CompileWatch | None = None,
     ) -> None:
         self.conditioner = conditioner
         self.variants = variants
@@ -163,6 +163,8 @@ class Arc2FaceEngine:
         base = variants["dpmsolver++"]
         self.has_controlnet = base.controlnet_pipeline is not None
         self.has_expression = base.expression is not None
+        self.compile_watch = compile_watch
+        self._warmed: set[tuple] = set()  # (settings, pose, expression, bucket) compiled
 
     @classmethod
     def from_pretrained(
@@ -176,15 +178,17 @@ class Arc2FaceEngine:
         compile: bool = False,
         max_batch_size: int | None = None,
         batch_buckets: Sequence[int] | None = None,
-        compile_backend: str | Callable = "inductor",
+        compile_backend: str | Callable | None = None,
     ) -> Arc2FaceEngine:
         """Load the models directory with the strict loaders. `lcm` adds a second UNet
         with the LCM-LoRA fused in, used by `GenerationSettings.lcm()` calls only (so
         dpmsolver++ calls of the same engine still get Arc2Face's own UNet). `compile`
         wraps the UNet(s), ControlNet and VAE decoder in torch.compile (with
-        `compile_backend`); `max_batch_size` caps how many images one GPU forward takes;
-        `batch_buckets` are the forward sizes a smaller GPU batch is padded up to, so a
-        compiled model meets a fixed set of shapes (padded images are dropped)."""
+        `compile_backend`, default COMPILE_BACKEND), each module its own compiled
+        callable, compiled by `warm_up`; `max_batch_size` caps how many images one GPU
+        forward takes; `batch_buckets` are the forward sizes a smaller GPU batch is padded
+        up to, so a compiled model meets a fixed set of shapes (padded images are
+        dropped)."""
         models_dir = Path(models_dir)
         torch_device = resolve_device(device)
         dtype = resolve_dtype(precision, torch_device)
@@ -204,14 +208,13 @@ class Arc2FaceEngine:
             for name in ("controlnet", "vae"):
                 if name in parts:
                     parts[name].fuse_qkv_projections()
+        watch = None
         if compile:
-            modules = [*unets.values(), parts.get("controlnet"), parts["vae"].decoder]
-            for module in modules:
-                if module is not None:
-                    # Static shapes: the buckets bound how many a model meets.
-                    module.compile(backend=compile_backend, dynamic=False)
+            watch = CompileWatch(compile_backend or COMPILE_BACKEND)
+            for label, module in _compiled_modules(variants, parts).items():
+                watch.compile(module, label)
         conditioner = IdentityConditioner(parts["text_encoder"], parts["tokenizer"])
-        return cls(conditioner, variants, torch_device, max_batch_size, batch_buckets)
+        return cls(conditioner, variants, torch_device, max_batch_size, batch_buckets, watch)
 
     # -- public API --
 
@@ -220,6 +223,41 @@ class Arc2FaceEngine:
         if not isinstance(embeddings, torch.Tensor):
             embeddings = torch.from_numpy(np.asarray(embeddings, dtype=np.float32))
         return self.conditioner.encode(embeddings)
+
+    def warm_up(
+        self,
+        batch_sizes: Iterable[int],
+        settings: GenerationSettings,
+        with_pose: bool = False,
+        with_expression: bool = False,
+    ) -> None:
+        """Compile now, for `settings` and these controls, every graph that batches of
+        `batch_sizes` images will run: one pipeline call per bucket they meet (largest
+        first), with one denoising step (the UNet's shapes do not depend on the count).
+        Once per (settings, controls, bucket): later calls return at once. Without compile
+        it does nothing (eager modules need no warm-up)."""
+        if self.compile_watch is None:
+            return
+        key = (replace(settings, num_inference_steps=1), with_pose, with_expression)
+        buckets = sorted({self._forward_size(size) for size in batch_sizes if size > 0}, reverse=True)
+        todo = [bucket for bucket in buckets if (*key, bucket) not in self._warmed]
+        if not todo:
+            return
+        raise_recompile_limit(_GRAPHS_PER_BUCKET * (len(self._warmed) + len(todo)) + 8)
+        request = _warm_up_request(settings, with_pose, with_expression)
+        try:
+            with self._cpu_threads():
+                for bucket in todo:
+                    self.compile_watch.warming_up = bucket
+                    self._run_pipeline([request] * bucket, key[0])
+                    self._warmed.add((*key, bucket))
+        finally:
+            self.compile_watch.warming_up = None
+
+    def compile_problems(self) -> list[str]:
+        """One line per problem dynamo reported since loading (a fallback to eager, a graph
+        break, a compile after warm-up); empty when all is well or nothing is compiled."""
+        return self.compile_watch.problems() if self.compile_watch else []
 
     def generate(
         self, requests: Sequence[ImageRequest], settings: GenerationSettings = GenerationSettings()
@@ -285,6 +323,12 @@ class Arc2FaceEngine:
             return size
         return next((bucket for bucket in self.batch_buckets if bucket >= size), size)
 
+    def _forward_size(self, size: int) -> int:
+        """How many images one forward of a batch of `size` holds (CPU: one at a time)."""
+        if self.device.type == "cpu" and _CPU_MICRO_BATCH is not None:
+            return _CPU_MICRO_BATCH
+        return self._bucket(size)
+
     def _generate_batch(
         self, requests: Sequence[ImageRequest], settings: GenerationSettings
     ) -> np.ndarray:
@@ -300,10 +344,7 @@ class Arc2FaceEngine:
     ) -> np.ndarray:
         with_pose = requests[0].pose_image is not None
         with_expression = requests[0].expression is not None
-        variant = self.variants[settings.scheduler]
-        if variant.expression is not None:
-            variant.expression.enable(with_expression)
-        pipeline = variant.pipeline_for(with_pose)
+        pipeline = self.variants[settings.scheduler].pipeline_for(with_pose, with_expression)
 
         embeddings = np.stack([np.asarray(r.embedding, dtype=np.float32) for r in requests])
         prompt_embeds = self.conditioner.encode(torch.from_numpy(embeddings))
@@ -367,6 +408,32 @@ class Arc2FaceEngine:
             embeds = torch.cat([torch.zeros_like(embeds), embeds])
         unet = self.variants["dpmsolver++"].pipeline.unet
         return _upload(embeds.to(dtype=unet.dtype), self.device)
+
+
+def _warm_up_request(settings: GenerationSettings, with_pose: bool, with_expression: bool):
+    """A request of the given controls for warm-up runs (its image is thrown away)."""
+    embedding = np.zeros(ARCFACE_DIM, np.float32)
+    embedding[0] = 1.0
+    pose = np.full((settings.height, settings.width, 3), 127, np.uint8) if with_pose else None
+    expression = np.zeros(EXPRESSION_DIM, np.float32) if with_expression else None
+    return ImageRequest(embedding, 0, pose_image=pose, expression=expression)
+
+
+def _compiled_modules(
+    variants: dict[str, UNetVariant], parts: dict[str, Any]
+) -> dict[str, torch.nn.Module]:
+    """Every module a compiled engine compiles, by label: each UNet view (Arc2Face's, its
+    expression view, the LCM ones), the ControlNet and the VAE decoder."""
+    modules = {}
+    for name, variant in variants.items():
+        prefix = "" if name == "dpmsolver++" else f"{name} "
+        modules[f"{prefix}unet"] = variant.pipeline.unet
+        if variant.expression_unet is not None:
+            modules[f"{prefix}unet+expression"] = variant.expression_unet
+    if parts.get("controlnet") is not None:
+        modules["controlnet"] = parts["controlnet"]
+    modules["vae decoder"] = parts["vae"].decoder
+    return modules
 
 
 def _buckets(buckets: Sequence[int] | None, max_batch_size: int | None) -> list[int]:

@@ -19,20 +19,40 @@ from diffusers import (
     UNet2DConditionModel,
 )
 
-from arc2face_engine.generation.adapters import ExpressionSwitch, fuse_lcm_lora, quiet_diffusers
+from arc2face_engine.generation.adapters import (
+    ExpressionAdapter,
+    attach_expression_adapter,
+    fuse_lcm_lora,
+    quiet_diffusers,
+    weight_sharing_copy,
+)
 
 
 @dataclass
 class UNetVariant:
     """One UNet (Arc2Face's, or Arc2Face's with the LCM-LoRA fused) with its scheduler,
-    and the pipelines that run it."""
+    and the pipelines that run it, by (with pose, with expression). With the expression
+    adapter, expression pipelines run a view of the UNet that shares its weights and
+    carries the adapter (adapters.weight_sharing_copy); the others run the plain UNet."""
 
-    pipeline: StableDiffusionPipeline
-    controlnet_pipeline: StableDiffusionControlNetPipeline | None
-    expression: ExpressionSwitch | None
+    pipelines: dict[tuple[bool, bool], StableDiffusionPipeline]
+    expression: ExpressionAdapter | None
 
-    def pipeline_for(self, with_pose: bool) -> StableDiffusionPipeline:
-        return self.controlnet_pipeline if with_pose else self.pipeline
+    @property
+    def pipeline(self) -> StableDiffusionPipeline:
+        """The plain pipeline (no pose, no expression)."""
+        return self.pipelines[False, False]
+
+    @property
+    def controlnet_pipeline(self) -> StableDiffusionControlNetPipeline | None:
+        return self.pipelines.get((True, False))
+
+    @property
+    def expression_unet(self) -> UNet2DConditionModel | None:
+        return self.pipelines[False, True].unet if self.expression else None
+
+    def pipeline_for(self, with_pose: bool, with_expression: bool) -> StableDiffusionPipeline:
+        return self.pipelines[with_pose, with_expression]
 
 
 class NoiseAheadLCMScheduler(LCMScheduler):
@@ -152,7 +172,9 @@ def build_variant(
     adapter: dict | None,
 ) -> UNetVariant:
     """The pipelines of one UNet: "dpmsolver++" runs Arc2Face's UNet as loaded, "lcm"
-    its copy with the LCM-LoRA fused in; each gets the expression adapter if asked."""
+    its copy with the LCM-LoRA fused in; each gets the expression adapter if asked (on its
+    own weight-sharing view of the UNet), and the pose ControlNet if loaded. All pipelines
+    of a variant share one scheduler."""
     scheduler_class = NoiseAheadLCMScheduler if name == "lcm" else DPMSolverMultistepScheduler
     with quiet_diffusers():  # SD 1.5's PNDM-only keys (skip_prk_steps) are ignored
         scheduler = scheduler_class.from_config(scheduler_config)
@@ -161,7 +183,18 @@ def build_variant(
         fuse_lcm_lora(pipeline, models_dir)
     if unet.device.type == "cuda":  # after the LoRA fusing: the fused QKV copies the weights
         unet.fuse_qkv_projections()
-    switch = ExpressionSwitch(pipeline, adapter, models_dir) if adapter else None
+    pipelines = {(False, False): pipeline}
+    expression = None
+    if adapter:
+        expression_pipeline = _build_pipeline(parts, weight_sharing_copy(unet), scheduler)
+        expression = attach_expression_adapter(expression_pipeline, adapter, models_dir)
+        pipelines[False, True] = expression_pipeline
     controlnet = parts.get("controlnet")
-    controlnet_pipeline = _build_controlnet_pipeline(pipeline, controlnet) if controlnet else None
-    return UNetVariant(pipeline, controlnet_pipeline, switch)
+    if controlnet is not None:
+        for with_expression in (False, True):
+            if (False, with_expression) in pipelines:
+                without_pose = pipelines[False, with_expression]
+                pipelines[True, with_expression] = _build_controlnet_pipeline(
+                    without_pose, controlnet
+                )
+    return UNetVariant(pipelines, expression)

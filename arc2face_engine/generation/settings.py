@@ -5,22 +5,24 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import PIL.Image
 
-from schemas.errors import SpecError
-from schemas.job import (
+from schemas.constants import (
     DEFAULT_SIZE,
     DPM_GUIDANCE,
     DPM_STEPS,
     LCM_GUIDANCE,
     LCM_STEPS,
     SCHEDULERS,
-    GenerationSpec,
     check_image_side,
 )
+from schemas.errors import SpecError
+
+if TYPE_CHECKING:  # the spec is only read here: generation imports no pydantic
+    from schemas.job import GenerationSpec
 
 # GenerationSettings fields named differently in the spec's generation section.
 _SPEC_NAMES = {"num_inference_steps": "steps", "guidance_scale": "guidance"}

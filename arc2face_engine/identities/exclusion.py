@@ -61,7 +61,20 @@ class ExclusionGallery:
         device: str | torch.device = "cpu",
     ) -> ExclusionGallery:
         matrix, digest = sources.read_embedding_matrix(uri, storage_options, SETTING)
-        return cls(torch.from_numpy(matrix).to(device), float(max_cosine), digest, str(uri))
+        return cls.from_matrix(matrix, max_cosine, digest, uri, device)
+
+    @classmethod
+    def from_matrix(
+        cls,
+        matrix: np.ndarray,
+        max_cosine: float,
+        sha256: str,
+        uri: str,
+        device: str | torch.device = "cpu",
+    ) -> ExclusionGallery:
+        """A gallery of unit rows already read (e.g. a dataset's identities)."""
+        rows = torch.from_numpy(np.ascontiguousarray(matrix, dtype=np.float32))
+        return cls(rows.to(device), float(max_cosine), sha256, str(uri))
 
     def nearest(self, embeddings: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(largest cosine to the gallery, its gallery row) per embedding."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import io
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, BinaryIO
 
 import fsspec
@@ -24,6 +24,7 @@ from schemas.errors import EmbeddingFileError, SpecError
 from schemas.tables import (
     EMBEDDING_DIM,
     IDENTITIES_SCHEMA,
+    IDENTITY_ATTRIBUTE_COLUMNS,
     SAFE_ID_RULE,
     is_safe_id,
     l2_normalize,
@@ -45,8 +46,12 @@ Projector = Callable[[np.ndarray], "np.ndarray | None"]
 Allowed = Callable[[np.ndarray], np.ndarray]
 
 
+def identity_id(index: int) -> str:
+    return f"id-{index:06d}"
+
+
 def identity_ids(count: int) -> list[str]:
-    return [f"id-{index:06d}" for index in range(count)]
+    return [identity_id(index) for index in range(count)]
 
 
 def build_identities_table(
@@ -55,7 +60,8 @@ def build_identities_table(
     provenance: Sequence[str],
     ids: Sequence[str] | None = None,
 ) -> pa.Table:
-    """An IDENTITIES_SCHEMA table from (N, 512) unit rows; labels are 0..N-1 in row order."""
+    """An IDENTITIES_SCHEMA table from (N, 512) unit rows; labels are 0..N-1 in row order.
+    The attribute columns stay null (filled from probes or at finalize)."""
     count = len(embeddings)
     flat = pa.array(np.ascontiguousarray(embeddings, dtype=np.float32).ravel(), pa.float32())
     columns = [
@@ -64,6 +70,9 @@ def build_identities_table(
         pa.FixedSizeListArray.from_arrays(flat, EMBEDDING_DIM),
         pa.array([source] * count, pa.string()),
         pa.array(list(provenance), pa.string()),
+    ]
+    columns += [
+        pa.nulls(count, IDENTITIES_SCHEMA.field(name).type) for name in IDENTITY_ATTRIBUTE_COLUMNS
     ]
     return pa.Table.from_arrays(columns, schema=IDENTITIES_SCHEMA)
 
@@ -190,6 +199,14 @@ def _sample_projected(
     if len(kept) < count:
         raise _separation_error(count, len(kept), budget, separation)
     return accepted, kept
+
+
+def random_candidates(seed: int) -> Iterator[np.ndarray]:
+    """The random source's candidates one at a time: the stream `sample_random` draws
+    from (balanced sampling visits it candidate by candidate)."""
+    rng = np.random.default_rng([seed, IDENTITY_STREAM])
+    while True:
+        yield _unit_rows(rng, 1)[0]
 
 
 def _unit_vector(vector: np.ndarray) -> np.ndarray:

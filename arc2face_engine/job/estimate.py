@@ -11,9 +11,10 @@ from typing import Any
 
 import fsspec
 
+from arc2face_engine import models_dir
 from arc2face_engine.job.shards import identities_per_shard, shard_count
-from schemas.errors import SpecError
-from schemas.job import JobSpec
+from schemas.errors import ModelFileMissing, SpecError
+from schemas.job import DPM_GUIDANCE, LCM_GUIDANCE, PROBE_STEPS, JobSpec
 
 # Measured generation throughput, images/s per GPU, keyed by (scheduler, steps, height, width).
 # Add entries only from real runs (e.g. a bench script's JSON via load_throughput_table);
@@ -37,6 +38,65 @@ def load_throughput_table(
 
 
 @dataclass(frozen=True)
+class ProbeEstimate:
+    """Balanced sampling's probe images: one per candidate, at least one per identity and
+    at most the candidate bound; their GPU time scaled from the job's throughput by
+    denoising passes (steps x 2 with classifier-free guidance), which leaves out the VAE
+    decode and so underestimates short probes a little."""
+
+    fewest: int
+    most: int
+    settings: str
+    seconds: tuple[float, float] | None
+
+    def rows(self) -> list[tuple[str, Any]]:
+        rows = [
+            ("balance probes (one per candidate)", f"{self.fewest:,} .. {self.most:,}"),
+            ("probe settings", self.settings),
+        ]
+        if self.seconds is not None:
+            low, high = (value / 3600 for value in self.seconds)
+            rows.append(("estimated probe GPU hours", f"{low:,.3g} .. {high:,.3g}"))
+        return rows
+
+
+def _passes(steps: int, guidance: float) -> int:
+    return steps * (2 if guidance > 1.0 else 1)
+
+
+def _has_files(root: str, component: str) -> bool:
+    try:
+        models_dir.require(root, component)
+    except ModelFileMissing:
+        return False
+    return True
+
+
+def estimate_probes(spec: JobSpec, throughput: float | None) -> ProbeEstimate | None:
+    """The probe count range and cost of `identities.balance` (None when off)."""
+    source = spec.identities
+    balance = source.balance
+    if balance is None:
+        return None
+    most = source.balance_candidates()
+    if source.source == "packed":
+        most = min(most, math.ceil(source.count * balance.oversample))
+    scheduler = balance.probe_scheduler
+    if scheduler == "auto":  # a look at the files, no model loaded
+        scheduler = "lcm" if _has_files(spec.models.dir, "lcm") else "dpmsolver++"
+    steps = balance.probe_steps or PROBE_STEPS[scheduler]
+    guidance = DPM_GUIDANCE if scheduler == "dpmsolver++" else LCM_GUIDANCE
+    probe = _passes(steps, guidance)
+    job = _passes(spec.generation.steps, spec.generation.guidance)
+    settings = f"{scheduler}, {steps} steps, guidance {guidance:g}"
+    seconds = None
+    if throughput:
+        per_probe = probe / job / throughput
+        seconds = (source.count * per_probe, most * per_probe)
+    return ProbeEstimate(source.count, most, settings, seconds)
+
+
+@dataclass(frozen=True)
 class PlanSummary:
     name: str
     identities: int
@@ -53,6 +113,7 @@ class PlanSummary:
     throughput_source: str
     estimated_gpu_seconds: float | None
     estimated_gpu_seconds_max: float | None
+    probes: ProbeEstimate | None = None  # identities.balance
 
     def rows(self) -> list[tuple[str, Any]]:
         """(what, value) pairs for a table; the CLI prints them."""
@@ -72,6 +133,8 @@ class PlanSummary:
             ),
             ("throughput (images/s per GPU)", self._throughput()),
         ]
+        if self.probes is not None:
+            rows += self.probes.rows()
         if self.estimated_gpu_seconds is not None:
             low, high = self.estimated_gpu_seconds / 3600, self.estimated_gpu_seconds_max / 3600
             rows.append(
@@ -119,6 +182,7 @@ def summarize(
         throughput_source=source,
         estimated_gpu_seconds=images / throughput if throughput else None,
         estimated_gpu_seconds_max=with_topups / throughput if throughput else None,
+        probes=estimate_probes(spec, throughput),
     )
 
 
@@ -149,8 +213,8 @@ def identity_count(spec: JobSpec) -> tuple[int, bool]:
     an upper bound since photos without a face are skipped."""
     source = spec.identities
     cap = source.count
-    if source.source == "random":
-        return cap, True
+    if source.source == "random" or source.balance is not None:
+        return cap, True  # a balanced job keeps exactly count, or is refused
     options = spec.output.storage_options
     if source.source == "file":
         rows = _embedding_rows(source.path, options)

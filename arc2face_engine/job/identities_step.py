@@ -1,6 +1,7 @@
 """The identities step of a job: identities.parquet re-read on resume (checked against its
 recorded sha256), or built from the spec's source (random, packed, file, photos) with the
-exclusion gallery applied, and written.
+exclusion gallery applied (and balanced, job/balancing.py), and written; a balanced job's
+probes (probes/) are written before it.
 
 Preflight builds what needs no diffusion model (files, photos, a packing gallery) and
 hands it to `build_identities`; sources that generate probe images are built there, once
@@ -11,14 +12,15 @@ use them, so importing this module stays cheap (see job/__init__.py).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import pyarrow as pa
 
 from arc2face_engine.dataset import layout
+from arc2face_engine.dataset.gallery import is_dataset, read_identity_embeddings
 from arc2face_engine.dataset.reader import DatasetReader
 from arc2face_engine.dataset.writer import DatasetWriter
 from arc2face_engine.determinism import image_seed
@@ -28,12 +30,28 @@ from arc2face_engine.job import output_checks
 from arc2face_engine.job.workers import worker_for
 from schemas.errors import SpecError
 from schemas.job import MAX_IDENTITIES, JobSpec
-from schemas.tables import EMBEDDING_DIM, ExclusionReport, vector_matrix
+from schemas.tables import (
+    EMBEDDING_DIM,
+    ExclusionReport,
+    ProbeRow,
+    probes_table,
+    vector_matrix,
+)
 
 if TYPE_CHECKING:
     import torch
 
     from arc2face_engine.identities.exclusion import ExclusionGallery
+
+
+class ProbeFiles(Protocol):
+    """A balanced job's probes (job/balancing.py ProbeSet): rows, image files, clean-up."""
+
+    rows: list[ProbeRow]
+
+    def files(self) -> Iterator[tuple[str, bytes]]: ...
+
+    def remove(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -42,6 +60,7 @@ class BuiltIdentities:
 
     table: pa.Table
     exclusion: ExclusionReport | None = None
+    probes: ProbeFiles | None = None  # identities.balance: the probes that placed them
 
 
 def build_identities(
@@ -61,9 +80,14 @@ def build_identities(
             writer.write_dataset_json(info)
         return table
     built = built if built is not None else make_identities(spec)
+    probes_digest = None
+    if built.probes is not None:  # before identities.parquet, whose presence ends this step
+        probes_digest = writer.write_probes(probes_table(built.probes.rows), built.probes.files())
+        built.probes.remove()
     digest = writer.write_identities(built.table)
     if info is not None:
         info.identities_sha256 = digest
+        info.probes_sha256 = probes_digest
         info.exclusion_report = built.exclusion
         writer.write_dataset_json(info)
     return built.table
@@ -73,7 +97,11 @@ def make_identities(spec: JobSpec) -> BuiltIdentities:
     """The identities table from the spec's source; skipped photos are printed (with their
     reason) on the console of the process that runs this."""
     source = spec.identities
-    gallery = _exclusion_gallery(spec)
+    if source.balance is not None:
+        raise ValueError(
+            "balanced identities are built by job.balancing.balanced_identities (preflight)"
+        )
+    gallery = exclusion_gallery(spec)
     rejected = _RejectionCounter(gallery)
     if source.source == "random":
         project = _manifold_projector(spec) if source.project_to_manifold else None
@@ -105,8 +133,11 @@ def make_identities(spec: JobSpec) -> BuiltIdentities:
 
 
 def identities_need_engine(spec: JobSpec) -> bool:
-    """Sources that generate probe images, so the job builds them once models are loaded."""
+    """Sources that generate probe images, so the job builds them once models are loaded
+    (balanced identities are built at preflight instead: their quotas are checked there)."""
     source = spec.identities
+    if source.balance is not None:
+        return False
     if source.source == "random":
         return source.project_to_manifold
     return source.source == "packed" and not source.packing.gallery
@@ -133,10 +164,10 @@ def check_identity_galleries(spec: JobSpec) -> None:
 
     source = spec.identities
     if source.source == "packed" and source.packing.gallery:
-        sources.read_embedding_matrix(
+        gallery_matrix(
             source.packing.gallery, spec.output.storage_options, "identities.packing.gallery"
         )
-    gallery = _exclusion_gallery(spec)
+    gallery = exclusion_gallery(spec)
     if gallery is not None and source.source == "file":
         table = sources.load_embedding_file(
             source.path, spec.output.storage_options, limit=source.count
@@ -150,14 +181,26 @@ def _search_device(spec: JobSpec) -> torch.device:
     return resolve_device(spec.models.device)
 
 
-def _exclusion_gallery(spec: JobSpec) -> ExclusionGallery | None:
-    from arc2face_engine.identities.exclusion import ExclusionGallery
+def gallery_matrix(
+    uri: str, storage_options: dict | None, setting: str
+) -> tuple[np.ndarray, str]:
+    """(unit rows, sha256) of a gallery: an embeddings file (.parquet/.npy), or a dataset
+    folder (its identities, checked against its dataset.json)."""
+    if is_dataset(uri, storage_options):
+        matrix, _, digest = read_identity_embeddings(uri, storage_options, setting)
+        return matrix, digest
+    return sources.read_embedding_matrix(uri, storage_options, setting)
+
+
+def exclusion_gallery(spec: JobSpec) -> ExclusionGallery | None:
+    from arc2face_engine.identities.exclusion import SETTING, ExclusionGallery
 
     settings = spec.identities.exclusion
     if not settings.gallery:
         return None
-    return ExclusionGallery.load(
-        settings.gallery, settings.max_cosine, spec.output.storage_options, _search_device(spec)
+    matrix, digest = gallery_matrix(settings.gallery, spec.output.storage_options, SETTING)
+    return ExclusionGallery.from_matrix(
+        matrix, settings.max_cosine, digest, settings.gallery, _search_device(spec)
     )
 
 
@@ -194,7 +237,7 @@ def _packed_identities(spec: JobSpec) -> pa.Table:
 
     settings = spec.identities.packing
     if settings.gallery:
-        manifold = sources.read_embedding_matrix(
+        manifold = gallery_matrix(
             settings.gallery, spec.output.storage_options, "identities.packing.gallery"
         )[0]
     else:  # the project's own face manifold: ArcFace re-embeddings of Arc2Face probe images

@@ -10,11 +10,13 @@ import datetime as dt
 from importlib import metadata
 
 from arc2face_engine import models_dir
+from arc2face_engine.dataset import layout
 from arc2face_engine.dataset.card import write_dataset_card
 from arc2face_engine.dataset.lease import WriterLease
 from arc2face_engine.dataset.reader import DatasetReader
 from arc2face_engine.dataset.writer import DatasetWriter
 from arc2face_engine.job import output_checks
+from arc2face_engine.job.identity_attributes import refresh_identity_attributes
 from arc2face_engine.job.shards import shard_count
 from schemas.job import JobSpec, recorded_spec, spec_hash
 from schemas.tables import DatasetCounts, DatasetInfo
@@ -30,7 +32,8 @@ def required_components(spec: JobSpec) -> list[str]:
         components.append("controlnet")
     if spec.variations.expressions.kind != "none":
         components.append("expression")
-    if spec.generation.scheduler == "lcm":
+    balance = spec.identities.balance
+    if spec.generation.scheduler == "lcm" or (balance and balance.probe_scheduler == "lcm"):
         components.append("lcm")
     return components
 
@@ -51,7 +54,7 @@ def prepare_dataset(spec: JobSpec, lease_token: str | None = None) -> DatasetWri
     writer = open_writer(spec, lease_token)
     digest = spec_hash(spec)
     precision = output_checks.resolved_precision(spec)
-    info = writer.check_compatible(digest)
+    info = writer.check_compatible(digest, spec)
     if info is not None:
         output_checks.check_resume(spec, info, required_components(spec), precision)
     else:
@@ -70,8 +73,25 @@ def prepare_dataset(spec: JobSpec, lease_token: str | None = None) -> DatasetWri
     return writer
 
 
+def nothing_to_do(spec: JobSpec, info: DatasetInfo | None) -> str | None:
+    """What to tell a re-run of a finished job (None when there is work): the output's
+    dataset.json (`info`, already checked to be of this spec) says complete and every one
+    of its shards is committed, so the run must not rewrite anything."""
+    if info is None or info.status != "complete":
+        return None
+    if not open_writer(spec).committed_shards() >= set(range(info.counts.shards)):
+        return None  # a part went missing since: the run redoes it
+    counts = info.counts
+    return (
+        f"nothing to do: {spec.output.uri} already holds the complete dataset of this spec "
+        f"({counts.committed_shards} shards, {counts.images} images, {counts.accepted} "
+        "accepted); to generate it again, set output.uri to a new location"
+    )
+
+
 def finalize_dataset(spec: JobSpec, lease_token: str | None = None) -> DatasetInfo:
-    """Count the committed manifest, write dataset.json (complete) and the card."""
+    """Count the committed manifest, fill the identities' attributes over their accepted
+    images, write dataset.json (complete) and the card."""
     writer = open_writer(spec, lease_token)
     reader = DatasetReader(spec.output.uri, spec.output.storage_options)
     counts = count_manifest(reader)
@@ -84,11 +104,33 @@ def finalize_dataset(spec: JobSpec, lease_token: str | None = None) -> DatasetIn
     complete = counts.committed_shards == counts.shards
     info.status = "complete" if complete else "in_progress"
     info.finished_at = _now() if complete else None
+    info = refresh_identity_attributes(writer, info)
     writer.write_dataset_json(info)
     if complete:
         writer.clear_leftovers()  # of attempts that were interrupted
     write_dataset_card(writer, info)
     return info
+
+
+def set_aside_damaged(spec: JobSpec, lease_token: str) -> tuple[list[int], str]:
+    """Move every committed shard whose part fails its checksum into damaged/<UTC time>/
+    (part, sidecar, images), so that the run generates it again; returns the shards and
+    the folder. dataset.json is marked in progress first: until they are redone, the
+    dataset is not complete."""
+    reader = DatasetReader(spec.output.uri, spec.output.storage_options)
+    problems = reader.damaged_parts()
+    if not problems:
+        return [], ""
+    writer = open_writer(spec, lease_token)
+    info = writer.read_dataset_json()
+    if info is not None and info.status != "in_progress":
+        info.status, info.finished_at = "in_progress", None
+        writer.write_dataset_json(info)
+    folder = layout.damaged_dir(dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ"))
+    shards = [layout.shard_of_part(problem.part) for problem in problems]
+    for shard in shards:
+        writer.set_aside(shard, folder)
+    return shards, folder
 
 
 def count_manifest(reader: DatasetReader) -> DatasetCounts:

@@ -4,7 +4,9 @@
 - a resumed dataset is continued only with what decides its pixels: the same model
   files (sha256 of every file the spec uses) and the same resolved precision;
 - a resumed dataset's identities.parquet opens, matches its recorded sha256 and
-  holds only safe identity ids.
+  holds only safe identity ids;
+- every part a resumed dataset committed matches its checksum sidecar (a resume skips
+  committed shards: it must not skip a damaged one).
 
 Each failure is a one-line UserError naming the problem and the fix.
 """
@@ -21,6 +23,7 @@ import pyarrow.parquet as pq
 
 from arc2face_engine import models_dir
 from arc2face_engine.dataset import layout
+from arc2face_engine.dataset.reader import DamagedPart, DatasetReader
 from arc2face_engine.dataset.writer import check_table
 from schemas.errors import DatasetCorrupt, OutputError, ResumeMismatch, SpecError
 from schemas.tables import IDENTITIES_SCHEMA, DatasetInfo, is_safe_id
@@ -142,3 +145,15 @@ def check_identities(table: pa.Table) -> None:
     for row, identity_id in enumerate(table.column("identity_id").to_pylist()):
         if not is_safe_id(identity_id):
             raise ValueError(f"row {row} has an unsafe identity_id {identity_id!r}")
+
+
+# --- committed parts of a resumed dataset -------------------------------------------------------
+
+
+def check_committed_parts(writer: DatasetWriter) -> None:
+    """Raise DamagedPart (naming the first damaged part and the repair) unless every
+    committed part matches its sidecar."""
+    reader = DatasetReader(writer.uri, writer.storage_options)
+    problems = reader.damaged_parts()
+    if problems:
+        raise DamagedPart(writer.uri, problems[0], damaged=len(problems))

@@ -1,10 +1,11 @@
 """Run one shard: generate -> verify -> top up -> encode -> write -> commit.
 
 Plain Python (no Prefect): the generate task calls `run_shard` with an engine
-and an analyzer that it keeps alive for the whole worker process. `run_shard`
-returns when the engine is done with the shard; a writer thread finishes the
-image writes and the commit (`PendingCommit`), so the next shard can generate
-meanwhile. The shard's manifest part is written last, so a crash anywhere before
+and an analyzer that it keeps alive for the whole worker process. The shards of a
+worker share its device through `DeviceTurns`: a shard generates while it holds the
+turn and gives it back while it only waits for its last verdicts, so the next shard
+generates meanwhile. `run_shard` returns when the engine is done with the shard; a
+writer thread finishes the image writes and the commit (`PendingCommit`). The shard's manifest part is written last, so a crash anywhere before
 it leaves the shard uncommitted and a re-run redoes it from scratch with the
 same seeds. Every write goes through the shard's `ShardAttempt` (dataset/attempt.py),
 so a second attempt at the same shard (a re-run elsewhere while a paused worker
@@ -13,11 +14,14 @@ resumes) never replaces or deletes what the other committed.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
+import threading
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
+from contextlib import AbstractContextManager, ExitStack, nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Protocol
@@ -32,10 +36,12 @@ from arc2face_engine.dataset.writer import DatasetWriter
 from arc2face_engine.determinism import image_seed
 from arc2face_engine.generation.settings import GenerationSettings, ImageRequest
 from arc2face_engine.job.shards import ShardWork, variant_for
-from schemas.tables import ManifestRow, manifest_table
+from schemas.tables import GENERATED, ManifestRow, manifest_table, skin_tone_of
 
 if TYPE_CHECKING:  # the seam only needs the types
     from arc2face_engine.faces.records import FaceRecord, Verdict
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -48,9 +54,13 @@ class ShardResult:
     generate_seconds: float = 0.0
     # Another attempt committed (or took over) the shard; this one wrote nothing of it.
     superseded: bool = False
+    # One line per problem the engine reported while this shard ran (a torch.compile
+    # fallback to eager, a compile after warm-up); empty when all is well.
+    warnings: list[str] = field(default_factory=list)
 
     def merge(self, other: ShardResult) -> None:
         """Add another shard's counts to these (running totals over a job)."""
+        self.warnings += [line for line in other.warnings if line not in self.warnings]
         self.images += other.images
         self.accepted += other.accepted
         self.rejected += other.rejected
@@ -106,7 +116,8 @@ class _Checked:
 
 
 class ImageGenerator(Protocol):
-    """What a shard needs from the diffusion side (generation.Arc2FaceEngine)."""
+    """What a shard needs from the diffusion side (generation.Arc2FaceEngine); a compiled
+    engine also has `warm_up` and `compile_problems`."""
 
     def generate(
         self, requests: Sequence[ImageRequest], settings: GenerationSettings
@@ -129,6 +140,7 @@ class FaceVerifier(Protocol):
         min_det_score: float = ...,
         require_single_face: bool = ...,
         min_feature_norm: float = ...,
+        max_similarity: float = ...,
     ) -> list[Verdict]: ...
 
 
@@ -152,6 +164,7 @@ def _check(
         min_det_score=work.filter.min_det_score,
         require_single_face=work.filter.require_single_face,
         min_feature_norm=work.filter.min_feature_norm,
+        max_similarity=work.filter.max_similarity,
     )
     return _Checked(generated, encoded, verdicts)
 
@@ -182,6 +195,78 @@ class PendingCommit:
         wait([self._future])
 
 
+class DeviceTurns:
+    """How the shards of one worker share its device.
+
+    - `generation`: whose turn it is to generate. A shard holds it while it has images
+      to generate and gives it back while it only waits for verdicts, so the next shard's
+      first batch generates while this shard's last batch is verified (and it takes the
+      turn again for its top-ups).
+    - `verifier`: one thread per device verifies every shard's batches in the order they
+      were generated (the torch analyzer runs on its own CUDA stream, so verification
+      overlaps generation on the GPU too).
+    - `waiting`: at most one generated batch per device waits for the verifier; a shard
+      generates its next batch only once the previous one is being verified (memory stays
+      bounded whatever the number of shards in flight).
+    """
+
+    def __init__(self) -> None:
+        self.generation = threading.Lock()
+        self.verifier = ThreadPoolExecutor(max_workers=1, thread_name_prefix="verify")
+        self.waiting = threading.BoundedSemaphore(1)
+
+
+class _Turn:
+    """One shard's hold on its device's generation turn: the turns' lock and the
+    orchestrator's device slot (`hold_device`), taken and given back together."""
+
+    def __init__(
+        self, turns: DeviceTurns, hold_device: Callable[[], AbstractContextManager]
+    ) -> None:
+        self._turns, self._hold_device = turns, hold_device
+        self._held: ExitStack | None = None
+
+    def take(self) -> None:
+        if self._held is not None:
+            return
+        held = ExitStack()
+        held.enter_context(self._turns.generation)
+        try:
+            held.enter_context(self._hold_device())
+        except BaseException:
+            held.close()
+            raise
+        self._held = held
+
+    def give_back(self) -> None:
+        held, self._held = self._held, None
+        if held is not None:
+            held.close()
+
+
+def _generate(
+    work: ShardWork, engine: ImageGenerator, turns: DeviceTurns, batch: list[_Item],
+    poses: PoseBank | None, expressions: ExpressionBank | None,
+) -> _Generated:
+    """One batch, once the device's previous batch has reached the verifier."""
+    requests = [_request(work, item, poses, expressions) for item in batch]
+    turns.waiting.acquire()  # released when this batch's verification starts
+    try:
+        images = engine.generate(requests, work.settings)
+    except BaseException:
+        turns.waiting.release()
+        raise
+    return _Generated(batch, requests, images)
+
+
+def _verification(
+    turns: DeviceTurns, work: ShardWork, analyzer: FaceVerifier, generated: _Generated,
+    io_pool: ThreadPoolExecutor,
+) -> _Checked:
+    turns.waiting.release()  # this batch no longer waits: the next one may generate
+    return _check(work, analyzer, generated, io_pool)
+
+
 def run_shard(
     work: ShardWork,
     writer: DatasetWriter,
@@ -190,17 +275,26 @@ def run_shard(
     poses: PoseBank | None = None,
     expressions: ExpressionBank | None = None,
     on_batch: Callable[[int, int], None] | None = None,
+    turns: DeviceTurns | None = None,
+    hold_device: Callable[[], AbstractContextManager] = nullcontext,
+    warm_up: Callable[[], None] | None = None,
 ) -> PendingCommit:
     """Generate and verify one shard, top-ups included; returns once the engine is no
     longer needed, with the writes and the commit left to a writer thread
     (`.result()` waits for them and gives the shard's counts).
 
-    `on_batch(images, accepted)` is called after every verified batch (progress).
+    `turns` is the device this shard shares with others (a private one when None);
+    `hold_device()` is held with its generation turn; `warm_up()` runs once, holding
+    the turn, before the first batch. `on_batch(images, accepted)` is called after every
+    verified batch (progress).
     """
     shard = work.range.shard
     attempt = begin_shard(writer, shard)
     if attempt is None:  # committed by another attempt (a re-run elsewhere): nothing to do
         return PendingCommit.done(ShardResult(shard=shard, superseded=True))
+    private = turns is None
+    turns = turns or DeviceTurns()
+    turn = _Turn(turns, hold_device)
     result = ShardResult(shard=shard)
     queue = deque(
         _Item(position, variant, 0)
@@ -210,44 +304,66 @@ def run_shard(
     rows: list[ManifestRow] = []
     pending_writes: list[Future] = []
     io_pool = ThreadPoolExecutor(max_workers=io_workers(), thread_name_prefix=f"shard{shard}-io")
+    checking: Future[_Checked] | None = None
     try:
-        # The accelerator generates batch k+1 while a CPU thread encodes, decodes and
+        # The accelerator generates batch k+1 while the verifier encodes, decodes and
         # verifies batch k; its top-ups join the queue after that. The order is fixed, and
         # every rejected item gets its next attempt whatever the batching, so the shard's
-        # content does not depend on this overlap.
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"shard{shard}-verify") as verifier:
-            checking: Future[_Checked] | None = None
-            while queue or checking is not None:
-                generated = None
-                if queue:
-                    batch = [queue.popleft() for _ in range(min(work.generation.batch_size, len(queue)))]
-                    requests = [_request(work, item, poses, expressions) for item in batch]
-                    generated = _Generated(batch, requests, engine.generate(requests, work.settings))
-                if checking is not None:
-                    checked = checking.result()
-                    accepted = 0
-                    for item, request, pixels, data, verdict in checked.entries():
-                        result.add(verdict.accepted, verdict.reason)
-                        accepted += int(verdict.accepted)
-                        if not verdict.accepted and item.attempt + 1 < work.filter.max_attempts:
-                            queue.append(_Item(item.position, item.variant, item.attempt + 1))
-                        row = _row(work, item, request, pixels, verdict, poses, expressions)
-                        rows.append(row)
-                        if verdict.accepted or work.output.keep_rejected_images:
-                            write = io_pool.submit(_write_image, attempt, work, row, data)
-                            pending_writes.append(write)
-                    if on_batch is not None:
-                        on_batch(len(checked.generated.batch), accepted)
-                checking = (
-                    verifier.submit(_check, work, analyzer, generated, io_pool) if generated else None
+        # content does not depend on this overlap, nor on other shards sharing the device.
+        turn.take()
+        if warm_up is not None:
+            warm_up()
+        while queue or checking is not None:
+            generated = None
+            if queue:
+                turn.take()
+                batch = [queue.popleft() for _ in range(min(work.generation.batch_size, len(queue)))]
+                generated = _generate(work, engine, turns, batch, poses, expressions)
+            if not queue:
+                turn.give_back()  # only verdicts to wait for: another shard may generate
+            if checking is not None:
+                checked = checking.result()
+                checking = None
+                accepted = 0
+                for item, request, pixels, data, verdict in checked.entries():
+                    result.add(verdict.accepted, verdict.reason)
+                    accepted += int(verdict.accepted)
+                    if not verdict.accepted and item.attempt + 1 < work.filter.max_attempts:
+                        queue.append(_Item(item.position, item.variant, item.attempt + 1))
+                    row = _row(work, item, request, pixels, verdict, poses, expressions)
+                    rows.append(row)
+                    if verdict.accepted or work.output.keep_rejected_images:
+                        write = io_pool.submit(_write_image, attempt, work, row, data)
+                        pending_writes.append(write)
+                if on_batch is not None:
+                    on_batch(len(checked.generated.batch), accepted)
+            if generated is not None:
+                checking = turns.verifier.submit(
+                    _verification, turns, work, analyzer, generated, io_pool
                 )
     except BaseException:
+        if checking is not None:
+            wait([checking])  # it uses io_pool: let it finish first
         io_pool.shutdown(wait=True, cancel_futures=True)
         raise
+    finally:
+        turn.give_back()
+        if private:
+            turns.verifier.shutdown(wait=False)
+    result.warnings = _compile_warnings(engine, shard)
     committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"shard{shard}-commit")
     future = committer.submit(_commit, attempt, rows, pending_writes, io_pool, result)
     committer.shutdown(wait=False)  # the thread ends with the commit
     return PendingCommit(shard, future)
+
+
+def _compile_warnings(engine: ImageGenerator, shard: int) -> list[str]:
+    """What the engine's compiler reported (a fallback to eager, a compile after warm-up),
+    logged once per shard and kept in its result."""
+    problems = getattr(engine, "compile_problems", lambda: [])()
+    for problem in problems:
+        logger.warning(f"shard {shard:05d}: {problem}")
+    return problems
 
 
 def _commit(
@@ -362,9 +478,31 @@ def _row(
         # FaceRecord.embedding_norm: the ArcFace norm before normalisation (nan: no face).
         feature_norm=_optional_float(getattr(record, "embedding_norm", math.nan)),
         similarity=_optional_float(float(verdict.similarity)),
+        **attribute_columns(record),
         accepted=bool(verdict.accepted),
         reject_reason=verdict.reason,
+        source=GENERATED,
+        source_label=None,
+        source_name=None,
     )
+
+
+def attribute_columns(record: FaceRecord | None) -> dict:
+    """The composition columns of a face record (manifest and probe rows): predicted
+    gender and age, measured skin tone; null where there is no face or no value (all
+    null for no record)."""
+    if record is None:
+        return dict.fromkeys(
+            ["predicted_gender", "gender_probability", "predicted_age", "skin_ita", "skin_tone"]
+        )
+    ita = _optional_float(float(getattr(record, "skin_ita", math.nan)))
+    return {
+        "predicted_gender": getattr(record, "gender", None),
+        "gender_probability": _optional_float(float(getattr(record, "gender_probability", math.nan))),
+        "predicted_age": _optional_float(float(getattr(record, "age", math.nan))),
+        "skin_ita": ita,
+        "skin_tone": skin_tone_of(ita),
+    }
 
 
 def _as_stored(

@@ -16,6 +16,9 @@ from functools import cached_property
 import numpy as np
 import pyarrow as pa
 
+# The shard arithmetic is part of the dataset format (layout); re-exported for the job.
+from arc2face_engine.dataset.layout import identities_per_shard
+from arc2face_engine.dataset.layout import shard_count as shard_count
 from arc2face_engine.generation.settings import GenerationSettings
 from schemas.job import FilterSpec, GenerationSpec, JobSpec, OutputSpec, VariationsSpec
 from schemas.tables import EMBEDDING_DIM, vector_matrix
@@ -87,14 +90,6 @@ class ShardRange:
                 yield identity, variant
 
 
-def identities_per_shard(images_per_identity: int, shard_size: int) -> int:
-    return max(1, shard_size // images_per_identity)
-
-
-def shard_count(n_identities: int, images_per_identity: int, shard_size: int) -> int:
-    return math.ceil(n_identities / identities_per_shard(images_per_identity, shard_size))
-
-
 def iter_shards(
     n_identities: int, images_per_identity: int, shard_size: int
 ) -> Iterator[ShardRange]:
@@ -107,6 +102,25 @@ def iter_shards(
     step = identities_per_shard(images_per_identity, shard_size)
     for shard, start in enumerate(range(0, n_identities, step)):
         yield ShardRange(shard, start, min(start + step, n_identities))
+
+
+def job_batch_sizes(
+    n_identities: int, images_per_identity: int, shard_size: int, batch_size: int, max_attempts: int
+) -> frozenset[int]:
+    """Every batch size a job's shards can hand the engine. Shards generate in batches of
+    `batch_size` and end with the remainder; with top-ups (max_attempts > 1) the rejected
+    images of a batch join the queue, so the last batch can hold any number up to
+    `batch_size`. A compiled engine warms up exactly the buckets these sizes meet."""
+    if max_attempts > 1:
+        return frozenset(range(1, batch_size + 1))
+    sizes = set()
+    for shard in iter_shards(n_identities, images_per_identity, shard_size):
+        images = shard.identity_count * images_per_identity
+        if images >= batch_size:
+            sizes.add(batch_size)
+        if images % batch_size:
+            sizes.add(images % batch_size)
+    return frozenset(sizes)
 
 
 @dataclass(frozen=True)
@@ -145,6 +159,9 @@ class ShardWork:
     # The writer lease this shard runs under: its writer checks the lease before it deletes
     # leftovers or commits (see dataset/lease.py).
     lease_token: str | None = None
+    # Every batch size any shard of the job can meet (job_batch_sizes): what a compiled
+    # engine warms up before the job's first shard.
+    job_batch_sizes: frozenset[int] = frozenset()
 
     @cached_property
     def settings(self) -> GenerationSettings:
@@ -155,6 +172,10 @@ def shard_works(
     spec: JobSpec, identities_table: pa.Table, lease_token: str | None = None
 ) -> Iterator[ShardWork]:
     """Every shard's work, in order, streamed (one ShardIdentities slice at a time)."""
+    sizes = job_batch_sizes(
+        len(identities_table), spec.variations.images_per_identity, spec.output.shard_size,
+        spec.generation.batch_size, spec.filter.max_attempts,
+    )  # fmt: skip
     for shard in iter_shards(
         len(identities_table), spec.variations.images_per_identity, spec.output.shard_size
     ):
@@ -169,4 +190,5 @@ def shard_works(
             filter=spec.filter,
             output=spec.output,
             lease_token=lease_token,
+            job_batch_sizes=sizes,
         )

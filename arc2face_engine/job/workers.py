@@ -26,6 +26,7 @@ from arc2face_engine.controls.expressions import ExpressionBank, load_expression
 from arc2face_engine.controls.poses import PoseBank, load_pose_bank
 from arc2face_engine.job.lifecycle import open_writer, required_components
 from arc2face_engine.job.shard import (
+    DeviceTurns,
     FaceVerifier,
     ImageGenerator,
     PendingCommit,
@@ -45,7 +46,17 @@ class Worker:
     analyzer: FaceVerifier
     poses: PoseBank | None
     expressions: ExpressionBank | None
-    lock: threading.Lock
+    turns: DeviceTurns  # how its shards share the device (job/shard.py)
+
+    def warm_up(self, work: ShardWork) -> None:
+        """Compile (when compiled) every bucket the job can meet, before its first shard;
+        once per job settings, a no-op for later shards."""
+        warm_up = getattr(self.engine, "warm_up", None)
+        if warm_up is not None:
+            warm_up(
+                work.job_batch_sizes, work.settings,
+                with_pose=self.poses is not None, with_expression=self.expressions is not None,
+            )  # fmt: skip
 
 
 _WORKERS: dict[tuple, Worker] = {}
@@ -103,7 +114,7 @@ def worker_for(spec: JobSpec, device: str = "auto") -> Worker:
             )
             if factory is not None:
                 engine, analyzer = factory(spec, device)
-                _WORKERS[key] = Worker(engine, analyzer, poses, expressions, threading.Lock())
+                _WORKERS[key] = Worker(engine, analyzer, poses, expressions, DeviceTurns())
                 return _WORKERS[key]
             from arc2face_engine.faces.loading import load_face_analyzer
             from arc2face_engine.faces.pack import detection_settings
@@ -132,7 +143,7 @@ def worker_for(spec: JobSpec, device: str = "auto") -> Worker:
                 device=str(engine.device),
                 batch_size=max(32, spec.generation.batch_size),
             )
-            _WORKERS[key] = Worker(engine, analyzer, poses, expressions, threading.Lock())
+            _WORKERS[key] = Worker(engine, analyzer, poses, expressions, DeviceTurns())
         return _WORKERS[key]
 
 
@@ -144,9 +155,11 @@ def start_shard(
     hold_device: Callable[[], AbstractContextManager] = nullcontext,
 ) -> PendingCommit:
     """Generate and verify one shard on this process's worker for `device`; returns as
-    soon as the device is free, with the shard's writes and commit still running.
-    `hold_device()` is held with the device lock: the orchestrator's cross-job turn on
-    the device (tasks/slots.py), released before the commit like the lock."""
+    soon as the engine is done with it, with the shard's writes and commit still running.
+    The shard generates while it holds the device's generation turn (one shard at a time;
+    given back while it only waits for verdicts, see shard.DeviceTurns), and
+    `hold_device()`, the orchestrator's cross-job turn on the device (tasks/slots.py),
+    is held with it."""
     try:
         worker = worker_for(spec, device)
     except UserError:
@@ -156,16 +169,18 @@ def start_shard(
         # says what to fix) when it no longer opens; anything else propagates unchanged.
         models_dir.check_model_files(spec.models.dir, required_components(spec))
         raise
-    with worker.lock, hold_device():  # one generation at a time per device
-        return run_shard(
-            work,
-            open_writer(spec, work.lease_token),
-            worker.engine,
-            worker.analyzer,
-            worker.poses,
-            worker.expressions,
-            on_batch=on_batch,
-        )
+    return run_shard(
+        work,
+        open_writer(spec, work.lease_token),
+        worker.engine,
+        worker.analyzer,
+        worker.poses,
+        worker.expressions,
+        on_batch=on_batch,
+        turns=worker.turns,
+        hold_device=hold_device,
+        warm_up=lambda: worker.warm_up(work),
+    )
 
 
 def generate_shard(

@@ -14,6 +14,12 @@ so they cost what the real ones cost:
   (the mxnet-exported real one normalises in-graph, so insightface feeds raw pixels),
   output `fc1` (N, 3309); insightface publishes no FLOP count for it, so this one matches
   the file's input/output and its size class (~30M parameters; the real file is 137 MB).
+- genderage.onnx: a MobileNet-0.25-shaped network at 96x96 (depthwise-separable
+  convolutions, 8 to 256 channels), first node `bn_data` like the mxnet export, output
+  `fc1` (N, 3): female and male logits, age / 100; about the real file's size (1.3 MB).
+  Its head (tiny_faces.genderage_head, fed the crop and, a little, the backbone's
+  features) spreads the outputs over both genders and the age bands, so balanced sampling
+  has cells to fill.
 
 FLOPs are 2 x multiply-accumulates of Conv/Gemm/MatMul (count_flops), the convention of
 the SCRFD and ArcFace papers' 10 GF / 12 GMAC figures scaled to these input sizes.
@@ -25,8 +31,8 @@ face or several), box distances are positive (about 2 strides each way) and the 
 keypoints sit on the ArcFace template inside the box, so alignment, recognition and the
 pose fit all get well-formed input. The 3D landmarks are insightface's mean shape plus
 a small input-dependent perturbation (a near-frontal pose). Deterministic: the same call
-writes the same bytes. 2d106det.onnx and genderage.onnx are the tiny ones (insightface's
-FaceAnalysis loads them; verification does not use them).
+writes the same bytes. 2d106det.onnx is the tiny one (insightface's FaceAnalysis loads
+it; the job does not use it).
 """
 
 from __future__ import annotations
@@ -49,8 +55,8 @@ from arc2face_engine.testing.tiny_faces import (
     RECOGNITION_FILE,
     _Graph,
     _mean_shape_68,
-    build_tiny_genderage,
     build_tiny_landmark_2d,
+    genderage_head,
 )
 
 SCRFD_STRIDES = (8, 16, 32)
@@ -68,6 +74,12 @@ IRESNET100_BLOCKS = (3, 13, 30, 3)
 IRESNET_WIDTHS = (64, 128, 256, 512)
 RESNET50_BLOCKS = (3, 4, 6, 3)
 RESNET50_WIDTHS = (64, 128, 256, 512)
+# MobileNet v1 at width 0.25: (output channels, stride) of each depthwise-separable block.
+MOBILENET_STEM = 8
+MOBILENET_BLOCKS = (
+    (16, 1), (32, 2), (32, 1), (64, 2), (64, 1), (128, 2),
+    (128, 1), (128, 1), (128, 1), (128, 1), (128, 1), (256, 2), (256, 1),
+)  # fmt: skip
 EMBEDDING_DIM = 512
 LANDMARK_OUTPUTS = 3309
 
@@ -249,6 +261,18 @@ def build_iresnet100(seed: int = 100) -> onnx.ModelProto:
     return g.model([image], [out])
 
 
+def _bn_data(g: _Builder, image: str) -> str:
+    """The mxnet export's first node, named bn_data: insightface then feeds raw pixels
+    (mean 0, std 1), and this BN does the (x - 127.5) / 128 itself."""
+    bn = helper.make_node(
+        "BatchNormalization", [image, g.const(np.ones(3, np.float32)), g.const(np.zeros(3, np.float32)),
+                               g.const(np.full(3, 127.5, np.float32)), g.const(np.full(3, 128.0**2, np.float32))],
+        ["bn_data_out"], name="bn_data", epsilon=0.0,
+    )  # fmt: skip
+    g.nodes.append(bn)
+    return "bn_data_out"
+
+
 # --- 1k3d68 -----------------------------------------------------------------------------------
 
 
@@ -263,15 +287,7 @@ def _bottleneck(g: _Builder, x: str, cin: int, width: int, stride: int) -> str:
 
 def build_landmark_3d68(seed: int = 68) -> onnx.ModelProto:
     g = _Builder("landmark3d", seed)
-    # The first node is named bn_data, as in the mxnet export: insightface then feeds raw
-    # pixels (mean 0, std 1); this BN does the (x - 127.5) / 128 itself.
-    bn = helper.make_node(
-        "BatchNormalization", ["data", g.const(np.ones(3, np.float32)), g.const(np.zeros(3, np.float32)),
-                               g.const(np.full(3, 127.5, np.float32)), g.const(np.full(3, 128.0**2, np.float32))],
-        ["bn_data_out"], name="bn_data", epsilon=0.0,
-    )  # fmt: skip
-    g.nodes.append(bn)
-    x = g.op("Relu", g.conv("bn_data_out", 3, 64, 7, 2))
+    x = g.op("Relu", g.conv(_bn_data(g, "data"), 3, 64, 7, 2))
     x = g.op("MaxPool", x, kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1])
     cin = 64
     for stage, (blocks, width) in enumerate(zip(RESNET50_BLOCKS, RESNET50_WIDTHS, strict=True)):
@@ -285,6 +301,32 @@ def build_landmark_3d68(seed: int = 68) -> onnx.ModelProto:
     g.op("Gemm", pooled, weights, g.const(template.reshape(-1)), output="fc1")
     image = helper.make_tensor_value_info("data", TensorProto.FLOAT, ["batch", 3, 192, 192])
     out = helper.make_tensor_value_info("fc1", TensorProto.FLOAT, ["batch", LANDMARK_OUTPUTS])
+    return g.model([image], [out])
+
+
+# --- genderage ---------------------------------------------------------------------------------
+
+
+def _depthwise(g: _Builder, x: str, channels: int, stride: int) -> str:
+    weight = g.random((channels, 1, 3, 3), np.sqrt(2.0 / 9.0))
+    bias = g.const(np.zeros(channels, np.float32))
+    return g.op("Conv", x, weight, bias, kernel_shape=[3, 3], strides=[stride, stride],
+                pads=[1, 1, 1, 1], group=channels)  # fmt: skip
+
+
+def build_genderage(seed: int = 96) -> onnx.ModelProto:
+    g = _Builder("genderage", seed)
+    normalised = _bn_data(g, "data")
+    x = g.op("Relu", g.conv(normalised, 3, MOBILENET_STEM, 3, 2))
+    cin = MOBILENET_STEM
+    for cout, stride in MOBILENET_BLOCKS:
+        x = g.op("Relu", _depthwise(g, x, cin, stride))
+        x = g.op("Relu", g.conv(x, cin, cout, 1))
+        cin = cout
+    pooled = g.op("Flatten", g.op("GlobalAveragePool", x), axis=1)
+    genderage_head(g, normalised, 96, g.rng, extra=pooled, extra_width=cin)
+    image = helper.make_tensor_value_info("data", TensorProto.FLOAT, ["batch", 3, 96, 96])
+    out = helper.make_tensor_value_info("fc1", TensorProto.FLOAT, ["batch", 3])
     return g.model([image], [out])
 
 
@@ -336,13 +378,13 @@ FULL_SIZE_BUILDERS = {
     DETECTOR_FILE: build_scrfd_10g,
     LANDMARK_3D_FILE: build_landmark_3d68,
     RECOGNITION_FILE: build_iresnet100,
+    GENDERAGE_FILE: build_genderage,
     LANDMARK_2D_FILE: build_tiny_landmark_2d,
-    GENDERAGE_FILE: build_tiny_genderage,
 }
 
 
 def write_full_size_antelopev2(directory: str | os.PathLike) -> Path:
-    """Write the full-size stand-ins (and the tiny 2d106det/genderage) into `directory`
+    """Write the full-size stand-ins (and the tiny 2d106det) into `directory`
     (models_dir/antelopev2 in our layout). About 400 MB; a few seconds. Returns it."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)

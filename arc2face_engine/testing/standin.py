@@ -80,6 +80,7 @@ class StandInVerifier(AnalyzerBase):
         min_det_score: float = 0.5,
         require_single_face: bool = True,
         min_feature_norm: float = 0.0,
+        max_similarity: float = 1.0,
     ) -> list[Verdict]:
         frames = rgb_frames(images)
         identities = np.asarray(identity_embeddings, np.float32).reshape(len(frames), -1)
@@ -91,6 +92,7 @@ class StandInVerifier(AnalyzerBase):
                 min_det_score,
                 require_single_face,
                 min_feature_norm,
+                max_similarity,
             )
             for frame, identity in zip(frames, identities, strict=True)
         ]

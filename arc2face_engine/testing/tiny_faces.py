@@ -29,9 +29,9 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from insightface.data import get_object
-from insightface.utils.face_align import arcface_dst
 from onnx import TensorProto, helper, numpy_helper
+
+from arc2face_engine.faces.torch_analyzer import ARCFACE_TEMPLATE_112, insightface_mean_shape
 
 DETECTOR_FILE = "scrfd_10g_bnkps.onnx"
 LANDMARK_2D_FILE = "2d106det.onnx"
@@ -67,7 +67,7 @@ BRIGHT_LEVEL = 0.0  # pixels brighter than mid-grey carry the blob's moments
 
 # Five keypoints (eyes, nose, mouth corners) relative to the blob centre, in units of the
 # blob radius: insightface's ArcFace template, centred on the face and scaled to it.
-KEYPOINT_OFFSETS = (arcface_dst.astype(np.float32) - np.array([56.0, 64.0], np.float32)) / 48.0
+KEYPOINT_OFFSETS = (ARCFACE_TEMPLATE_112.astype(np.float32) - np.array([56.0, 64.0], np.float32)) / 48.0
 
 
 class _Graph:
@@ -351,7 +351,7 @@ def _template_plus_perturbation(
 def _mean_shape_68() -> np.ndarray:
     """insightface's 3D mean shape (x right, y down, z toward the camera), as crop
     coordinates in [-1, 1]: Landmark crops 1.5x the face box, so a face spans +-0.67."""
-    mean_shape = np.asarray(get_object("meanshape_68.pkl"), np.float32)
+    mean_shape = insightface_mean_shape().astype(np.float32)
     mean_shape = mean_shape - mean_shape.mean(axis=0, keepdims=True)
     return mean_shape * 0.9
 
@@ -392,12 +392,64 @@ def build_tiny_landmark_2d() -> onnx.ModelProto:
     return g.model([_image_input("data", 192)], [_output("fc1", ["batch", 212])])
 
 
+# The genderage stand-ins read a face off the crop's left-right asymmetry: the crop is
+# pooled to GENDERAGE_GRID x GENDERAGE_GRID cells per channel, standardised per image, and
+# projected on two random patterns that are antisymmetric under the left-right mirror (a
+# centred, symmetric face gives 0 on both: no bias towards either gender or an age).
+GENDERAGE_GRID = 4
+GENDER_GAIN, GENDER_LOGIT = 2.0, 2.0  # logits +-GENDER_LOGIT * tanh(GENDER_GAIN * t)
+AGE_CENTRE, AGE_SPREAD, AGE_GAIN = 0.45, 0.35, 0.8  # age / 100 = centre + spread * tanh(...)
+EXTRA_WEIGHT = 0.1  # how much a backbone's features move the outputs (full-size stand-in)
+
+
+def _standardised(g: _Graph, rows: str) -> str:
+    """(N, W) -> each row minus its mean, over its standard deviation."""
+    axis = g.const([1], np.int64)
+    centred = g.op("Sub", rows, g.op("ReduceMean", rows, axis, keepdims=1))
+    spread = g.op("ReduceMean", g.op("Mul", centred, centred), axis, keepdims=1)
+    return g.op("Div", centred, g.op("Sqrt", g.op("Add", spread, g.const(1e-6))))
+
+
+def genderage_head(
+    g: _Graph, image: str, size: int, rng: np.random.Generator,
+    extra: str | None = None, extra_width: int = 0, output: str = "fc1",
+) -> str:  # fmt: skip
+    """(N, 3, size, size) normalised crop (and optional (N, extra_width) features) ->
+    (N, 3) = (female logit, male logit, age / 100) that vary from face to face and spread
+    over both genders and the age bands, so that balanced sampling has cells to fill.
+    The stand-ins' outputs mean nothing."""
+    cell = size // GENDERAGE_GRID
+    pooled = g.op("AveragePool", image, kernel_shape=[cell, cell], strides=[cell, cell])
+    width = 3 * GENDERAGE_GRID * GENDERAGE_GRID
+    grid = _standardised(g, g.op("Flatten", pooled, axis=1))
+    patterns = rng.normal(0.0, 1.0, size=(3, GENDERAGE_GRID, GENDERAGE_GRID, 2))
+    patterns = (patterns - patterns[:, :, ::-1, :]).reshape(width, 2)
+    patterns /= np.linalg.norm(patterns, axis=0, keepdims=True)
+    mixed = g.op("Gemm", grid, g.const(patterns.astype(np.float32)))
+    if extra is not None:
+        weights = rng.normal(0.0, EXTRA_WEIGHT / np.sqrt(extra_width), size=(extra_width, 2))
+        mixed = g.op("Add", mixed, g.op("Gemm", _standardised(g, extra), g.const(weights.astype(np.float32))))
+    gender = g.op("Tanh", g.op("Mul", _column(g, mixed, 0), g.const(GENDER_GAIN)))
+    male = g.op("Mul", gender, g.const(GENDER_LOGIT))
+    female = g.op("Mul", gender, g.const(-GENDER_LOGIT))
+    spread = g.op("Tanh", g.op("Mul", _column(g, mixed, 1), g.const(AGE_GAIN)))
+    age = g.op("Add", g.op("Mul", spread, g.const(AGE_SPREAD)), g.const(AGE_CENTRE))
+    return g.op("Concat", female, male, age, axis=1, output=output)
+
+
+def _column(g: _Graph, matrix: str, index: int) -> str:
+    return g.op(
+        "Slice", matrix, g.const([index], np.int64), g.const([index + 1], np.int64),
+        g.const([1], np.int64),
+    )  # fmt: skip
+
+
 def build_tiny_genderage() -> onnx.ModelProto:
-    """genderage's signature: input (N, 3, 96, 96); output (N, 3) = 2 gender logits, age / 100."""
+    """genderage's signature: input (N, 3, 96, 96); output (N, 3) = female and male
+    logits, age / 100 (see genderage_head)."""
     rng = np.random.default_rng(96)
     g = _Graph("genderage")
-    features = _pooled_features(g, "data", rng)
-    _template_plus_perturbation(g, features, rng, np.array([0.0, 0.0, 0.3], np.float32), 0.2, "fc1")
+    genderage_head(g, "data", 96, rng)
     return g.model([_image_input("data", 96)], [_output("fc1", ["batch", 3])])
 
 

@@ -23,7 +23,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from arc2face_engine.generation import adapter_layouts as layouts
 from arc2face_engine.models_dir import write_checksums
-from schemas.tables import EXPRESSION_DIM  # FLAME: 50 expression + 2 eyelid + 3 jaw
+from schemas.constants import EXPRESSION_DIM  # FLAME: 50 expression + 2 eyelid + 3 jaw
 
 TINY_IMAGE_SIZE = 64
 TINY_LATENT_SIZE = 8
