@@ -6,11 +6,14 @@ group as if on its own host, and S3 (moto's server) behind a fault-injecting pro
 and then requires: the run (or one re-run) exits 0, the dataset equals the undisturbed
 run's file for file (image bytes, parts, identities, dataset.json apart from its
 timestamps), every part has its checksum, nothing is left of any attempt, and the
-audit passes. The slower faults and their repetitions are in bench/bench_faults.py.
+audit passes. The slower faults and their repetitions are in bench/bench_faults.py;
+two of them (a throttling store, a long outage: over a minute each) run here too with
+ARC2FACE_TEST_SLOW_FAULTS=1, so that the suite stays within its time.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 from pathlib import Path
@@ -28,6 +31,10 @@ from tests.cluster_harness import (
 )
 
 RUN_TIMEOUT_S = 240
+slow_fault = pytest.mark.skipif(
+    os.environ.get("ARC2FACE_TEST_SLOW_FAULTS") != "1",
+    reason="over a minute; bench/bench_faults.py runs it every time (set ARC2FACE_TEST_SLOW_FAULTS=1)",
+)
 
 
 @pytest.fixture(scope="module")
@@ -130,6 +137,7 @@ def test_the_flow_process_killed_then_rerun(cluster, job, baseline):
     assert_same_as_baseline(cluster, root, baseline)
 
 
+@slow_fault
 def test_object_store_throttling_resets_and_stalls_are_retried(cluster, job, baseline):
     spec, root = job
     proxy = cluster.proxy
@@ -187,6 +195,7 @@ def test_the_lease_heartbeat_outlives_a_short_outage(cluster: Cluster):
     assert read_lease(direct, writer.root) is None  # released
 
 
+@slow_fault
 def test_a_long_store_outage_ends_in_one_line_with_nothing_torn(cluster, job, baseline):
     from arc2face_engine.audit import audit_dataset
 
