@@ -276,6 +276,7 @@ def _run_job(
     finished = ShardResult(shard=-1)  # counts of finished shards
     live = _LiveCounts()  # counts of verified batches, finished shards or not
     failures: list[tuple[int, Exception]] = []
+    superseded: list[int] = []  # shards another attempt took over (a paused worker's)
     started = time.perf_counter()
     with _progress(show_progress) as progress:
         bar = progress.add_task(
@@ -299,6 +300,8 @@ def _run_job(
                     if layout.store_unavailable(error):
                         store_down.set()
                     continue
+                if result.superseded:
+                    superseded.append(shard)
                 finished.merge(result)
                 progress.advance(bar)
                 live.at_least(finished, show)
@@ -307,6 +310,8 @@ def _run_job(
         raise _store_down(
             spec, f"first: shard {shard:05d}: {type(error).__name__}: {first_line(error)}"
         )
+    if superseded:  # the attempts that took these over are still at work: let them commit
+        lifecycle.wait_for_commits(spec, superseded)
     info = finalize_dataset(spec, lease_token)
     create_table_artifact(
         key="dataset-summary",

@@ -925,8 +925,8 @@ def test_disk_full_mid_run_is_one_line_and_keeps_the_commits(ctx: Ctx, monkeypat
     commits = []
     commit_shard, ensure_parent = DatasetWriter.commit_shard, DatasetWriter._ensure_parent
 
-    def counted_commit(self, shard, table):
-        written = commit_shard(self, shard, table)
+    def counted_commit(self, shard, table, **options):
+        written = commit_shard(self, shard, table, **options)
         commits.append(shard)
         return written
 

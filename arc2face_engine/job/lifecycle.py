@@ -7,6 +7,7 @@ Light: no model library is imported here.
 from __future__ import annotations
 
 import datetime as dt
+import time
 from importlib import metadata
 
 from arc2face_engine import models_dir
@@ -87,6 +88,27 @@ def nothing_to_do(spec: JobSpec, info: DatasetInfo | None) -> str | None:
         f"({counts.committed_shards} shards, {counts.images} images, {counts.accepted} "
         "accepted); to generate it again, set output.uri to a new location"
     )
+
+
+# How long the flow waits for shards whose attempt found itself superseded: the attempt
+# that took a shard over (a re-run elsewhere while this worker was paused) is usually
+# still generating it when the paused one returns.
+SUPERSEDED_WAIT_S = 600.0
+
+
+def wait_for_commits(
+    spec: JobSpec, shards: list[int], timeout_s: float = SUPERSEDED_WAIT_S, every_s: float = 1.0
+) -> list[int]:
+    """Wait until `shards` are committed by whichever attempt holds them; returns those
+    still uncommitted after `timeout_s` (a re-run redoes them)."""
+    writer = open_writer(spec)
+    deadline = time.monotonic() + timeout_s
+    waiting = sorted(shards)
+    while True:
+        waiting = [shard for shard in waiting if not writer.is_committed(shard)]
+        if not waiting or time.monotonic() >= deadline:
+            return waiting
+        time.sleep(every_s)
 
 
 def finalize_dataset(spec: JobSpec, lease_token: str | None = None) -> DatasetInfo:
