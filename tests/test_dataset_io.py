@@ -395,3 +395,23 @@ def test_dataset_json_round_trip_and_overwrite(target):
     writer.write_dataset_json(info)
     assert writer.read_dataset_json() == info
     assert DatasetReader(uri, options).info() == info
+
+
+def test_the_flow_waits_for_a_superseded_shard_to_be_committed(tmp_path):
+    """A paused worker's attempt returns superseded while the attempt that took its shard
+    over is still at work: the wait before finalize sees that attempt's commit, and names
+    a shard nobody commits once its time is up."""
+    import threading
+
+    from arc2face_engine.job.lifecycle import wait_for_commits
+    from schemas.job import parse_spec
+
+    spec = parse_spec({"name": "x", "output": {"uri": str(tmp_path / "ds")}})
+    with leased(DatasetWriter(spec.output.uri)) as lease:
+        writer = DatasetWriter(spec.output.uri, lease_token=lease.token)
+        rerun = begin_shard(writer, 4)
+        late = threading.Timer(1.0, lambda: write_attempt(rerun, identity=4))
+        late.start()
+        assert wait_for_commits(spec, [4], timeout_s=30, every_s=0.1) == []
+        late.join()
+        assert wait_for_commits(spec, [4, 5], timeout_s=0.3, every_s=0.1) == [5]
