@@ -1,4 +1,9 @@
-"""The `arc2face-synth` command line."""
+"""The `arc2face-synth` command line.
+
+Over 600 lines on purpose. It holds each command's options and help text and nothing
+else. Every command is a short function that parses its options and hands over to a flow
+or to the engine.
+"""
 
 from __future__ import annotations
 

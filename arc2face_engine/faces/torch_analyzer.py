@@ -1,5 +1,9 @@
 """Batched face analysis in torch: insightface's pipeline for whole batches on one device.
 
+(Just over 600 lines: the steps below form one pipeline that shares one stream and one
+host copy per batch. Split up, each stage would have to hand device tensors to the next
+across modules.)
+
 The same model files as the onnxruntime path (antelopev2's SCRFD and 1k3d68, Arc2Face's
 arcface.onnx), run by faces.onnx_torch, with every step insightface takes per
 image done for a whole batch on the device: OpenCV's resize onto the detector canvas,
