@@ -1,8 +1,8 @@
 """The `arc2face-synth` command line.
 
-Over 600 lines on purpose. It holds each command's options and help text and nothing
-else. Every command is a short function that parses its options and hands over to a flow
-or to the engine.
+Over 600 lines on purpose. It holds each command's options and help text, plus the
+mapping of known errors to one line and an exit status. Each command is a short function
+that parses its options and hands over to a flow or to the engine.
 """
 
 from __future__ import annotations
