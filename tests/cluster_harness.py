@@ -36,19 +36,11 @@ import httpx
 import yaml
 
 from tests.faulty_s3 import FaultyS3Proxy
+from tests.s3_fixture import DUMMY_CREDENTIALS  # the one set of fake AWS credentials
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 STANDIN_FACTORY = "arc2face_engine.testing.standin:standin_models"
-DUMMY_CREDENTIALS = {
-    "AWS_ACCESS_KEY_ID": "testing",
-    "AWS_SECRET_ACCESS_KEY": "testing",
-    "AWS_SESSION_TOKEN": "testing",
-    "AWS_DEFAULT_REGION": "us-east-1",
-    "AWS_EC2_METADATA_DISABLED": "true",
-    "AWS_CONFIG_FILE": os.devnull,
-    "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
-}
 # What the writer sees of S3 through the proxy: a stalled request times out after
 # READ_TIMEOUT_S and is retried; botocore's standard mode retries throttling, 5xx and
 # dropped connections with exponential backoff and full jitter.

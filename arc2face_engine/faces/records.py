@@ -178,6 +178,13 @@ class AnalyzerBase:
         """The record of one image (for identity sources: photos -> embeddings)."""
         return self.analyze([image])[0]
 
+    def records_for(
+        self, images: np.ndarray | Sequence[np.ndarray], identities: np.ndarray
+    ) -> list[FaceRecord]:
+        """The records `verify` judges: what `analyze` sees (a stand-in analyzer that
+        makes its faces from the identities overrides this)."""
+        return self.analyze(images)
+
     def verify(
         self,
         images: np.ndarray | Sequence[np.ndarray],
@@ -197,7 +204,7 @@ class AnalyzerBase:
                 f"identity embeddings have shape {identities.shape} for {len(images)} images: "
                 f"pass one {EMBEDDING_DIM}-d embedding per image"
             )
-        records = self.analyze(images)
+        records = self.records_for(images, identities)
         return [
             judge(
                 record, identity, min_similarity, min_det_score, require_single_face,

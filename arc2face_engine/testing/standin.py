@@ -31,7 +31,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from arc2face_engine.faces.records import AnalyzerBase, FaceRecord, Verdict, judge, rgb_frames
+from arc2face_engine.faces.records import AnalyzerBase, FaceRecord, rgb_frames
 from arc2face_engine.generation.settings import GenerationSettings, ImageRequest
 from schemas.job import JobSpec
 from schemas.tables import EMBEDDING_DIM, l2_normalize
@@ -72,29 +72,12 @@ class StandInVerifier(AnalyzerBase):
     def analyze(self, images: np.ndarray | Sequence[np.ndarray]) -> list[FaceRecord]:
         return [self._record(frame, None) for frame in rgb_frames(images)]
 
-    def verify(
-        self,
-        images: np.ndarray | Sequence[np.ndarray],
-        identity_embeddings: np.ndarray,
-        min_similarity: float = 0.4,
-        min_det_score: float = 0.5,
-        require_single_face: bool = True,
-        min_feature_norm: float = 0.0,
-        max_similarity: float = 1.0,
-    ) -> list[Verdict]:
-        frames = rgb_frames(images)
-        identities = np.asarray(identity_embeddings, np.float32).reshape(len(frames), -1)
+    def records_for(
+        self, images: np.ndarray | Sequence[np.ndarray], identities: np.ndarray
+    ) -> list[FaceRecord]:
         return [
-            judge(
-                self._record(frame, identity),
-                identity,
-                min_similarity,
-                min_det_score,
-                require_single_face,
-                min_feature_norm,
-                max_similarity,
-            )
-            for frame, identity in zip(frames, identities, strict=True)
+            self._record(frame, identity)
+            for frame, identity in zip(rgb_frames(images), identities, strict=True)
         ]
 
     def _record(self, frame: np.ndarray, identity: np.ndarray | None) -> FaceRecord:
